@@ -1,0 +1,1 @@
+"""What every lipfarm role shares: plans, storage, audio features, avatars, models, settings."""

@@ -1,0 +1,147 @@
+"""Settings of a lipfarm installation, read once from the environment.
+
+Each setting has one environment variable, a default and a line saying what it does; the README's
+configuration table is generated from ``SETTINGS`` (``lipfarm config --markdown``) and a test keeps
+the two in step. Settings say where things are and how hard a machine may work; what a render
+looks like is ``RenderOptions``, fixed per job.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from common.errors import InputError
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    env: str
+    default: str
+    kind: type
+    doc: str
+
+
+SETTINGS = (
+    Setting("home", "LIPFARM_HOME", "~/.lipfarm", Path,
+            "Local state: imported avatars (avatars/), local renders' work files, caches."),
+    Setting("storage_url", "LIPFARM_STORAGE_URL", "<home>/storage", str,
+            "Object storage for jobs: a directory, file:///dir or s3://bucket[/prefix]."),
+    Setting("broker_url", "LIPFARM_BROKER_URL", "redis://127.0.0.1:6379/0", str,
+            "Celery broker (Redis)."),
+    Setting("redis_url", "LIPFARM_REDIS_URL", "<broker_url>", str,
+            "Redis for job and chunk state (the same server as the broker by default)."),
+    Setting("key_prefix", "LIPFARM_KEY_PREFIX", "lipfarm", str,
+            "Prefix of every Redis key lipfarm writes, so farms can share a Redis."),
+    Setting("s3_endpoint_url", "LIPFARM_S3_ENDPOINT_URL", "", str,
+            "S3 endpoint for non-AWS servers (MinIO, SeaweedFS); AWS_ENDPOINT_URL_S3 also works."),
+    Setting("s3_region", "LIPFARM_S3_REGION", "", str, "S3 region; AWS_DEFAULT_REGION also works."),
+    Setting("s3_access_key", "LIPFARM_S3_ACCESS_KEY_ID", "", str,
+            "S3 access key; if unset, boto3's chain (AWS_ACCESS_KEY_ID, ~/.aws, roles)."),
+    Setting("s3_secret_key", "LIPFARM_S3_SECRET_ACCESS_KEY", "", str, "S3 secret key (see above)."),
+    Setting("precision", "LIPFARM_PRECISION", "fp32", str,
+            "Default precision of new renders and jobs: fp32, bf16 (OpenVINO) or fp16 (CUDA)."),
+    Setting("backend", "LIPFARM_BACKEND", "auto", str,
+            "Default inference backend: auto, cpu, openvino or cuda."),
+    Setting("inference_threads", "LIPFARM_INFERENCE_THREADS", "0", int,
+            "Inference threads per render process; 0 = the process's share of the CPU cores."),
+    Setting("worker_concurrency", "LIPFARM_WORKER_CONCURRENCY", "1", int,
+            "Render processes per `lipfarm worker` (chunks rendered at once on one machine)."),
+    Setting("cache_dir", "LIPFARM_CACHE_DIR", "<home>/cache", Path,
+            "Worker cache of avatars and models, by content hash."),
+    Setting("cache_max_gb", "LIPFARM_CACHE_MAX_GB", "20", float,
+            "Size bound of the worker cache; least recently used entries go first."),
+    Setting("template_cache_frames", "LIPFARM_TEMPLATE_CACHE_FRAMES", "512", int,
+            "Prepared template frames kept in memory per render process (~1.6 MB each at 720p)."),
+    Setting("chunk_time_limit_s", "LIPFARM_CHUNK_TIME_LIMIT_S", "3600", int,
+            "Hard time limit of one chunk task; the soft limit is 90% of it, the broker's "
+            "visibility timeout twice it."),
+    Setting("heartbeat_interval_s", "LIPFARM_HEARTBEAT_INTERVAL_S", "5", float,
+            "How often a rendering chunk renews its lease."),
+    Setting("lease_s", "LIPFARM_LEASE_S", "60", float,
+            "A chunk whose lease is not renewed for this long is taken back by the reconciler."),
+    Setting("max_attempts", "LIPFARM_MAX_ATTEMPTS", "3", int,
+            "Attempts per chunk before the chunk, and its job, fail."),
+    Setting("reconcile_interval_s", "LIPFARM_RECONCILE_INTERVAL_S", "15", float,
+            "How often `lipfarm reconcile --loop` (and the beat schedule) runs."),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path
+    storage_url: str
+    broker_url: str
+    redis_url: str
+    key_prefix: str
+    s3_endpoint_url: str
+    s3_region: str
+    s3_access_key: str
+    s3_secret_key: str
+    precision: str
+    backend: str
+    inference_threads: int
+    worker_concurrency: int
+    cache_dir: Path
+    cache_max_gb: float
+    template_cache_frames: int
+    chunk_time_limit_s: int
+    heartbeat_interval_s: float
+    lease_s: float
+    max_attempts: int
+    reconcile_interval_s: float
+
+    @property
+    def avatars_dir(self) -> Path:
+        return self.home / "avatars"
+
+    @property
+    def work_dir(self) -> Path:
+        return self.home / "work"
+
+    def s3_settings(self) -> dict:
+        return {"endpoint_url": self.s3_endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3")
+                or os.environ.get("AWS_ENDPOINT_URL") or None,
+                "region": self.s3_region or None,
+                "access_key": self.s3_access_key or None, "secret_key": self.s3_secret_key or None}
+
+    def threads_per_process(self, processes: int | None = None) -> int:
+        """Inference threads for one render process: the setting, or an equal share of the cores."""
+        from common.sysinfo import usable_cores
+
+        if self.inference_threads > 0:
+            return self.inference_threads
+        return max(1, usable_cores() // max(1, processes or self.worker_concurrency))
+
+
+def _parse(setting: Setting, raw: str):
+    if setting.kind is Path:
+        return Path(raw).expanduser()
+    try:
+        return setting.kind(raw)
+    except ValueError:
+        raise InputError(f"not a valid {setting.kind.__name__}", field=setting.env, found=raw) from None
+
+
+def load_settings(env: dict[str, str] | None = None) -> Settings:
+    """Settings from ``env`` (default ``os.environ``), with defaults for what is unset."""
+    env = os.environ if env is None else env
+    values: dict = {}
+    for setting in SETTINGS:
+        raw = env.get(setting.env, "")
+        if raw == "":
+            raw = (setting.default.replace("<home>", str(values.get("home", "")))
+                   .replace("<broker_url>", str(values.get("broker_url", ""))))
+        values[setting.name] = _parse(setting, raw)
+    assert [f.name for f in fields(Settings)] == [s.name for s in SETTINGS]
+    return Settings(**values)
+
+
+def settings_markdown() -> str:
+    """The configuration table for the README."""
+    rows = ["| setting | environment variable | default | what it does |", "| --- | --- | --- | --- |"]
+    rows += [f"| {s.name} | `{s.env}` | {f'`{s.default}`' if s.default else '(unset)'} | {s.doc} |"
+             for s in SETTINGS]
+    return "\n".join(rows)

@@ -1,0 +1,50 @@
+"""Every default and contract constant of lipfarm, each with what it bounds.
+
+Contract constants (the ``SyncTalk_2D`` numbers of PIPELINE.md) are facts about the model family and
+are not options. Tunables are defaults of ``RenderOptions`` or of the farm settings.
+"""
+
+# --- Audio features: the Wav2Lip mel that SyncTalk_2D's audio encoder was trained on -------------
+SAMPLE_RATE_HZ = 16_000  # all features are computed from 16 kHz mono
+PREEMPHASIS = 0.97  # y[n] = x[n] - 0.97 x[n-1]
+N_FFT = 800  # 50 ms STFT window
+HOP_SAMPLES = 200  # 12.5 ms hop: 80 mel frames per second
+N_MELS = 80
+MEL_FMIN_HZ = 55.0
+MEL_FMAX_HZ = 7600.0
+MIN_LEVEL = 1e-5  # amplitude floor before dB (-100 dB)
+REF_LEVEL_DB = 20.0
+MEL_FRAMES_PER_SECOND = 80
+WINDOW_MEL_FRAMES = 16  # one encoder window spans 16 mel frames (200 ms)
+EMBEDDING_SIZE = 512  # audio encoder output per window
+FEATURE_CONTEXT_FRAMES = 8  # frame i reads padded feature rows i-8 .. i+7
+AUDIO_INPUT_SHAPE = (32, 16, 16)  # [16, 512] reshaped in C order
+# Encoder windows run in batches aligned to multiples of this, as the reference does (batch 64):
+# a chunk then computes every window with exactly the same batch-mates as a whole-track run.
+ENCODER_BATCH_WINDOWS = 64
+# Mel frames are computed in blocks aligned to multiples of this, for the same reason.
+MEL_BLOCK_FRAMES = 256
+
+# --- Video ---------------------------------------------------------------------------------------
+FPS = 25
+ROI_RING_PX = 4  # the generated ROI sits inside a 4-px ring of the bicubic crop
+MASK_ORIGIN_PX = 5  # cv2.rectangle(roi, (5, 5, roi - 10, roi - 15)) blacks out the mouth area
+
+# --- Rendering options (RenderOptions defaults) ---------------------------------------------------
+CHUNK_FRAMES = 250  # 10 s of video per chunk: long enough to amortise set-up, short to retry
+GOP_FRAMES = 25  # one keyframe per second; chunk boundaries must fall on keyframes
+UNET_BATCH_FRAMES = 0  # 0 = by backend: the two below
+# On a CPU, batch 4 runs as fast as 8 with half the memory (1.5 GB instead of 2.8 GB at 320 px);
+# a GPU needs large batches to be busy.
+UNET_BATCH_FRAMES_CPU = 4
+UNET_BATCH_FRAMES_GPU = 32
+VIDEO_QP = 20  # constant quantiser: each GOP is a pure function of its frames (see worker/encode)
+X264_PRESET = "superfast"  # within ~8% of veryfast's size here for a third less CPU
+AUDIO_BITRATE_BPS = 128_000
+PRECISION = "fp32"
+BACKEND = "auto"
+
+# --- Resource bounds ------------------------------------------------------------------------------
+TEMPLATE_CACHE_FRAMES = 512  # prepared template frames kept per worker process (~1.5 MB each)
+PIPELINE_QUEUE_BATCHES = 3  # batches in flight between render stages; bounds memory
+HELPER_THREAD_NICE = 10  # prepare/composite threads yield the cores to inference (Linux nice)

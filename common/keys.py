@@ -1,0 +1,43 @@
+"""Every Redis key lipfarm writes, under one configurable prefix (rq's ``key_for``, in one place)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Keys:
+    prefix: str = "lipfarm"
+
+    def job(self, job_id: str) -> str:
+        """Hash: the job's record (state, counts, priority, output, reason)."""
+        return f"{self.prefix}:job:{job_id}"
+
+    def chunk(self, job_id: str, index: int) -> str:
+        """Hash: one chunk's record (state, attempt, token, worker, reason, progress)."""
+        return f"{self.prefix}:chunk:{job_id}:{index}"
+
+    def jobs(self) -> str:
+        """Sorted set: every job id, scored by creation time."""
+        return f"{self.prefix}:jobs"
+
+    def active(self) -> str:
+        """Set: ids of jobs that are not finished, for the reconciler."""
+        return f"{self.prefix}:jobs:active"
+
+    def leases(self) -> str:
+        """Sorted set: ``<job id>:<chunk>`` of running attempts, scored by lease deadline."""
+        return f"{self.prefix}:leases"
+
+    def finalize_lease(self, job_id: str) -> str:
+        """String with a TTL: held by the finalizer working on the job."""
+        return f"{self.prefix}:finalize:{job_id}"
+
+    @staticmethod
+    def lease_member(job_id: str, index: int) -> str:
+        return f"{job_id}:{index}"
+
+    @staticmethod
+    def parse_lease_member(member: str) -> tuple[str, int]:
+        job_id, _, index = member.rpartition(":")
+        return job_id, int(index)

@@ -1,0 +1,185 @@
+"""What a user's ONNX models must look like, read from the models themselves.
+
+Input and output names, the ROI size (320 or 160 for the known members of the family) and whether
+the batch dimension is free are all read from the graph; nothing is hard-coded but the contract's
+shapes. A model that does not fit gets a ``ModelError`` naming the file, the input or output, and
+the expected and found shapes.
+
+Models exported with a fixed batch of 1 (the SyncTalk_2D export script does this) are given a free
+batch dimension in memory so they can run batched; ``common.runtime`` checks the result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+from common import defaults
+from common.errors import ModelError
+
+ENCODER_INPUT = (1, defaults.N_MELS, defaults.WINDOW_MEL_FRAMES)
+GENERATOR_AUDIO_INPUT = defaults.AUDIO_INPUT_SHAPE
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """An audio encoder: ``[B, 1, 80, 16] -> [B, 512]``."""
+
+    path: str
+    sha256: str
+    input_name: str
+    output_name: str
+    fixed_batch: bool  # exported with batch 1; runs batched after ``free_batch``
+
+
+@dataclass(frozen=True)
+class GeneratorSpec:
+    """A UNet generator: ``[B, 6, R, R]`` + ``[B, 32, 16, 16]`` -> ``[B, 3, R, R]``."""
+
+    path: str
+    sha256: str
+    visual_input: str
+    audio_input: str
+    output_name: str
+    roi_px: int
+    fixed_batch: bool
+
+    @property
+    def crop_px(self) -> int:
+        """Side of the bicubic crop the ROI is cut from (328 for a 320 ROI)."""
+        return self.roi_px + 2 * defaults.ROI_RING_PX
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_model(path: str | Path) -> onnx.ModelProto:
+    """Parse an ONNX file, or raise ``ModelError`` saying why it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError("model file not found", path=path)
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:  # onnx raises DecodeError, ValueError or OSError for non-ONNX bytes
+        raise ModelError(f"not an ONNX model ({type(exc).__name__})", path=path) from None
+    if not model.graph.node:
+        raise ModelError("not an ONNX model (no graph nodes)", path=path)
+    return model
+
+
+def _dims(value: onnx.ValueInfoProto) -> tuple[int | str, ...]:
+    """Shape of a graph input/output: ints for fixed dims, names (or '?') for free ones."""
+    shape = value.type.tensor_type.shape
+    return tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in shape.dim)
+
+
+def _graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    weights = {init.name for init in model.graph.initializer}
+    return [value for value in model.graph.input if value.name not in weights]
+
+
+def _show(dims) -> str:
+    return "[" + ", ".join(str(d) for d in dims) + "]"
+
+
+def _check_shape(path, what: str, dims, expected: tuple[int, ...]) -> bool:
+    """Check ``dims[1:] == expected`` and a batch dim of 1 or free; returns whether batch is fixed."""
+    want = ("B",) + expected
+    if len(dims) != len(want) or tuple(dims[1:]) != expected:
+        raise ModelError("shape does not fit the SyncTalk_2D contract", path=path, field=what,
+                         expected=_show(want), found=_show(dims))
+    if isinstance(dims[0], int) and dims[0] not in (0, 1):
+        raise ModelError("batch dimension must be 1 or free", path=path, field=what,
+                         expected=_show(want), found=_show(dims))
+    return isinstance(dims[0], int) and dims[0] == 1
+
+
+def _check_float(path, what: str, value: onnx.ValueInfoProto) -> None:
+    if value.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
+        found = onnx.TensorProto.DataType.Name(value.type.tensor_type.elem_type)
+        raise ModelError("must be float32", path=path, field=what, expected="FLOAT", found=found)
+
+
+def inspect_encoder(path: str | Path) -> EncoderSpec:
+    """Read and check an audio encoder model."""
+    model = load_model(path)
+    inputs, outputs = _graph_inputs(model), list(model.graph.output)
+    if len(inputs) != 1 or len(outputs) != 1:
+        raise ModelError("an audio encoder has one input and one output", path=path,
+                         expected="1 input, 1 output", found=f"{len(inputs)} inputs, {len(outputs)} outputs")
+    (inp,), (out,) = inputs, outputs
+    _check_float(path, f"input '{inp.name}'", inp)
+    fixed = _check_shape(path, f"input '{inp.name}'", _dims(inp), ENCODER_INPUT)
+    out_dims = _dims(out)
+    if out_dims[1:] not in ((defaults.EMBEDDING_SIZE,), (defaults.EMBEDDING_SIZE, 1, 1)):
+        raise ModelError("shape does not fit the SyncTalk_2D contract", path=path,
+                         field=f"output '{out.name}'", expected=f"[B, {defaults.EMBEDDING_SIZE}]",
+                         found=_show(out_dims))
+    return EncoderSpec(str(path), file_sha256(path), inp.name, out.name, fixed)
+
+
+def _split_generator_inputs(path, inputs) -> tuple[onnx.ValueInfoProto, onnx.ValueInfoProto]:
+    if len(inputs) != 2:
+        raise ModelError("a UNet generator has two inputs (visual and audio)", path=path,
+                         expected="2 inputs", found=f"{len(inputs)}: {[i.name for i in inputs]}")
+    audio = [v for v in inputs if tuple(_dims(v)[1:]) == GENERATOR_AUDIO_INPUT]
+    visual = [v for v in inputs if len(_dims(v)) == 4 and _dims(v)[1] == 6]
+    if len(audio) != 1:
+        shapes = ", ".join(f"'{v.name}' {_show(_dims(v))}" for v in inputs)
+        raise ModelError("no audio input of the contract's shape", path=path, field="inputs",
+                         expected=_show(("B",) + GENERATOR_AUDIO_INPUT), found=shapes)
+    if len(visual) != 1 or visual[0] is audio[0]:
+        other = next(v for v in inputs if v is not audio[0])
+        raise ModelError("visual input must have 6 channels (ROI + masked ROI)", path=path,
+                         field=f"input '{other.name}'", expected="[B, 6, R, R]",
+                         found=_show(_dims(other)))
+    return visual[0], audio[0]
+
+
+def inspect_generator(path: str | Path) -> GeneratorSpec:
+    """Read and check a UNet generator model; the ROI size comes from its visual input."""
+    model = load_model(path)
+    visual, audio = _split_generator_inputs(path, _graph_inputs(model))
+    outputs = list(model.graph.output)
+    if len(outputs) != 1:
+        raise ModelError("a UNet generator has one output", path=path,
+                         expected="1 output", found=f"{len(outputs)}")
+    for value in (visual, audio, outputs[0]):
+        _check_float(path, f"'{value.name}'", value)
+    dims = _dims(visual)
+    roi = dims[2]
+    if not isinstance(roi, int) or dims[3] != roi or roi < 32 or roi % 32:
+        raise ModelError("visual input must be a fixed square multiple of 32", path=path,
+                         field=f"input '{visual.name}'", expected="[B, 6, R, R] with R = 160 or 320",
+                         found=_show(dims))
+    fixed = _check_shape(path, f"input '{visual.name}'", dims, (6, roi, roi))
+    fixed |= _check_shape(path, f"input '{audio.name}'", _dims(audio), GENERATOR_AUDIO_INPUT)
+    _check_shape(path, f"output '{outputs[0].name}'", _dims(outputs[0]), (3, roi, roi))
+    return GeneratorSpec(str(path), file_sha256(path), visual.name, audio.name,
+                         outputs[0].name, roi, fixed)
+
+
+def free_batch(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` whose inputs' and outputs' first dimension is the free ``batch``.
+
+    Intermediate shape annotations are dropped so that ONNX Runtime re-infers them.
+    """
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    weights = {init.name for init in copy.graph.initializer}
+    for value in list(copy.graph.input) + list(copy.graph.output):
+        if value.name in weights:
+            continue
+        first = value.type.tensor_type.shape.dim[0]
+        first.Clear()
+        first.dim_param = "batch"
+    del copy.graph.value_info[:]
+    return copy

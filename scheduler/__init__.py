@@ -1,0 +1,1 @@
+"""Job intake and planning, the finalizer, the reconciler, the local renderer and the CLI."""

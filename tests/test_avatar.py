@@ -1,0 +1,183 @@
+"""Avatar packages, the two importers, the rect rule and the ping-pong walk."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+
+from common.avatar import AvatarStore, load_avatar, pingpong_indices, rect_from_landmarks
+from common.avatar_import import import_avatar, read_landmarks
+from common.errors import AvatarError, NotFoundError
+from tests.reference import reference_pingpong
+
+
+@pytest.mark.parametrize("n", [2, 3, 5, 40, 125])
+def test_pingpong_matches_the_reference_loop(n):
+    count = 5 * n + 7
+    assert pingpong_indices(0, count, n).tolist() == reference_pingpong(count, n)
+    whole = pingpong_indices(0, 60, n)
+    assert pingpong_indices(17, 40, n).tolist() == whole[17:40].tolist()
+
+
+def test_pingpong_sequence_by_hand():
+    assert pingpong_indices(0, 12, 4).tolist() == [1, 2, 3, 2, 1, 0, 1, 2, 3, 2, 1, 0]
+    with pytest.raises(ValueError):
+        pingpong_indices(0, 3, 1)
+
+
+def test_rect_rule_on_sample_landmarks():
+    lms = np.zeros((110, 2), np.float32)
+    lms[1] = (100.7, 50.0)
+    lms[31] = (300.2, 60.0)
+    lms[52] = (200.0, 120.9)
+    assert rect_from_landmarks(lms) == (100, 120, 300, 320)  # truncated like the int32 cast
+
+
+def test_rect_rule_on_real_landmarks(sanders):
+    lms = read_landmarks(sanders / "synctalk_dataset" / "landmarks" / "0.lms")
+    assert rect_from_landmarks(lms) == (532, 210, 714, 392)
+
+
+def test_both_layouts_import_to_the_same_avatar(sanders, tmp_path):
+    dataset = import_avatar(sanders / "synctalk_dataset", tmp_path / "a", name="a")
+    package = import_avatar(sanders / "package", tmp_path / "b", name="b")
+    rects = json.loads((sanders / "package" / "cache" / "crop_rectangles.json").read_text())
+    assert dataset.frame_count == package.frame_count == 40
+    assert dataset.rects[0] == (532, 210, 714, 392) == tuple(rects["0"]["rect"])
+    assert dataset.rects == package.rects
+    assert dataset.content_hash == package.content_hash
+    for i in range(40):
+        original = cv2.imread(str(sanders / "synctalk_dataset" / "full_body_img" / f"{i}.jpg"))
+        np.testing.assert_array_equal(package.read_frame(i), original)
+        np.testing.assert_array_equal(dataset.read_frame(i), original)
+    assert dataset.source["layout"] == "synctalk_dataset" and package.source["layout"] == "package"
+
+
+def _small_dataset(root, n=3, size=(64, 48)):
+    (root / "full_body_img").mkdir(parents=True)
+    (root / "landmarks").mkdir()
+    for i in range(n):
+        image = np.full((size[1], size[0], 3), 40 * i, np.uint8)
+        cv2.imwrite(str(root / "full_body_img" / f"{i}.jpg"), image)
+        lms = np.full((110, 2), 10.0)
+        lms[1], lms[31], lms[52] = (10, 10), (30, 10), (10, 12)
+        (root / "landmarks" / f"{i}.lms").write_text("".join(f"{x} {y}\n" for x, y in lms))
+    return root
+
+
+def _small_package(root, n=3):
+    (root / "full_body_img").mkdir(parents=True)
+    rects = {}
+    for k in range(1, n + 1):
+        cv2.imwrite(str(root / "full_body_img" / f"{k}.jpg"), np.full((48, 64, 3), 9 * k, np.uint8))
+        rects[str(k - 1)] = {"rect": [4, 4, 36, 36]}
+    (root / "crop_rectangles.json").write_text(json.dumps(rects))
+    return root
+
+
+def test_package_image_k_goes_with_rect_k_minus_1(tmp_path):
+    root = _small_package(tmp_path / "pkg")
+    table = json.loads((root / "crop_rectangles.json").read_text())
+    table["2"]["rect"] = [8, 8, 40, 40]
+    (root / "crop_rectangles.json").write_text(json.dumps(table))
+    avatar = import_avatar(root, tmp_path / "out", name="p")
+    assert avatar.rects[2] == (8, 8, 40, 40)
+    assert avatar.read_frame(2)[0, 0, 0] == cv2.imread(str(root / "full_body_img" / "3.jpg"))[0, 0, 0]
+
+
+def test_missing_frame_is_named(tmp_path):
+    root = _small_dataset(tmp_path / "ds", n=4)
+    (root / "full_body_img" / "2.jpg").unlink()
+    with pytest.raises(AvatarError, match=r"full_body_img: frame numbers have gaps .*missing \[2\]"):
+        import_avatar(root, tmp_path / "out", name="x")
+
+
+def test_missing_landmarks_are_named(tmp_path):
+    root = _small_dataset(tmp_path / "ds")
+    (root / "landmarks" / "1.lms").unlink()
+    with pytest.raises(AvatarError, match=r"landmarks/1.lms: landmark file missing"):
+        import_avatar(root, tmp_path / "out", name="x")
+
+
+def test_wrong_landmark_count(tmp_path):
+    root = _small_dataset(tmp_path / "ds")
+    (root / "landmarks" / "0.lms").write_text("1 2\n3 4\n")
+    with pytest.raises(AvatarError, match=r"0.lms: wrong number of landmark points \(expected 110, found 2\)"):
+        import_avatar(root, tmp_path / "out", name="x")
+
+
+def test_rect_outside_the_frame(tmp_path):
+    root = _small_package(tmp_path / "pkg")
+    table = json.loads((root / "crop_rectangles.json").read_text())
+    table["1"]["rect"] = [40, 10, 90, 60]
+    (root / "crop_rectangles.json").write_text(json.dumps(table))
+    with pytest.raises(AvatarError, match=r'crop_rectangles.json: "1".rect: rect reaches outside the frame '
+                                          r'\(expected inside 64x48, found \[40, 10, 90, 60\]\)'):
+        import_avatar(root, tmp_path / "out", name="x")
+
+
+def test_missing_rect_key(tmp_path):
+    root = _small_package(tmp_path / "pkg")
+    table = json.loads((root / "crop_rectangles.json").read_text())
+    del table["2"]
+    (root / "crop_rectangles.json").write_text(json.dumps(table))
+    with pytest.raises(AvatarError, match=r'no rect for image 3.jpg'):
+        import_avatar(root, tmp_path / "out", name="x")
+
+
+def test_undecodable_frame(tmp_path):
+    root = _small_dataset(tmp_path / "ds")
+    (root / "full_body_img" / "1.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(AvatarError, match=r"1.jpg: not a decodable image"):
+        import_avatar(root, tmp_path / "out", name="x")
+
+
+def test_not_a_known_layout(tmp_path):
+    (tmp_path / "random").mkdir()
+    with pytest.raises(AvatarError, match="no full_body_img/ folder"):
+        import_avatar(tmp_path / "random", tmp_path / "out", name="x")
+
+
+def test_failed_import_leaves_nothing(tmp_path):
+    root = _small_dataset(tmp_path / "ds")
+    (root / "landmarks" / "2.lms").write_text("bad\n")
+    with pytest.raises(AvatarError):
+        import_avatar(root, tmp_path / "store" / "x", name="x")
+    assert not (tmp_path / "store" / "x").exists()
+    assert not list((tmp_path / "store").glob(".*")) if (tmp_path / "store").exists() else True
+
+
+def test_damaged_package_is_refused_at_load(tmp_path):
+    avatar = import_avatar(_small_dataset(tmp_path / "ds"), tmp_path / "a", name="a")
+    (avatar.root / avatar.frames[1]).unlink()
+    with pytest.raises(AvatarError, match=r"frames/000001.jpg: frames\[1\]: frame file missing"):
+        load_avatar(avatar.root)
+    meta = json.loads((avatar.root / "avatar.json").read_text())
+    meta["rects"] = meta["rects"][:2]
+    (avatar.root / "avatar.json").write_text(json.dumps(meta))
+    with pytest.raises(AvatarError, match=r"avatar.json: rects: one entry per frame is needed"):
+        load_avatar(avatar.root)
+
+
+def test_store_lists_and_finds(tmp_path):
+    store = AvatarStore(tmp_path / "avatars")
+    import_avatar(_small_dataset(tmp_path / "ds"), store.path("first"), name="first")
+    shutil.copytree(store.path("first"), store.path("second"))
+    assert store.names() == ["first", "second"]
+    assert store.get("first").frame_count == 3
+    with pytest.raises(NotFoundError, match="unknown avatar 'third'.*known: first, second"):
+        store.get("third")
+    with pytest.raises(AvatarError, match="invalid avatar name"):
+        store.path("../escape")
+
+
+def test_demo_avatar(demo_avatar):
+    assert demo_avatar.frame_count >= 100
+    assert (demo_avatar.width, demo_avatar.height) == (1280, 720)
+    sides = {r[2] - r[0] for r in demo_avatar.rects}
+    assert len({r[:2] for r in demo_avatar.rects}) > 5  # the head moves
+    assert all(r[3] - r[1] == r[2] - r[0] for r in demo_avatar.rects) and min(sides) > 150

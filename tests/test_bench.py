@@ -1,0 +1,34 @@
+"""The benchmark's code paths, on short inputs: figures present and sane (speed targets live in
+the benchmark itself, never in tests)."""
+
+from __future__ import annotations
+
+import pytest
+
+from scheduler.bench import BenchConfig, draw_chart, run_bench
+from scheduler.bench_memory import measure_job
+
+pytestmark = pytest.mark.slow
+
+
+def test_local_bench_reports_every_figure(settings, demo, tmp_path):
+    configs = [BenchConfig("cpu", "fp32", 2, 8), BenchConfig("openvino", "bf16", 2, 8)]
+    report = run_bench(settings, configs=configs, repeat=1, seconds=1.0)
+    fp32, bf16 = report["runs"]
+    assert report["frames"] == fp32["frames"] == 24 and report["machine"]["cores"] >= 1  # 1 s of speech
+    for run in report["runs"]:
+        assert run["inference_fps"] > 0 and run["end_to_end_fps"] > 0
+        assert 0.2 < run["efficiency"] < 2.0
+        assert set(run["stages_s"]) >= {"audio", "inference", "composite", "encode", "stitch"}
+        assert set(run["non_inference_ms_per_frame"]) == {"audio", "prepare", "composite", "encode", "stitch"}
+    assert (fp32["backend"], bf16["backend"]) == ("cpu", "openvino")
+    assert "psnr_vs_fp32_db" not in fp32 and bf16["psnr_vs_fp32_db"] > 30
+    chart = draw_chart(report, tmp_path / "chart.png")
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_memory_bench_measures_each_role(settings, demo, tmp_path):
+    result = measure_job(settings, 0.25, tmp_path, threads=2)
+    assert result["chunks"] == 2 and result["rendered_chunks"] == [0, 1]
+    assert result["frames"] == 374  # 15 s: 240000 samples, 1201 mel frames, 372 windows
+    assert all(mb > 50 for mb in result["peak_rss_mb"].values())

@@ -1,0 +1,194 @@
+"""Job and chunk state in real Redis: claims, fencing, finalize-once, attempts, cancel, reconcile."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import redis
+
+from common.config import load_settings
+from common.errors import NotFoundError
+from common.jobstate import ChunkState, JobState, StateStore
+from common.keys import Keys
+from common.storage import LocalStorage
+from scheduler.reconcile import Enqueue, reconcile
+from tests.farm import TEST_REDIS_DB
+
+PREFIX = "lipfarm-unit"
+T0 = 1_800_000_000.0
+LEASE = 30.0
+
+
+@pytest.fixture()
+def store():
+    client = redis.Redis(db=TEST_REDIS_DB, decode_responses=True, socket_connect_timeout=3)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        pytest.fail(f"Redis on 127.0.0.1:6379 is needed for these tests ({exc})")
+
+    def clean():
+        for key in client.scan_iter(f"{PREFIX}:*"):
+            client.delete(key)
+
+    clean()
+    yield StateStore(client, Keys(PREFIX))
+    clean()
+
+
+def make_job(store: StateStore, job_id="j1", chunks=3, frames=25) -> str:
+    store.create_job(job_id, {"priority": "normal", "avatar": "demo", "audio": "a.wav"}, now=T0)
+    assert store.move_job(job_id, JobState.PLANNING, now=T0)
+    store.add_chunks(job_id, [(i * frames, (i + 1) * frames) for i in range(chunks)], now=T0)
+    assert store.move_job(job_id, JobState.RENDERING, now=T0)
+    return job_id
+
+
+def claim(store, job_id, index, now=T0, worker="w1"):
+    return store.claim(job_id, index, worker=worker, now=now, lease_s=LEASE, max_attempts=3)
+
+
+def test_commits_complete_the_job_and_ask_for_the_finalizer_once(store):
+    job = make_job(store)
+    verdicts = []
+    for index in range(3):
+        c = claim(store, job, index)
+        assert c.ok and c.attempt == 1
+        verdicts.append(store.commit(job, index, c.token, frames=25, now=T0 + 1))
+    assert verdicts == ["ok", "ok", "complete"]
+    record = store.job(job)
+    assert record["chunks_committed"] == "3" and record["frames_committed"] == "75"
+    assert store.commit(job, 2, "whatever", frames=25, now=T0 + 2) == "duplicate"
+
+
+def test_only_the_current_attempt_may_commit(store):
+    job = make_job(store, chunks=1)
+    first = claim(store, job, 0)
+    assert claim(store, job, 0, now=T0 + 1).status == "skip"  # the lease is live
+    second = claim(store, job, 0, now=T0 + LEASE + 1)  # the first attempt's lease expired: taken over
+    assert second.ok and second.attempt == 2 and second.token != first.token
+    assert store.commit(job, 0, first.token, frames=25, now=T0 + 40) == "stale"
+    assert store.beat(job, 0, first.token, now=T0 + 40, lease_s=LEASE, frames_done=5) == "lost"
+    assert store.commit(job, 0, second.token, frames=25, now=T0 + 41) == "complete"
+    assert store.commit(job, 0, second.token, frames=25, now=T0 + 42) == "duplicate"
+
+
+def test_concurrent_completing_commits_ask_for_one_finalizer(store):
+    for round_ in range(10):
+        job = make_job(store, job_id=f"race{round_}", chunks=4)
+        tokens = [claim(store, job, i).token for i in range(4)]
+        results, barrier = [], threading.Barrier(4)
+
+        def commit(i, job=job, tokens=tokens, results=results, barrier=barrier):
+            barrier.wait()
+            results.append(store.commit(job, i, tokens[i], frames=25, now=T0 + 1))
+
+        threads = [threading.Thread(target=commit, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(results) == ["complete", "ok", "ok", "ok"]
+
+
+def test_heartbeat_extends_the_lease_and_reports_progress(store):
+    job = make_job(store, chunks=1)
+    c = claim(store, job, 0)
+    assert store.beat(job, 0, c.token, now=T0 + 20, lease_s=LEASE, frames_done=12, peak_rss=10**8) == "ok"
+    assert store.expired_leases(T0 + LEASE + 1) == []  # renewed to T0 + 50
+    assert store.expired_leases(T0 + 51) == [(job, 0)]
+    status = store.status(job, now=T0 + 21)
+    assert status.frames_done == 12 and status.chunks == {"running": 1}
+    assert status.eta_s == pytest.approx((25 - 12) / (12 / 21))
+
+
+def test_a_chunk_out_of_attempts_fails_its_job_with_the_reason(store):
+    job = make_job(store, chunks=2)
+    now = T0
+    for attempt in range(1, 4):
+        c = claim(store, job, 0, now=now)
+        assert c.ok and c.attempt == attempt
+        now += LEASE + 1
+        verdict = store.requeue(job, 0, now=now, reason="lease expired", max_attempts=3)
+        assert verdict == ("requeued" if attempt < 3 else "failed")
+    record = store.job(job)
+    assert record["state"] == JobState.FAILED
+    assert record["reason"].startswith("chunk 0 failed: attempt 3: lease expired")
+    assert store.chunks(job, 2)[0]["state"] == ChunkState.FAILED
+    assert claim(store, job, 1, now=now).status == "skip"
+
+
+def test_worker_reported_failures(store):
+    job = make_job(store, chunks=2)
+    c = claim(store, job, 0)
+    assert store.fail(job, 0, c.token, reason="storage down", retryable=True, now=T0 + 1, max_attempts=3) == "requeued"
+    assert store.chunks(job, 1)[0]["reason"] == "attempt 1: storage down"
+    c = claim(store, job, 0, now=T0 + 2)
+    assert store.fail(job, 0, c.token, reason="model.onnx: not an ONNX model", retryable=False,
+                      now=T0 + 3, max_attempts=3) == "failed"
+    assert store.job(job)["reason"] == "chunk 0 failed: model.onnx: not an ONNX model"
+
+
+def test_release_does_not_spend_the_attempt(store):
+    job = make_job(store, chunks=1)
+    c = claim(store, job, 0)
+    assert store.release(job, 0, c.token, reason="worker shut down", now=T0 + 1) == "released"
+    assert store.chunks(job, 1)[0]["attempt"] == "0"
+    assert claim(store, job, 0, now=T0 + 2).attempt == 1
+
+
+def test_cancel_drops_queued_chunks_and_refuses_commits(store):
+    job = make_job(store, chunks=3)
+    running = claim(store, job, 0)
+    assert store.cancel(job, now=T0 + 1)
+    assert store.job(job)["state"] == JobState.CANCELLED
+    assert [c["state"] for c in store.chunks(job, 3)] == ["running", "cancelled", "cancelled"]
+    assert not store.is_current(job, 0, running.token)
+    assert store.beat(job, 0, running.token, now=T0 + 2, lease_s=LEASE, frames_done=1) == "stopped"
+    assert store.commit(job, 0, running.token, frames=25, now=T0 + 3) == "refused"
+    assert claim(store, job, 1, now=T0 + 3).status == "skip"
+    assert not store.cancel(job, now=T0 + 4)  # already ended
+
+
+def test_job_moves_follow_the_table(store):
+    job = make_job(store, chunks=1)
+    assert not store.move_job(job, JobState.QUEUED, now=T0)
+    assert store.move_job(job, JobState.FINALIZING, now=T0)
+    assert store.move_job(job, JobState.DONE, now=T0 + 1, output_location="s3://x")
+    assert not store.move_job(job, JobState.RENDERING, now=T0 + 2)
+    assert store.job(job)["finished_at"] == repr(T0 + 1)
+    assert job not in store.active_job_ids()
+    with pytest.raises(NotFoundError, match="unknown job 'nope'"):
+        store.move_job("nope", JobState.DONE, now=T0)
+
+
+class Recorder(Enqueue):
+    def __init__(self):
+        self.calls = []
+        super().__init__(plan=lambda *a: self.calls.append(("plan", *a)),
+                         render=lambda *a: self.calls.append(("render", *a)),
+                         finalize=lambda *a: self.calls.append(("finalize", *a)))
+
+
+def test_reconcile_requeues_lost_attempts_and_lost_finalizers(store, tmp_path):
+    settings = load_settings({"LIPFARM_LEASE_S": str(LEASE), "LIPFARM_MAX_ATTEMPTS": "3"})
+    storage = LocalStorage(tmp_path)
+    job = make_job(store, chunks=2)
+    lost = claim(store, job, 0)
+    done = claim(store, job, 1)
+    assert store.commit(job, 1, done.token, frames=25, now=T0 + 1) == "ok"
+    enqueue = Recorder()
+    report = reconcile(store=store, storage=storage, settings=settings, now=T0 + 5, enqueue=enqueue)
+    assert enqueue.calls == [] and report.requeued == []  # nothing is late yet
+    report = reconcile(store=store, storage=storage, settings=settings, now=T0 + LEASE + 1, enqueue=enqueue)
+    assert report.requeued == [f"{job}:0"] and enqueue.calls == [("render", job, 0, "normal", "0-24")]
+    assert store.chunks(job, 1)[0]["reason"] == "attempt 1: lease expired: worker lost or stalled"
+    again = claim(store, job, 0, now=T0 + 40)
+    assert store.commit(job, 0, lost.token, frames=25, now=T0 + 41) == "stale"
+    assert store.commit(job, 0, again.token, frames=25, now=T0 + 42) == "complete"
+    enqueue.calls.clear()  # the committer should have enqueued the finalizer; say its message was lost
+    reconcile(store=store, storage=storage, settings=settings, now=T0 + 43, enqueue=enqueue)
+    assert enqueue.calls == []  # within the grace period: the finalizer may be on its way
+    reconcile(store=store, storage=storage, settings=settings, now=T0 + 43 + 2 * LEASE + 1, enqueue=enqueue)
+    assert enqueue.calls == [("finalize", job, "normal")]

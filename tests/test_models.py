@@ -1,0 +1,214 @@
+"""The model contract, the demo models' cost, and the inference backends."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from common.demo.models import build_generator
+from common.errors import InputError, ModelError
+from common.fp16 import to_float16
+from common.models import inspect_encoder, inspect_generator
+from common.runtime import BoundRunner, open_runner, resolve_backend
+
+
+def tiny_model(path, inputs: dict, outputs: dict, *, elem=TensorProto.FLOAT):
+    """A structurally valid model declaring the given input/output shapes (for contract checks)."""
+    first = next(iter(inputs))
+    nodes = [helper.make_node("Identity", [first], [name]) for name in outputs]
+    graph = helper.make_graph(
+        nodes, "tiny",
+        [helper.make_tensor_value_info(n, elem, s) for n, s in inputs.items()],
+        [helper.make_tensor_value_info(n, elem, s) for n, s in outputs.items()])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_demo_models_fit_the_contract(demo):
+    encoder = inspect_encoder(demo.encoder)
+    generator = inspect_generator(demo.generator)
+    assert (encoder.input_name, encoder.output_name, encoder.fixed_batch) == ("mel", "emb", False)
+    assert (generator.visual_input, generator.audio_input, generator.output_name) == ("input", "audio", "output")
+    assert (generator.roi_px, generator.crop_px) == (320, 328)
+
+
+def test_sizes_and_names_are_read_from_the_model(tmp_path):
+    path = tiny_model(tmp_path / "g160.onnx", {"audio_features": ["n", 32, 16, 16], "img": ["n", 6, 160, 160]},
+                      {"pred": ["n", 3, 160, 160]})
+    spec = inspect_generator(path)
+    assert (spec.visual_input, spec.audio_input, spec.output_name, spec.roi_px, spec.crop_px) == (
+        "img", "audio_features", "pred", 160, 168)
+    enc = tiny_model(tmp_path / "e.onnx", {"mel_spectrogram": [1, 1, 80, 16]}, {"audio_features": [1, 512]})
+    spec = inspect_encoder(enc)
+    assert (spec.input_name, spec.output_name, spec.fixed_batch) == ("mel_spectrogram", "audio_features", True)
+
+
+@pytest.mark.parametrize("inputs, outputs, message", [
+    ({"mel": ["B", 1, 80, 20]}, {"emb": ["B", 512]},
+     r"e.onnx: input 'mel': shape does not fit .*expected \[B, 1, 80, 16\], found \[B, 1, 80, 20\]"),
+    ({"mel": ["B", 1, 80, 16]}, {"emb": ["B", 256]},
+     r"e.onnx: output 'emb': shape does not fit .*expected \[B, 512\], found \[B, 256\]"),
+    ({"mel": [4, 1, 80, 16]}, {"emb": [4, 512]}, r"batch dimension must be 1 or free"),
+])
+def test_wrong_encoder_shapes_are_named(tmp_path, inputs, outputs, message):
+    with pytest.raises(ModelError, match=message):
+        inspect_encoder(tiny_model(tmp_path / "e.onnx", inputs, outputs))
+
+
+@pytest.mark.parametrize("inputs, outputs, message", [
+    ({"input": ["B", 3, 320, 320], "audio": ["B", 32, 16, 16]}, {"output": ["B", 3, 320, 320]},
+     r"input 'input': visual input must have 6 channels .*found \[B, 3, 320, 320\]"),
+    ({"input": ["B", 6, 320, 320], "audio": ["B", 16, 32, 32]}, {"output": ["B", 3, 320, 320]},
+     r"inputs: no audio input of the contract's shape .*expected \[B, 32, 16, 16\]"),
+    ({"input": ["B", 6, 320, 320], "audio": ["B", 32, 16, 16]}, {"output": ["B", 3, 160, 160]},
+     r"output 'output': shape does not fit .*expected \[B, 3, 320, 320\], found \[B, 3, 160, 160\]"),
+    ({"input": ["B", 6, "h", "w"], "audio": ["B", 32, 16, 16]}, {"output": ["B", 3, 320, 320]},
+     r"visual input must be a fixed square"),
+    ({"input": ["B", 6, 320, 320]}, {"output": ["B", 3, 320, 320]}, r"has two inputs"),
+])
+def test_wrong_generator_shapes_are_named(tmp_path, inputs, outputs, message):
+    with pytest.raises(ModelError, match=message):
+        inspect_generator(tiny_model(tmp_path / "g.onnx", inputs, outputs))
+
+
+def test_non_float_model(tmp_path):
+    path = tiny_model(tmp_path / "h.onnx", {"mel": ["B", 1, 80, 16]}, {"emb": ["B", 512]}, elem=TensorProto.FLOAT16)
+    with pytest.raises(ModelError, match="must be float32"):
+        inspect_encoder(path)
+
+
+def test_not_onnx(tmp_path):
+    (tmp_path / "model.onnx").write_text("this is not a protobuf, it is a poem")
+    with pytest.raises(ModelError, match=r"model.onnx: not an ONNX model"):
+        inspect_generator(tmp_path / "model.onnx")
+    with pytest.raises(ModelError, match=r"absent.onnx: model file not found"):
+        inspect_encoder(tmp_path / "absent.onnx")
+
+
+def _count_cost(model: onnx.ModelProto) -> tuple[int, int]:
+    """Parameters and multiply-adds of a model's convolutions, counted from the ONNX file alone."""
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    for value in list(fixed.graph.input) + list(fixed.graph.output):
+        value.type.tensor_type.shape.dim[0].dim_value = 1
+    inferred = onnx.shape_inference.infer_shapes(fixed)
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in list(inferred.graph.value_info) + list(inferred.graph.output)}
+    weights = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    params = macs = 0
+    for node in model.graph.node:
+        if node.op_type != "Conv":
+            continue
+        w = weights[node.input[1]]
+        params += w.size + (weights[node.input[2]].size if len(node.input) > 2 else 0)
+        out = shapes[node.output[0]]
+        macs += int(np.prod(out)) * w.shape[1] * w.shape[2] * w.shape[3]
+    return params, macs
+
+
+def test_demo_models_have_the_real_cost(demo):
+    enc_params, enc_macs = _count_cost(onnx.load(str(demo.encoder)))
+    gen_params, gen_macs = _count_cost(onnx.load(str(demo.generator)))
+    assert enc_params == pytest.approx(2.81e6, rel=0.05)
+    assert enc_macs == pytest.approx(93e6, rel=0.05)
+    assert gen_params == pytest.approx(12.19e6, rel=0.05)
+    assert gen_macs == pytest.approx(4.886e9, rel=0.05)
+    assert 40e6 < demo.generator.stat().st_size < 52e6 and 9e6 < demo.encoder.stat().st_size < 13e6
+
+
+def _fixed_batch_copy(src, dst):
+    model = onnx.load(str(src))
+    for value in list(model.graph.input) + list(model.graph.output):
+        value.type.tensor_type.shape.dim[0].dim_value = 1
+    onnx.save(model, str(dst))
+    return dst
+
+
+def test_fixed_batch_models_are_run_batched(demo, tmp_path):
+    spec = inspect_encoder(_fixed_batch_copy(demo.encoder, tmp_path / "enc_b1.onnx"))
+    assert spec.fixed_batch
+    runner = open_runner(spec, backend="cpu", precision="fp32", threads=1)
+    assert runner.max_batch is None
+    windows = np.random.default_rng(0).uniform(-4, 4, (5, 1, 80, 16)).astype(np.float32)
+    (batched,) = runner({"mel": windows})
+    singles = np.concatenate([runner({"mel": windows[i:i + 1]})[0] for i in range(5)])
+    np.testing.assert_array_equal(batched, singles)
+
+
+def test_models_that_hard_code_batch_1_run_one_at_a_time(tmp_path):
+    w = numpy_helper.from_array(np.random.default_rng(1).standard_normal((1280, 512)).astype(np.float32), "w")
+    shape = numpy_helper.from_array(np.array([1, 1280], np.int64), "shape")
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["mel", "shape"], ["flat"]), helper.make_node("MatMul", ["flat", "w"], ["mm"]),
+         helper.make_node("Relu", ["mm"], ["emb"])], "b1",
+        [helper.make_tensor_value_info("mel", TensorProto.FLOAT, [1, 1, 80, 16])],
+        [helper.make_tensor_value_info("emb", TensorProto.FLOAT, [1, 512])], [w, shape])
+    path = tmp_path / "b1.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    runner = open_runner(inspect_encoder(path), backend="cpu", precision="fp32", threads=1)
+    assert runner.max_batch == 1
+    windows = np.random.default_rng(2).standard_normal((3, 1, 80, 16)).astype(np.float32)
+    (out,) = runner({"mel": windows})
+    assert out.shape == (3, 512)
+    np.testing.assert_allclose(out[1], np.maximum(windows[1].reshape(-1) @ numpy_helper.to_array(w), 0),
+                               rtol=1e-4, atol=1e-3)
+
+
+def test_backend_resolution():
+    def no_gpu():
+        return False
+
+    def gpu():
+        return True
+
+    assert resolve_backend("auto", "fp32", has_cuda=no_gpu) == "cpu"
+    assert resolve_backend("auto", "fp32", has_cuda=gpu) == "cuda"
+    assert resolve_backend("auto", "bf16", has_cuda=gpu) == "openvino"
+    assert resolve_backend("auto", "fp16", has_cuda=gpu) == "cuda"
+    assert resolve_backend("openvino", "fp32", has_cuda=no_gpu) == "openvino"
+    with pytest.raises(InputError, match="backend: no NVIDIA GPU"):
+        resolve_backend("auto", "fp16", has_cuda=no_gpu)
+    with pytest.raises(InputError, match="precision bf16 does not run on backend cpu"):
+        resolve_backend("cpu", "bf16", has_cuda=no_gpu)
+    with pytest.raises(InputError, match="precision: unknown precision"):
+        resolve_backend("auto", "int4", has_cuda=no_gpu)
+
+
+def test_io_binding_reuses_buffers_and_matches_plain_runs(demo):
+    session = ort.InferenceSession(str(demo.encoder), providers=["CPUExecutionProvider"])
+    bound = BoundRunner(session, "cpu")
+    rng = np.random.default_rng(3)
+    for batch in (4, 4, 2, 4):
+        windows = rng.uniform(-4, 4, (batch, 1, 80, 16)).astype(np.float32)
+        (out,) = bound.run({"mel": windows})
+        np.testing.assert_array_equal(out, session.run(None, {"mel": windows})[0])
+    assert len(bound._buffers) == 2  # one binding per batch shape, reused
+
+
+def test_openvino_matches_onnxruntime(demo):
+    spec = inspect_encoder(demo.encoder)
+    windows = np.random.default_rng(4).uniform(-4, 4, (6, 1, 80, 16)).astype(np.float32)
+    (reference,) = open_runner(spec, backend="cpu", precision="fp32", threads=1)({"mel": windows})
+    (fp32,) = open_runner(spec, backend="openvino", precision="fp32", threads=1)({"mel": windows})
+    (bf16,) = open_runner(spec, backend="openvino", precision="bf16", threads=1)({"mel": windows})
+    np.testing.assert_allclose(fp32, reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max())
+    assert np.abs(bf16 - reference).max() < 0.05 * np.abs(reference).max()
+
+
+def test_fp16_conversion_keeps_io_float32_and_the_result(demo, tmp_path):
+    model, _ = build_generator(160)
+    half = to_float16(model)
+    onnx.checker.check_model(half)
+    assert half.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    assert {i.data_type for i in half.graph.initializer if i.name.startswith("w_")} == {TensorProto.FLOAT16}
+    rng = np.random.default_rng(5)
+    feeds = {"input": rng.random((2, 6, 160, 160), dtype=np.float32),
+             "audio": rng.random((2, 32, 16, 16), dtype=np.float32)}
+    full = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    low = ort.InferenceSession(half.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    assert low.dtype == np.float32
+    mse = np.mean((full * 255 - low * 255) ** 2)
+    assert 10 * np.log10(255 ** 2 / max(mse, 1e-12)) > 40

@@ -1,0 +1,1 @@
+"""Rendering one chunk: features, batched inference, compositing, segment encoding; its Celery tasks."""

@@ -1,0 +1,277 @@
+"""Rendering one chunk: audio features, batched inference, compositing, segment encoding.
+
+``render_chunk`` is the one function every mode calls: the local renderer's process pool, the
+Celery render task and the benchmark. Three stages overlap, joined by bounded queues:
+
+    prepare thread     templates (cached) -> UNet visual inputs, in reused batch buffers
+    calling thread     batched UNet inference (ONNX Runtime / OpenVINO release the GIL)
+    composite thread   generated ROI -> composited frame -> YUV region -> x264
+
+Inference never waits for the others while they keep up, and the queues bound memory to a few
+batches whatever the chunk's length. Audio features for the whole chunk come first: the encoder
+costs about 2% of the UNet, and computing them up front keeps the stages simple.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import cv2
+import numpy as np
+
+from common import defaults
+from common.audio import PcmSource
+from common.avatar import Avatar, pingpong_indices
+from common.errors import CancelledError, InputError
+from common.features import audio_inputs
+from common.models import EncoderSpec, GeneratorSpec
+from common.options import RenderOptions
+from common.runtime import open_runner, resolve_backend, run_encoder
+from worker.compose import generated_to_crop, paste_into_region
+from worker.encode import SegmentWriter
+from worker.roi import crop_side, fill_visual_input
+from worker.templates import TemplateCache
+from worker.yuv import i420_planes, write_region
+
+
+@dataclass(frozen=True)
+class ChunkWork:
+    """A chunk to render, with every input resolved to something local."""
+
+    avatar: Avatar
+    encoder: EncoderSpec
+    generator: GeneratorSpec
+    pcm: PcmSource
+    start_frame: int
+    stop_frame: int
+    options: RenderOptions
+    output: Path
+
+
+@dataclass
+class StageTimes:
+    """Seconds per stage in one chunk. Inference and mel are wall seconds of the calling thread;
+    prepare, composite and encode are the CPU seconds of their threads (what they cost, excluding
+    the time they wait for a core at low priority). Stages overlap: they add up to more than wall."""
+
+    frames: int = 0
+    mel_s: float = 0.0
+    encoder_s: float = 0.0
+    unet_s: float = 0.0
+    prepare_s: float = 0.0
+    composite_s: float = 0.0
+    encode_s: float = 0.0
+    starved_s: float = 0.0  # inference waiting for prepared inputs
+    blocked_s: float = 0.0  # inference waiting for the composite stage to take its outputs
+    wall_s: float = 0.0
+    backend: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def add(self, other: "StageTimes") -> None:
+        for name in ("frames", "mel_s", "encoder_s", "unet_s", "prepare_s", "composite_s",
+                     "encode_s", "starved_s", "blocked_s", "wall_s"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+class _Stopped(Exception):
+    """Raised inside a stage when another stage failed or the chunk was cancelled."""
+
+
+def _put(q: queue.Queue, item, stop: threading.Event) -> None:
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.1)
+            return
+        except queue.Full:
+            continue
+    raise _Stopped
+
+
+def _get(q: queue.Queue, stop: threading.Event):
+    while not stop.is_set():
+        try:
+            return q.get(timeout=0.1)
+        except queue.Empty:
+            continue
+    raise _Stopped
+
+
+def _lower_priority() -> None:
+    """Let this thread yield the cores to inference: it then fills inference's idle gaps instead
+    of preempting one of its threads, which would stall every parallel section at its barrier."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), defaults.HELPER_THREAD_NICE)
+    except (AttributeError, OSError):  # not Linux, or not allowed: run at normal priority
+        pass
+
+
+def _spawn(target: Callable[[], None], name: str, errors: list, stop: threading.Event) -> threading.Thread:
+    def run() -> None:
+        _lower_priority()
+        try:
+            target()
+        except _Stopped:
+            pass
+        except BaseException as exc:  # handed to the calling thread, which re-raises it
+            errors.append(exc)
+            stop.set()
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    return thread
+
+
+def check_chunk(work: ChunkWork) -> None:
+    """Guard clauses run before anything is reserved or written."""
+    if not 0 <= work.start_frame < work.stop_frame:
+        raise InputError("empty or negative frame range", field="frames",
+                         found=f"[{work.start_frame}, {work.stop_frame})")
+    if not work.output.parent.is_dir():
+        raise InputError("output directory does not exist", path=work.output.parent)
+
+
+def render_chunk(work: ChunkWork, *, threads: int, templates: TemplateCache,
+                 progress: Callable[[int], None] | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> StageTimes:
+    """Render frames ``[start_frame, stop_frame)`` of a job into the H.264 segment ``work.output``.
+
+    ``progress(frames_done)`` is called after each batch; ``should_stop()`` is polled before each
+    batch and a true answer raises ``CancelledError`` (the partial segment is removed).
+    """
+    check_chunk(work)
+    started = time.perf_counter()
+    cv2.setNumThreads(1)  # OpenCV's own pool would fight inference for the same cores
+    options = work.options
+    backend = resolve_backend(options.backend, options.precision)
+    runner_args = dict(backend=backend, precision=options.precision, threads=threads)
+    times = StageTimes(frames=work.stop_frame - work.start_frame, backend=backend)
+
+    encoder = run_encoder(open_runner(work.encoder, **runner_args), work.encoder)
+
+    def timed_encoder(windows: np.ndarray) -> np.ndarray:
+        t = time.perf_counter()
+        out = encoder(windows)
+        times.encoder_s += time.perf_counter() - t
+        return out
+
+    t = time.perf_counter()
+    audio = audio_inputs(work.pcm, timed_encoder, start=work.start_frame, stop=work.stop_frame)
+    times.mel_s = time.perf_counter() - t - times.encoder_s
+
+    generator = open_runner(work.generator, **runner_args)
+    _run_stages(work, generator, audio, times, templates, progress, should_stop,
+                batch=options.unet_batch(backend))
+    times.wall_s = time.perf_counter() - started
+    return times
+
+
+def _run_stages(work, generator, audio, times, templates, progress, should_stop, *, batch: int) -> None:
+    spec, avatar = work.generator, work.avatar
+    roi, side = spec.roi_px, crop_side(spec.roi_px)
+    n = work.stop_frame - work.start_frame
+    batches = [range(i, min(i + batch, n)) for i in range(0, n, batch)]
+    indices = pingpong_indices(work.start_frame, work.stop_frame, avatar.frame_count)
+
+    stop, errors = threading.Event(), []
+    depth = defaults.PIPELINE_QUEUE_BATCHES
+    free: queue.Queue = queue.Queue()
+    for _ in range(depth + 2):
+        free.put(np.empty((batch, 6, roi, roi), np.float32))
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    done: queue.Queue = queue.Queue(maxsize=depth)
+    encoded = [0]
+
+    def prepare() -> None:
+        for frames in batches:
+            buffer = _get(free, stop)
+            t = time.thread_time()
+            prepared = [templates.get(avatar, int(indices[f]), crop_side=side) for f in frames]
+            for j, template in enumerate(prepared):
+                fill_visual_input(template.crop, roi_px=roi, out=buffer[j])
+            times.prepare_s += time.thread_time() - t
+            _put(ready, (frames, buffer, prepared), stop)
+        _put(ready, None, stop)
+
+    def composite() -> None:
+        _composite_and_encode(work, done, stop, times, encoded)
+
+    threads = [_spawn(prepare, "lipfarm-prepare", errors, stop),
+               _spawn(composite, "lipfarm-composite", errors, stop)]
+    try:
+        while True:
+            t = time.perf_counter()
+            item = _get(ready, stop)
+            times.starved_s += time.perf_counter() - t
+            if item is None:
+                break
+            if should_stop is not None and should_stop():
+                raise CancelledError("render stopped: the job was cancelled or the chunk reassigned")
+            frames, buffer, prepared = item
+            t = time.perf_counter()
+            (generated,) = generator({spec.visual_input: buffer[:len(frames)],
+                                      spec.audio_input: audio[frames.start:frames.stop]})
+            times.unet_s += time.perf_counter() - t
+            free.put(buffer)
+            t = time.perf_counter()
+            _put(done, (prepared, generated), stop)
+            times.blocked_s += time.perf_counter() - t
+            if progress is not None:
+                progress(encoded[0])
+        _put(done, None, stop)
+    except _Stopped:
+        pass
+    except BaseException:
+        stop.set()
+        raise
+    finally:
+        for thread in threads:
+            thread.join()
+    if errors:
+        raise errors[0]
+    if encoded[0] != n:
+        raise RuntimeError(f"chunk encoded {encoded[0]} frames, expected {n}")
+    if progress is not None:
+        progress(n)
+
+
+def _composite_and_encode(work: ChunkWork, done: queue.Queue, stop: threading.Event,
+                          times: StageTimes, encoded: list) -> None:
+    avatar, roi = work.avatar, work.generator.roi_px
+    side = crop_side(roi)
+    scratch = (np.empty((3, roi, roi), np.float32), np.empty((3, roi, roi), np.uint8))
+    crop = np.empty((side, side, 3), np.uint8)
+    regions: dict[tuple, np.ndarray] = {}
+    with SegmentWriter(work.output, width=avatar.width, height=avatar.height,
+                       options=work.options) as writer:
+        planes = writer.planes()
+        while True:
+            item = _get(done, stop)
+            if item is None:
+                break
+            prepared, generated = item
+            for template, out in zip(prepared, generated):
+                t = time.thread_time()
+                generated_to_crop(out, template.crop, out=crop, scratch=scratch)
+                region = regions.get(template.region.shape)
+                if region is None:
+                    region = regions.setdefault(template.region.shape, np.empty_like(template.region))
+                paste_into_region(crop, template.rect, template.region, template.origin, out=region)
+                for view, plane in zip(planes, i420_planes(template.i420, avatar.width, avatar.height)):
+                    view[:] = plane
+                write_region(planes, region, template.origin)
+                t2 = time.thread_time()
+                writer.submit()
+                times.composite_s += t2 - t
+                times.encode_s += time.thread_time() - t2
+                encoded[0] += 1
+        if stop.is_set():
+            raise _Stopped
+        t = time.thread_time()
+        writer.close()
+        times.encode_s += time.thread_time() - t
