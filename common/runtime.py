@@ -133,27 +133,48 @@ def _openvino(model_bytes: bytes, threads: int, precision: str):
         log.warning("this CPU has no AMX or AVX-512 BF16: OpenVINO emulates bf16, slower than fp32")
     core = ov.Core()
     model = core.read_model(model=model_bytes, weights=b"")
-    model.reshape({inp.get_any_name(): _free_first(inp.get_partial_shape()) for inp in model.inputs})
     config = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
               "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY",
               "NUM_STREAMS": 1}
-    compiled = core.compile_model(model, "CPU", config)
-    request = compiled.create_infer_request()
-    outputs = compiled.outputs
+    runner = _StaticShapeRunner(core, model, config)
+    return runner, runner.run
 
-    def run(feeds):
+
+class _StaticShapeRunner:
+    """OpenVINO compiled once per batch size, each with static shapes.
+
+    OpenVINO's CPU plugin runs a static-shape model much faster than one with a dynamic batch (on
+    the demo UNet in bf16, 62 frames/s at batch 1 against 45 with a dynamic batch of 4), and
+    compiling takes a fraction of a second. A chunk sees two or three batch sizes (the full one,
+    the last, partial one; the encoder's), so a few compiled models are kept, least recently used
+    first out.
+    """
+
+    KEEP = 4
+
+    def __init__(self, core, model, config: dict) -> None:
+        self.core = core
+        self.model = model
+        self.config = config
+        self._compiled: dict[int, tuple] = {}
+
+    def _request(self, batch: int):
+        if batch in self._compiled:
+            self._compiled[batch] = self._compiled.pop(batch)  # most recently used last
+            return self._compiled[batch]
+        model = self.model.clone()
+        model.reshape({inp.get_any_name(): [batch] + [d.get_length() for d in list(inp.get_partial_shape())[1:]]
+                       for inp in model.inputs})
+        compiled = self.core.compile_model(model, "CPU", self.config)
+        if len(self._compiled) >= self.KEEP:
+            del self._compiled[next(iter(self._compiled))]
+        self._compiled[batch] = (compiled.create_infer_request(), compiled.outputs)
+        return self._compiled[batch]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        request, outputs = self._request(len(next(iter(feeds.values()))))
         result = request.infer(feeds)
         return [np.array(result[o], copy=True) for o in outputs]
-
-    return compiled, run
-
-
-def _free_first(shape):
-    import openvino as ov
-
-    dims = list(shape)
-    dims[0] = ov.Dimension(-1)
-    return ov.PartialShape(dims)
 
 
 def _cuda(model_bytes: bytes, threads: int, precision: str):

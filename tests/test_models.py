@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 from common.demo.models import build_generator
 from common.errors import InputError, ModelError
 from common.fp16 import to_float16
-from common.models import inspect_encoder, inspect_generator
+from common.models import inspect_encoder, inspect_generator, load_model
 from common.runtime import BoundRunner, open_runner, resolve_backend
 
 
@@ -196,6 +196,19 @@ def test_openvino_matches_onnxruntime(demo):
     (bf16,) = open_runner(spec, backend="openvino", precision="bf16", threads=1)({"mel": windows})
     np.testing.assert_allclose(fp32, reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max())
     assert np.abs(bf16 - reference).max() < 0.05 * np.abs(reference).max()
+
+
+def test_openvino_compiles_static_shapes_per_batch_and_keeps_a_few(demo):
+    from common.runtime import _openvino
+
+    runner, run = _openvino(load_model(str(demo.encoder)).SerializeToString(), 1, "fp32")
+    rng = np.random.default_rng(6)
+    windows = rng.uniform(-4, 4, (7, 1, 80, 16)).astype(np.float32)
+    (whole,) = run({"mel": windows})
+    for batch in (1, 2, 3, 5, 7):  # one compiled model per batch size; each row as in the whole
+        (part,) = run({"mel": windows[:batch]})
+        np.testing.assert_allclose(part, whole[:batch], rtol=1e-5, atol=1e-5 * np.abs(whole).max())
+    assert sorted(runner._compiled) == [2, 3, 5, 7]  # at most KEEP, least recently used dropped
 
 
 def test_fp16_conversion_keeps_io_float32_and_the_result(demo, tmp_path):
