@@ -12,7 +12,10 @@ from submission to published output:
 - ``chunk_overhead_s``: per chunk of the timed jobs, the time spent outside rendering (claim,
   plan and asset lookup, segment upload, commit), from each chunk's commit marker, and its share of
   a 250-frame chunk at the measured render speed. Model warm-up and avatar fetch happen once per
-  render process, in the warm-up job: ``cold_start_s`` reports them.
+  render process, in the warm-up job: ``cold_start_s`` reports them;
+- ``inference_scaling``: the ceiling the machine puts on ``scaling``: W processes running the UNet
+  alone (one thread each, fp32, at the same moment) over one. Cores that share a physical core,
+  caches, memory bandwidth or a power budget give less than W times one; the farm cannot beat it.
 """
 
 from __future__ import annotations
@@ -165,7 +168,41 @@ def run_farm_bench(settings: Settings, *, worker_counts: list[int], frames: int 
         finally:
             client.flushdb()
             client.set(f"{BENCH_PREFIX}:owner", "lipfarm bench --farm")
-    return _farm_figures(runs, chunk_frames, rounds)
+    figures = _farm_figures(runs, chunk_frames, rounds)
+    if 1 in worker_counts and 2 in worker_counts:
+        ceiling = {count: inference_only_fps(str(demo.generator), count) for count in (1, 2)}
+        figures["inference_only_fps"] = {str(c): round(v, 3) for c, v in ceiling.items()}
+        figures["inference_scaling"] = round(ceiling[2] / ceiling[1], 4)
+    return figures
+
+
+def inference_only_fps(generator: str, processes: int, seconds: float = 10.0) -> float:
+    """Frames/s of ``processes`` processes running the UNet alone at once, one thread each."""
+    import multiprocessing
+
+    start = time.time() + 15  # after every process has loaded its session and run a warm-up
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        frames = pool.starmap(_unet_frames_between, [(generator, start, seconds)] * processes)
+    return sum(frames) / seconds
+
+
+def _unet_frames_between(generator: str, start: float, seconds: float) -> int:
+    from common.models import inspect_generator
+    from common.runtime import open_runner
+
+    spec = inspect_generator(generator)
+    run = open_runner(spec, backend="cpu", precision="fp32", threads=1)
+    rng = np.random.default_rng(0)
+    feeds = {spec.visual_input: rng.random((1, 6, spec.roi_px, spec.roi_px), dtype=np.float32),
+             spec.audio_input: rng.random((1, 32, 16, 16), dtype=np.float32)}
+    run(feeds)
+    time.sleep(max(0.0, start - time.time()))
+    frames = 0
+    while True:
+        run(feeds)
+        if time.time() > start + seconds:
+            return frames  # only frames finished inside the window count
+        frames += 1
 
 
 def _farm_figures(runs: dict[int, list[dict]], chunk_frames: int, rounds: int) -> dict:
