@@ -34,6 +34,7 @@ import numpy as np
 import redis
 
 from common.audio import load_16k
+from common import defaults
 from common.config import Settings, load_settings
 from common.demo.assets import ensure_demo_assets
 from common.demo.speech import write_wav
@@ -194,7 +195,7 @@ def _unet_frames_between(generator: str, start: float, seconds: float) -> int:
     run = open_runner(spec, backend="cpu", precision="fp32", threads=1)
     rng = np.random.default_rng(0)
     feeds = {spec.visual_input: rng.random((1, 6, spec.roi_px, spec.roi_px), dtype=np.float32),
-             spec.audio_input: rng.random((1, 32, 16, 16), dtype=np.float32)}
+             spec.audio_input: rng.random((1, *defaults.AUDIO_INPUT_SHAPE), dtype=np.float32)}
     run(feeds)
     time.sleep(max(0.0, start - time.time()))
     frames = 0
