@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(BIN)/lipfarm demo --out out/demo.mp4
 
 lint: $(STAMP)
-	$(BIN)/ruff check common worker scheduler tests
+	$(BIN)/ruff check common worker scheduler benchmarks demo tests
 
 test: lint
 	$(BIN)/python -m pytest

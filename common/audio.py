@@ -71,6 +71,19 @@ def probe_audio(path: str | Path) -> AudioInfo:
                          stream.codec_context.channels, duration)
 
 
+def check_audio(path: str | Path) -> AudioInfo:
+    """Probe ``path`` and refuse audio whose container says it is too short for one encoder window.
+
+    A cheap check at submission; the decode at planning checks the real length again.
+    """
+    info = probe_audio(path)
+    if info.duration_s is not None and info.duration_s * defaults.SAMPLE_RATE_HZ < MIN_SAMPLES_16K:
+        raise AudioError("audio is too short for one encoder window", path=path,
+                         expected=f">= {MIN_SAMPLES_16K / defaults.SAMPLE_RATE_HZ:.4f} s",
+                         found=f"{info.duration_s:.4f} s")
+    return info
+
+
 def _frame_to_float(frame: av.AudioFrame) -> np.ndarray:
     """A decoded frame as float32 ``[channels, samples]``, scaled as libsndfile scales PCM."""
     data = frame.to_ndarray()
@@ -188,6 +201,19 @@ class FilePcm:
         with self.path.open("rb") as handle:
             handle.seek(4 * a)
             return np.frombuffer(handle.read(4 * (b - a)), dtype="<f4")
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        return zero_padded(self.n_samples, start, stop, self._read_inside)
+
+
+class StoragePcm:
+    """A ``PcmSource`` over a float32 PCM object in storage; reads only the ranges asked for."""
+
+    def __init__(self, storage, key: str, n_samples: int) -> None:
+        self.storage, self.key, self.n_samples = storage, key, n_samples
+
+    def _read_inside(self, a: int, b: int) -> np.ndarray:
+        return np.frombuffer(self.storage.read_range(self.key, 4 * a, 4 * b), dtype="<f4")
 
     def read(self, start: int, stop: int) -> np.ndarray:
         return zero_padded(self.n_samples, start, stop, self._read_inside)

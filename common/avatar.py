@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -27,6 +26,7 @@ import cv2
 import numpy as np
 
 from common.errors import AvatarError, NotFoundError
+from common.fileio import folder_replaced_atomically
 
 FORMAT = "lipfarm-avatar"
 VERSION = 1
@@ -180,9 +180,7 @@ def write_avatar(dest: str | Path, *, name: str, frames: Sequence[Path], rects: 
     dest = Path(dest)
     if dest.exists() and not replace:
         raise AvatarError("an avatar of this name exists (use --force to replace it)", path=dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
+    with folder_replaced_atomically(dest, replace=True) as staging:
         (staging / "frames").mkdir()
         names, hashes = [], []
         for i, frame in enumerate(frames):
@@ -196,12 +194,6 @@ def write_avatar(dest: str | Path, *, name: str, frames: Sequence[Path], rects: 
                 "content_hash": _hash_content(width, height, rect_lists, hashes), "source": source}
         (staging / MANIFEST).write_text(json.dumps(meta, indent=1))
         load_avatar(staging)
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(staging, dest)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return load_avatar(dest)
 
 
@@ -228,3 +220,12 @@ class AvatarStore:
             known = ", ".join(self.names()) or "none"
             raise NotFoundError(f"unknown avatar '{name}' in {self.root} (known: {known})")
         return load_avatar(path)
+
+
+def pack_avatar(avatar: Avatar, dest: Path) -> Path:
+    """The avatar package as an uncompressed tar (frames are JPEG/PNG already): what storage keeps."""
+    with tarfile.open(dest, "w") as tar:
+        tar.add(avatar.root / MANIFEST, arcname=MANIFEST)
+        for name in avatar.frames:
+            tar.add(avatar.root / name, arcname=name)
+    return dest

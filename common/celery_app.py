@@ -1,13 +1,13 @@
 """The Celery application: broker, queues, priorities and the rules for long chunk tasks.
 
 - Late acknowledgement and reject-on-worker-lost: a killed worker's chunk goes back to the queue
-  (our own attempt counter, in ``common.jobstate``, ends a chunk that keeps killing workers).
+  (our own attempt counter, in ``common.state``, ends a chunk that keeps killing workers).
 - Prefetch 1: a worker reserves only the chunk it runs, so others can take the rest.
 - Soft time limit < hard time limit < Redis visibility timeout: a chunk is never redelivered while
   it may still be running for a legitimate reason; duplicates that do happen are fenced at commit.
 - Three queues: ``jobs`` (planning, reconciling), ``render`` (chunks), ``finalize`` (stitching).
 - Priorities: Redis lists per priority step; high=0 runs before normal=3 before low=6.
-- No chords: the committing chunk that completes a job enqueues its finalizer (``jobstate``).
+- No chords: the committing chunk that completes a job enqueues its finalizer (``common.state``).
 
 Configuration is read from the environment when this module is imported (no I/O happens then);
 ``celery -A common.celery_app ...`` works with the same settings as ``lipfarm``.
@@ -18,9 +18,11 @@ from __future__ import annotations
 from celery import Celery
 from kombu import Queue
 
+from common import defaults
 from common.config import Settings, load_settings
 
-PRIORITIES = {"high": 0, "normal": 3, "low": 6}
+# Redis has no message priorities: kombu keeps one list per priority step and reads them in order.
+PRIORITIES = dict(zip(defaults.PRIORITIES, (0, 3, 6)))
 PRIORITY_STEPS = [0, 3, 6, 9]
 QUEUES = ("jobs", "render", "finalize")
 TASK_PLAN = "lipfarm.plan_job"
@@ -53,7 +55,7 @@ def configure(app: Celery, settings: Settings) -> Celery:
         task_default_queue="jobs",
         task_routes={TASK_PLAN: {"queue": "jobs"}, TASK_RECONCILE: {"queue": "jobs"},
                      TASK_RENDER: {"queue": "render"}, TASK_FINALIZE: {"queue": "finalize"}},
-        task_default_priority=PRIORITIES["normal"],
+        task_default_priority=PRIORITIES[defaults.PRIORITY],
         result_expires=24 * 3600,
         worker_max_tasks_per_child=None,
         beat_schedule={"reconcile": {"task": TASK_RECONCILE, "schedule": settings.reconcile_interval_s}},

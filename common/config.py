@@ -9,9 +9,10 @@ looks like is ``RenderOptions``, fixed per job.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
+from common import defaults
 from common.errors import InputError
 
 
@@ -19,21 +20,27 @@ from common.errors import InputError
 class Setting:
     name: str
     env: str
-    default: str
+    default: object  # a value of ``kind``, or a string naming another setting (``<home>/storage``)
     kind: type
     doc: str
 
+    @property
+    def default_text(self) -> str:
+        if isinstance(self.default, float) and self.default.is_integer():
+            return str(int(self.default))
+        return str(self.default)
+
 
 SETTINGS = (
-    Setting("home", "LIPFARM_HOME", "~/.lipfarm", Path,
+    Setting("home", "LIPFARM_HOME", defaults.HOME, Path,
             "Local state: imported avatars (avatars/), local renders' work files, caches."),
     Setting("storage_url", "LIPFARM_STORAGE_URL", "<home>/storage", str,
             "Object storage for jobs: a directory, file:///dir or s3://bucket[/prefix]."),
-    Setting("broker_url", "LIPFARM_BROKER_URL", "redis://127.0.0.1:6379/0", str,
+    Setting("broker_url", "LIPFARM_BROKER_URL", defaults.BROKER_URL, str,
             "Celery broker (Redis)."),
     Setting("redis_url", "LIPFARM_REDIS_URL", "<broker_url>", str,
             "Redis for job and chunk state (the same server as the broker by default)."),
-    Setting("key_prefix", "LIPFARM_KEY_PREFIX", "lipfarm", str,
+    Setting("key_prefix", "LIPFARM_KEY_PREFIX", defaults.KEY_PREFIX, str,
             "Prefix of every Redis key lipfarm writes, so farms can share a Redis."),
     Setting("s3_endpoint_url", "LIPFARM_S3_ENDPOINT_URL", "", str,
             "S3 endpoint for non-AWS servers (MinIO, SeaweedFS); AWS_ENDPOINT_URL_S3 also works."),
@@ -41,31 +48,34 @@ SETTINGS = (
     Setting("s3_access_key", "LIPFARM_S3_ACCESS_KEY_ID", "", str,
             "S3 access key; if unset, boto3's chain (AWS_ACCESS_KEY_ID, ~/.aws, roles)."),
     Setting("s3_secret_key", "LIPFARM_S3_SECRET_ACCESS_KEY", "", str, "S3 secret key (see above)."),
-    Setting("precision", "LIPFARM_PRECISION", "fp32", str,
+    Setting("precision", "LIPFARM_PRECISION", defaults.PRECISION, str,
             "Default precision of new renders and jobs: fp32, bf16 (OpenVINO) or fp16 (CUDA)."),
-    Setting("backend", "LIPFARM_BACKEND", "auto", str,
+    Setting("backend", "LIPFARM_BACKEND", defaults.BACKEND, str,
             "Default inference backend: auto, cpu, openvino or cuda."),
-    Setting("inference_threads", "LIPFARM_INFERENCE_THREADS", "0", int,
+    Setting("inference_threads", "LIPFARM_INFERENCE_THREADS", 0, int,
             "Inference threads per render process; 0 = the process's share of the CPU cores."),
-    Setting("worker_concurrency", "LIPFARM_WORKER_CONCURRENCY", "1", int,
+    Setting("worker_concurrency", "LIPFARM_WORKER_CONCURRENCY", defaults.WORKER_CONCURRENCY, int,
             "Render processes per `lipfarm worker` (chunks rendered at once on one machine)."),
     Setting("cache_dir", "LIPFARM_CACHE_DIR", "<home>/cache", Path,
             "Worker cache of avatars and models, by content hash."),
-    Setting("cache_max_gb", "LIPFARM_CACHE_MAX_GB", "20", float,
+    Setting("cache_max_gb", "LIPFARM_CACHE_MAX_GB", defaults.CACHE_MAX_GB, float,
             "Size bound of the worker cache; least recently used entries go first."),
-    Setting("template_cache_frames", "LIPFARM_TEMPLATE_CACHE_FRAMES", "512", int,
+    Setting("template_cache_frames", "LIPFARM_TEMPLATE_CACHE_FRAMES", defaults.TEMPLATE_CACHE_FRAMES, int,
             "Prepared template frames kept in memory per render process (~1.6 MB each at 720p)."),
-    Setting("chunk_time_limit_s", "LIPFARM_CHUNK_TIME_LIMIT_S", "3600", int,
+    Setting("chunk_time_limit_s", "LIPFARM_CHUNK_TIME_LIMIT_S", defaults.CHUNK_TIME_LIMIT_S, int,
             "Hard time limit of one chunk task; the soft limit is 90% of it, the broker's "
             "visibility timeout twice it."),
-    Setting("heartbeat_interval_s", "LIPFARM_HEARTBEAT_INTERVAL_S", "5", float,
+    Setting("heartbeat_interval_s", "LIPFARM_HEARTBEAT_INTERVAL_S", defaults.HEARTBEAT_INTERVAL_S, float,
             "How often a rendering chunk renews its lease."),
-    Setting("lease_s", "LIPFARM_LEASE_S", "60", float,
+    Setting("lease_s", "LIPFARM_LEASE_S", defaults.LEASE_S, float,
             "A chunk whose lease is not renewed for this long is taken back by the reconciler."),
-    Setting("max_attempts", "LIPFARM_MAX_ATTEMPTS", "3", int,
+    Setting("max_attempts", "LIPFARM_MAX_ATTEMPTS", defaults.MAX_ATTEMPTS, int,
             "Attempts per chunk before the chunk, and its job, fail."),
-    Setting("reconcile_interval_s", "LIPFARM_RECONCILE_INTERVAL_S", "15", float,
+    Setting("reconcile_interval_s", "LIPFARM_RECONCILE_INTERVAL_S", defaults.RECONCILE_INTERVAL_S, float,
             "How often `lipfarm reconcile --loop` (and the beat schedule) runs."),
+    Setting("hold_dir", "LIPFARM_HOLD_DIR", "", str,
+            "For debugging and tests: while `<job id>.<chunk>.hold` exists in this folder, that chunk pauses "
+            "before its next batch (keeping its lease); the file may hold a frame count to reach first."),
 )
 
 
@@ -92,6 +102,7 @@ class Settings:
     lease_s: float
     max_attempts: int
     reconcile_interval_s: float
+    hold_dir: str
 
     @property
     def avatars_dir(self) -> Path:
@@ -132,16 +143,15 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
     for setting in SETTINGS:
         raw = env.get(setting.env, "")
         if raw == "":
-            raw = (setting.default.replace("<home>", str(values.get("home", "")))
+            raw = (setting.default_text.replace("<home>", str(values.get("home", "")))
                    .replace("<broker_url>", str(values.get("broker_url", ""))))
         values[setting.name] = _parse(setting, raw)
-    assert [f.name for f in fields(Settings)] == [s.name for s in SETTINGS]
     return Settings(**values)
 
 
 def settings_markdown() -> str:
     """The configuration table for the README."""
     rows = ["| setting | environment variable | default | what it does |", "| --- | --- | --- | --- |"]
-    rows += [f"| {s.name} | `{s.env}` | {f'`{s.default}`' if s.default else '(unset)'} | {s.doc} |"
+    rows += [f"| {s.name} | `{s.env}` | {f'`{s.default_text}`' if s.default_text else '(unset)'} | {s.doc} |"
              for s in SETTINGS]
     return "\n".join(rows)

@@ -1,6 +1,6 @@
 """Every default and contract constant of lipfarm, each with what it bounds.
 
-Contract constants (the ``SyncTalk_2D`` numbers of PIPELINE.md) are facts about the model family and
+Contract constants (the SyncTalk_2D numbers of docs/contract.md) are facts about the model family and
 are not options. Tunables are defaults of ``RenderOptions`` or of the farm settings.
 """
 
@@ -41,11 +41,32 @@ UNET_BATCH_FRAMES_CPU = 1
 UNET_BATCH_FRAMES_GPU = 32
 VIDEO_QP = 20  # constant quantiser: each GOP is a pure function of its frames (see worker/encode)
 X264_PRESET = "superfast"  # within ~8% of veryfast's size here for a third less CPU
+X264_THREADS = 1  # part of the bitstream, so fixed per job (not a worker setting)
 AUDIO_BITRATE_BPS = 128_000
 PRECISION = "fp32"
 BACKEND = "auto"
 
+# --- Jobs --------------------------------------------------------------------------------------------
+PRIORITIES = ("high", "normal", "low")  # queue order: every high chunk before any normal one
+PRIORITY = "normal"
+
+# --- Farm settings (common.config: each can be set by its environment variable) ---------------------
+HOME = "~/.lipfarm"
+BROKER_URL = "redis://127.0.0.1:6379/0"
+KEY_PREFIX = "lipfarm"
+WORKER_CONCURRENCY = 1
+CACHE_MAX_GB = 20.0  # the worker's avatar and model cache; least recently used first out
+CHUNK_TIME_LIMIT_S = 3600  # a chunk task is killed after this (soft limit at 90%)
+HEARTBEAT_INTERVAL_S = 5.0
+LEASE_S = 60.0  # a chunk not heard from for this long is taken back
+MAX_ATTEMPTS = 3  # attempts per chunk before the chunk, and its job, fail
+RECONCILE_INTERVAL_S = 15.0
+FINALIZE_LEASE_S = 3600  # one finalizer per job; a second message for it is skipped meanwhile
+
 # --- Resource bounds ------------------------------------------------------------------------------
-TEMPLATE_CACHE_FRAMES = 512  # prepared template frames kept per worker process (~1.5 MB each)
+TEMPLATE_CACHE_FRAMES = 512  # prepared template frames kept per worker process (~1.6 MB each at 720p)
+# OpenVINO models compiled per batch size kept per session: a chunk meets two or three batch sizes
+# (the full one, the last partial one), and compiling one takes a fraction of a second.
+OPENVINO_COMPILED_MODELS = 4
 PIPELINE_QUEUE_BATCHES = 3  # batches in flight between render stages; bounds memory
 HELPER_THREAD_NICE = 10  # prepare/composite threads yield the cores to inference (Linux nice)

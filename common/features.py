@@ -1,6 +1,6 @@
 """Per-frame audio inputs of the UNet, for any range of output frames.
 
-The rules (PIPELINE.md section 1): ``L = int((T_mel - 16) / 80 * 25) + 2`` encoder windows; window
+The rules (docs/contract.md §1): ``L = int((T_mel - 16) / 80 * 25) + 2`` encoder windows; window
 ``k`` covers mel frames ``[floor(80 k / 25), +16)``, moved back to end at ``T_mel`` if it would run
 past it; the ``[L, 512]`` embeddings get their first row prepended and last row appended; output frame
 ``i`` reads padded rows ``i-8 .. i+7`` (zeros outside), reshaped ``[16, 512] -> [32, 16, 16]``.

@@ -1,10 +1,16 @@
-"""The job plan: everything a job will do, fixed before the first chunk is queued.
+"""A job from request to plan: ``Submission`` in, ``Plan`` out, by the pure ``plan_job``.
 
-A plan names its inputs by content (avatar hash, model hashes, the normalised audio's key and
-length), lists its chunks (frame ranges and the storage keys of their segments) and carries the
-``RenderOptions``. It is written to storage as ``jobs/<id>/plan.json``: the source of truth that
-workers render from and the reconciler rebuilds queue state from. ``scheduler.plan.plan_job``
-makes one; this module holds the types and their JSON form.
+- A ``Submission`` is what a user asked for, written to storage as ``jobs/<id>/job.json`` when the
+  job is submitted: the avatar and models by content hash, the uploaded audio's key, the options,
+  the priority.
+- ``plan_job(submission, audio)`` turns it into a ``Plan`` once the audio's length is known: the
+  frame count (``L + 2``, docs/contract.md) and the chunks, each a frame range with the storage key
+  of its segment. It does no I/O, reads no clock and draws no random numbers, so planning twice
+  gives the same plan.
+- The plan is written to storage as ``jobs/<id>/plan.json``: the source of truth that workers
+  render from and the reconciler rebuilds queue state from.
+
+Both files carry a format version; an unknown one is refused, naming expected and found.
 """
 
 from __future__ import annotations
@@ -13,9 +19,12 @@ import json
 from dataclasses import asdict, dataclass
 
 from common.errors import InputError
+from common.features import frame_count
 from common.options import RenderOptions
+from common.storage.layout import output_key, segment_key
 
 PLAN_VERSION = 1
+SUBMISSION_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -50,8 +59,41 @@ class Chunk:
         return self.stop_frame - self.start_frame
 
     @property
-    def label(self) -> str:
-        return f"chunk {self.index} (frames {self.start_frame}-{self.stop_frame - 1})"
+    def frames_label(self) -> str:
+        """The chunk's frames as people read them: ``"250-499"`` (inclusive)."""
+        return f"{self.start_frame}-{self.stop_frame - 1}"
+
+
+@dataclass(frozen=True)
+class Submission:
+    """What a user asked for; ``plan_job`` turns it into a ``Plan``."""
+
+    job_id: str
+    avatar_name: str
+    avatar: AssetRef
+    encoder: AssetRef
+    generator: AssetRef
+    audio_key: str
+    audio_name: str
+    options: RenderOptions
+    priority: str
+    submitted_at: float
+    version: int = SUBMISSION_VERSION
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["options"] = self.options.to_dict()
+        return json.dumps(data, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str, *, source: str = "job.json") -> "Submission":
+        data = _versioned(text, source, SUBMISSION_VERSION, "submission")
+        try:
+            return cls(**{**data, "avatar": AssetRef(**data["avatar"]), "encoder": AssetRef(**data["encoder"]),
+                          "generator": AssetRef(**data["generator"]),
+                          "options": RenderOptions.from_dict(data["options"])})
+        except (KeyError, TypeError) as exc:
+            raise InputError(f"malformed submission ({exc})", path=source) from None
 
 
 @dataclass(frozen=True)
@@ -75,14 +117,7 @@ class Plan:
 
     @classmethod
     def from_json(cls, text: str, *, source: str = "plan.json") -> "Plan":
-        try:
-            data = json.loads(text)
-        except ValueError as exc:
-            raise InputError(f"not JSON ({exc})", path=source) from None
-        version = data.get("version")
-        if version != PLAN_VERSION:
-            raise InputError("unknown plan version", path=source, field="version",
-                             expected=PLAN_VERSION, found=version)
+        data = _versioned(text, source, PLAN_VERSION, "plan")
         try:
             return cls(
                 job_id=data["job_id"],
@@ -95,7 +130,40 @@ class Plan:
                 chunks=tuple(Chunk(**c) for c in data["chunks"]),
                 options=RenderOptions.from_dict(data["options"]),
                 output_key=data["output_key"],
-                version=version,
+                version=data["version"],
             )
         except (KeyError, TypeError) as exc:
             raise InputError(f"malformed plan ({exc})", path=source) from None
+
+
+def _versioned(text: str, source: str, expected: int, what: str) -> dict:
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise InputError(f"not JSON ({exc})", path=source) from None
+    if not isinstance(data, dict):
+        raise InputError(f"not a {what} (expected a JSON object)", path=source)
+    if data.get("version") != expected:
+        raise InputError(f"unknown {what} version", path=source, field="version", expected=expected,
+                         found=data.get("version"))
+    return data
+
+
+def chunk_ranges(total_frames: int, chunk_frames: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` frame ranges covering ``total_frames`` in order; the last takes what is left."""
+    return [(start, min(start + chunk_frames, total_frames))
+            for start in range(0, total_frames, chunk_frames)]
+
+
+def plan_job(submission: Submission, audio: AudioRef) -> Plan:
+    """The plan of ``submission``, whose audio is now known as ``audio`` (see the module docstring).
+
+    Chunks are ``chunk_frames`` long, a multiple of the GOP, so every chunk starts on a keyframe.
+    """
+    job_id, options = submission.job_id, submission.options
+    total = frame_count(audio.n_samples)
+    chunks = tuple(Chunk(i, start, stop, segment_key(job_id, i))
+                   for i, (start, stop) in enumerate(chunk_ranges(total, options.chunk_frames)))
+    return Plan(job_id=job_id, avatar=submission.avatar, avatar_name=submission.avatar_name,
+                encoder=submission.encoder, generator=submission.generator, audio=audio,
+                frame_count=total, chunks=chunks, options=options, output_key=output_key(job_id))

@@ -23,6 +23,7 @@ from typing import Callable
 import numpy as np
 import onnx
 
+from common import defaults
 from common.errors import InputError, ModelError
 from common.models import free_batch, load_model
 
@@ -150,8 +151,6 @@ class _StaticShapeRunner:
     first out.
     """
 
-    KEEP = 4
-
     def __init__(self, core, model, config: dict) -> None:
         self.core = core
         self.model = model
@@ -166,7 +165,7 @@ class _StaticShapeRunner:
         model.reshape({inp.get_any_name(): [batch] + [d.get_length() for d in list(inp.get_partial_shape())[1:]]
                        for inp in model.inputs})
         compiled = self.core.compile_model(model, "CPU", self.config)
-        if len(self._compiled) >= self.KEEP:
+        if len(self._compiled) >= defaults.OPENVINO_COMPILED_MODELS:
             del self._compiled[next(iter(self._compiled))]
         self._compiled[batch] = (compiled.create_infer_request(), compiled.outputs)
         return self._compiled[batch]

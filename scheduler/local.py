@@ -1,6 +1,6 @@
-"""Rendering on one machine with no broker: plan -> render chunks -> finalize, as the farm does.
+"""Rendering on one machine with no broker: plan -> render chunks -> stitch, as the farm does.
 
-The job's files live in a LocalStorage under ``<home>/work/<job id>/`` with the farm's layout;
+The job's files live in a ``LocalStorage`` under ``<home>/work/<job id>/`` with the farm's layout;
 chunks are rendered by ``render_chunk`` in this process (one worker) or in a pool of processes
 (several), and the finalizer's ``stitch`` joins them. The output is written to a temporary file
 beside ``--out`` and renamed into place only once it has passed its checks, so a failed or
@@ -9,32 +9,33 @@ interrupted render never leaves a partial file at ``--out``.
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
 import queue
-import secrets
 import shutil
-import tempfile
 import time
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
+from common import defaults
 from common.audio import normalise_to_16k, probe_audio
 from common.avatar import Avatar
 from common.config import Settings
 from common.errors import InputError
+from common.fileio import replaced_atomically
+from common.identity import new_job_id
 from common.models import inspect_encoder, inspect_generator
 from common.options import RenderOptions
-from common.plan import AssetRef, AudioRef, Plan
-from common.storage import LocalStorage, avatar_key, input_key, model_key, pcm_key, plan_key
-from scheduler.plan import plan_job
+from common.plan import AssetRef, AudioRef, Plan, Submission, plan_job
+from common.storage import LocalStorage
+from common.storage.layout import avatar_key, input_key, model_key, pcm_key
 from scheduler.stitch import Segment, StitchReport, stitch
 from worker.assets import resolve_chunk
 from worker.render import StageTimes, render_chunk
-from worker.templates import TemplateCache
+from worker.templates import process_templates
 
 
 @dataclass
@@ -52,11 +53,6 @@ class RenderResult:
         return self.frames / self.wall_s if self.wall_s else 0.0
 
 
-def new_job_id() -> str:
-    """A time-ordered, unique job id such as ``20261124-130501-3fa9c2``."""
-    return f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
-
-
 def check_output_path(out: Path) -> None:
     if out.is_dir():
         raise InputError("output path is a directory", path=out)
@@ -66,7 +62,7 @@ def check_output_path(out: Path) -> None:
         raise InputError("output directory is not writable", path=out.parent)
 
 
-def prepare_audio(audio: Path, storage, job_id: str) -> AudioRef:
+def prepare_audio(audio: Path, storage: LocalStorage, job_id: str) -> AudioRef:
     """Normalise the input to 16 kHz float32 PCM in the job's storage; checks it is usable audio."""
     probe_audio(audio)
     target = storage.local_path(pcm_key(job_id))
@@ -79,13 +75,16 @@ def prepare_audio(audio: Path, storage, job_id: str) -> AudioRef:
 
 def local_plan(job_id: str, avatar: Avatar, audio_ref: AudioRef, encoder: Path, generator: Path,
                options: RenderOptions) -> Plan:
+    """The plan of a local render: the farm's plan, with every input given by its local path."""
     enc, gen = inspect_encoder(encoder), inspect_generator(generator)
-    return plan_job(job_id=job_id,
-                    avatar=AssetRef(avatar.content_hash, avatar_key(avatar.content_hash), str(avatar.root)),
-                    avatar_name=avatar.name,
-                    encoder=AssetRef(enc.sha256, model_key(enc.sha256), str(Path(encoder).resolve())),
-                    generator=AssetRef(gen.sha256, model_key(gen.sha256), str(Path(generator).resolve())),
-                    audio=audio_ref, options=options)
+    submission = Submission(
+        job_id=job_id, avatar_name=avatar.name,
+        avatar=AssetRef(avatar.content_hash, avatar_key(avatar.content_hash), str(avatar.root)),
+        encoder=AssetRef(enc.sha256, model_key(enc.sha256), str(Path(encoder).resolve())),
+        generator=AssetRef(gen.sha256, model_key(gen.sha256), str(Path(generator).resolve())),
+        audio_key=audio_ref.input_key, audio_name=Path(audio_ref.input_key).name, options=options,
+        priority=defaults.PRIORITY, submitted_at=0.0)
+    return plan_job(submission, audio_ref)
 
 
 # --- The process pool's side --------------------------------------------------------------------
@@ -94,26 +93,25 @@ _POOL: dict = {}
 
 
 def _pool_init(progress_queue, threads: int, template_frames: int) -> None:
-    _POOL.update(progress=progress_queue, threads=threads, templates=TemplateCache(template_frames))
+    _POOL.update(progress=progress_queue, threads=threads, template_frames=template_frames)
 
 
 def _render_one(plan_json: str, index: int, root: str) -> StageTimes:
     plan = Plan.from_json(plan_json)
     report = _POOL["progress"].put
-    return _render_chunk_local(plan, index, LocalStorage(root), _POOL["threads"], _POOL["templates"],
-                               lambda done: report((index, done)))
+    return render_chunk_local(plan, index, LocalStorage(root), threads=_POOL["threads"],
+                              template_frames=_POOL["template_frames"],
+                              progress=lambda done: report((index, done)))
 
 
-def _render_chunk_local(plan: Plan, index: int, storage: LocalStorage, threads: int,
-                        templates: TemplateCache, progress: Callable[[int], None]) -> StageTimes:
+def render_chunk_local(plan: Plan, index: int, storage: LocalStorage, *, threads: int, template_frames: int,
+                       progress: Callable[[int], None] | None = None) -> StageTimes:
+    """Render one chunk of a local plan into its segment in ``storage`` (appears whole, or not)."""
     chunk = plan.chunks[index]
-    final = storage.local_path(chunk.segment_key)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    partial = final.with_name(final.stem + ".partial.mp4")
-    work = resolve_chunk(plan, chunk, storage=storage, cache=None, output=partial)
-    times = render_chunk(work, threads=threads, templates=templates, progress=progress)
-    os.replace(partial, final)
-    return times
+    with replaced_atomically(storage.local_path(chunk.segment_key), suffix=".mp4") as partial:
+        work = resolve_chunk(plan, chunk, storage=storage, cache=None, output=partial)
+        return render_chunk(work, threads=threads, templates=process_templates(template_frames),
+                            progress=progress)
 
 
 # --- The calling side ---------------------------------------------------------------------------
@@ -141,18 +139,20 @@ class _Progress:
             self.bar.close()
 
 
-def _render_chunks(plan: Plan, storage: LocalStorage, *, workers: int, threads: int,
-                   template_frames: int, progress: _Progress,
-                   templates: TemplateCache | None) -> StageTimes:
-    total = StageTimes(backend="")
-    if workers <= 1:
-        templates = templates if templates is not None else TemplateCache(template_frames)
-        for chunk in plan.chunks:
-            times = _render_chunk_local(plan, chunk.index, storage, threads, templates,
-                                        lambda done, i=chunk.index: progress.update(i, done))
-            total.add(times)
-            total.backend = times.backend
-        return total
+def _render_in_process(plan: Plan, storage: LocalStorage, *, threads: int, template_frames: int,
+                       progress: _Progress) -> StageTimes:
+    total = StageTimes()
+    for chunk in plan.chunks:
+        times = render_chunk_local(plan, chunk.index, storage, threads=threads, template_frames=template_frames,
+                                   progress=lambda done, i=chunk.index: progress.update(i, done))
+        total.add(times)
+        total.backend = times.backend
+    return total
+
+
+def _render_in_pool(plan: Plan, storage: LocalStorage, *, workers: int, threads: int, template_frames: int,
+                    progress: _Progress) -> StageTimes:
+    total = StageTimes()
     context = multiprocessing.get_context("spawn")  # ONNX Runtime sessions are not fork-safe
     messages = context.Queue()
     with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_pool_init,
@@ -185,13 +185,8 @@ def _drain(messages, progress: _Progress) -> None:
 
 def render_local(*, avatar: Avatar, audio: Path, out: Path, encoder: Path, generator: Path,
                  options: RenderOptions, settings: Settings, workers: int = 1,
-                 show_progress: bool = True, keep_work: bool = False,
-                 templates: TemplateCache | None = None) -> RenderResult:
-    """Render ``audio`` onto ``avatar`` into the MP4 ``out``; see the module docstring.
-
-    ``templates`` lets a caller that renders repeatedly in one process (the benchmark) keep
-    prepared template frames warm between renders, as a farm worker does between chunks.
-    """
+                 show_progress: bool = True, keep_work: bool = False) -> RenderResult:
+    """Render ``audio`` onto ``avatar`` into the MP4 ``out``; see the module docstring."""
     started = time.perf_counter()
     out, audio = Path(out), Path(audio)
     check_output_path(out)
@@ -200,32 +195,23 @@ def render_local(*, avatar: Avatar, audio: Path, out: Path, encoder: Path, gener
         raise InputError("at least one worker is needed", field="workers", found=workers)
     job_id = new_job_id()
     storage = LocalStorage(settings.work_dir / job_id)
-    partial = None
     try:
-        audio_ref = prepare_audio(audio, storage, job_id)
+        plan = local_plan(job_id, avatar, prepare_audio(audio, storage, job_id), encoder, generator, options)
         audio_s = time.perf_counter() - started
-        plan = local_plan(job_id, avatar, audio_ref, encoder, generator, options)
-        storage.put_bytes(plan_key(job_id), plan.to_json().encode())
-        threads = settings.threads_per_process(workers)
         bar = _Progress(plan.frame_count, show_progress)
+        render = _render_in_process if workers == 1 else functools.partial(_render_in_pool, workers=workers)
         try:
-            stages = _render_chunks(plan, storage, workers=workers, threads=threads,
-                                    template_frames=settings.template_cache_frames, progress=bar,
-                                    templates=templates)
+            stages = render(plan, storage, threads=settings.threads_per_process(workers),
+                            template_frames=settings.template_cache_frames, progress=bar)
         finally:
             bar.close()
-        t = time.perf_counter()
-        handle, partial = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial.mp4", dir=out.parent)
-        os.close(handle)
+        stitched = time.perf_counter()
         segments = [Segment(storage.local_path(c.segment_key), c.start_frame, c.frames) for c in plan.chunks]
-        report = stitch(segments, audio, Path(partial), expected_frames=plan.frame_count,
-                        audio_bitrate_bps=options.audio_bitrate_bps)
-        os.replace(partial, out)
-        partial = None
+        with replaced_atomically(out, suffix=".partial.mp4") as partial:
+            report = stitch(segments, audio, partial, expected_frames=plan.frame_count,
+                            audio_bitrate_bps=options.audio_bitrate_bps)
         return RenderResult(out, plan.frame_count, time.perf_counter() - started, audio_s,
-                            time.perf_counter() - t, stages, report)
+                            time.perf_counter() - stitched, stages, report)
     finally:
-        if partial is not None:
-            Path(partial).unlink(missing_ok=True)
         if not keep_work:
             shutil.rmtree(storage.root, ignore_errors=True)

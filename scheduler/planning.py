@@ -14,55 +14,49 @@ from pathlib import Path
 from typing import Callable
 
 from common.audio import normalise_to_16k
-from common.errors import LipfarmError, NotFoundError
-from common.jobstate import JobState, StateStore
-from common.plan import AudioRef, Plan
-from common.storage import Storage, pcm_key, plan_key
-from scheduler.finalize import record_terminal
-from scheduler.plan import plan_job
-from scheduler.submit import Submission, submission_key
+from common.errors import LipfarmError
+from common.jobfiles import JobFiles
+from common.plan import AudioRef, Plan, plan_job
+from common.state import JobState, StateStore
+from common.storage.layout import pcm_key
 
 log = logging.getLogger(__name__)
 
+# enqueue_render(job id, chunk index, priority, frames label)
+EnqueueRender = Callable[[str, int, str, str], None]
 
-def _load_or_make_plan(storage: Storage, submission: Submission) -> Plan:
-    job_id = submission.job_id
-    try:
-        return Plan.from_json(storage.get_bytes(plan_key(job_id)).decode())
-    except NotFoundError:
-        pass
+
+def _decode_and_plan(files: JobFiles) -> Plan:
+    """Decode the uploaded audio to 16 kHz PCM in storage, and plan the job from its length."""
+    submission = files.submission()
     with tempfile.TemporaryDirectory(prefix="lipfarm-plan-") as temp:
         original = Path(temp) / submission.audio_name
-        storage.get_file(submission.audio_key, original)
+        files.storage.get_file(submission.audio_key, original)
         pcm = Path(temp) / "audio_16k.f32"
         with open(pcm, "wb") as sink:
             n_samples = normalise_to_16k(original, sink)
-        storage.put_file(pcm_key(job_id), pcm)
-    plan = plan_job(job_id=job_id, avatar=submission.avatar, avatar_name=submission.avatar_name,
-                    encoder=submission.encoder, generator=submission.generator,
-                    audio=AudioRef(submission.audio_key, pcm_key(job_id), n_samples),
-                    options=submission.options)
-    storage.put_bytes(plan_key(job_id), plan.to_json().encode())
+        files.storage.put_file(pcm_key(files.job_id), pcm)
+    plan = plan_job(submission, AudioRef(submission.audio_key, pcm_key(files.job_id), n_samples))
+    files.put_plan(plan)
     return plan
 
 
-def plan_submitted_job(job_id: str, *, store: StateStore, storage: Storage,
-                       enqueue_render: Callable[[str, int, str, str], None]) -> str:
+def plan_submitted_job(job_id: str, *, store: StateStore, files: JobFiles,
+                       enqueue_render: EnqueueRender) -> str:
     """Plan job ``job_id`` and queue its chunks; returns what happened, for the task's result."""
-    if not store.move_job(job_id, JobState.PLANNING, now=time.time()):
-        return f"skipped: job is {store.job(job_id)['state']}"
+    if not store.start_planning(job_id, now=time.time()):
+        return f"skipped: job is {store.job(job_id).state.value}"
     try:
-        submission = Submission.from_json(storage.get_bytes(submission_key(job_id)).decode())
-        plan = _load_or_make_plan(storage, submission)
+        plan = files.plan() if files.has_plan() else _decode_and_plan(files)
     except LipfarmError as exc:
-        store.move_job(job_id, JobState.FAILED, now=time.time(), reason=str(exc))
-        record_terminal(storage, job_id, "failed", str(exc))
+        store.finish(job_id, JobState.FAILED, now=time.time(), reason=str(exc))
+        files.put_ended(JobState.FAILED.value, str(exc))
         return f"failed: {exc}"
-    store.add_chunks(job_id, [(c.start_frame, c.stop_frame) for c in plan.chunks], now=time.time())
-    if not store.move_job(job_id, JobState.RENDERING, now=time.time(), output_key=plan.output_key):
-        return f"stopped: job is {store.job(job_id)['state']}"
+    ranges = [(c.start_frame, c.stop_frame) for c in plan.chunks]
+    if not store.start_rendering(job_id, ranges, output_key=plan.output_key, now=time.time()):
+        return f"stopped: job is {store.job(job_id).state.value}"
+    priority = store.job(job_id).priority
     for chunk in plan.chunks:
-        enqueue_render(job_id, chunk.index, submission.priority,
-                       f"{chunk.start_frame}-{chunk.stop_frame - 1}")
+        enqueue_render(job_id, chunk.index, priority, chunk.frames_label)
     log.info("job %s planned: %d frames in %d chunks", job_id, plan.frame_count, len(plan.chunks))
     return f"planned {plan.frame_count} frames in {len(plan.chunks)} chunks"

@@ -9,117 +9,92 @@ content hash, the audio is uploaded under the job, the submission is recorded in
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
-from common.audio import MIN_SAMPLES_16K, probe_audio
-from common.avatar import AvatarStore
+from common import defaults
+from common.audio import check_audio
+from common.avatar import Avatar, AvatarStore, pack_avatar
 from common.config import Settings
-from common.errors import AudioError, CancelledError, InputError, JobFailedError, ServiceError
-from common.jobstate import JobState, JobStatus, StateStore
+from common.errors import CancelledError, InputError, JobFailedError, ServiceError
+from common.identity import new_job_id
+from common.jobfiles import JobFiles
 from common.models import inspect_encoder, inspect_generator
 from common.options import RenderOptions
-from common.plan import AssetRef
-from common.services import storage_for
-from common.storage import Storage, avatar_key, input_key, model_key
-from worker.assets import pack_avatar
-
-PRIORITY_NAMES = ("high", "normal", "low")
+from common.plan import AssetRef, Submission
+from common.state import JobRecord, JobState, JobStatus, StateStore
+from common.storage import Storage, open_storage
+from common.storage.layout import avatar_key, model_key
 
 
-def submission_key(job_id: str) -> str:
-    return f"jobs/{job_id}/job.json"
-
-
-@dataclass(frozen=True)
-class Submission:
-    """What a user asked for; the planner turns it into a ``Plan``."""
-
-    job_id: str
-    avatar_name: str
-    avatar: AssetRef
-    encoder: AssetRef
-    generator: AssetRef
-    audio_key: str
-    audio_name: str
-    options: RenderOptions
-    priority: str
-    submitted_at: float
-
-    def to_json(self) -> str:
-        data = asdict(self)
-        data["options"] = self.options.to_dict()
-        return json.dumps(data, indent=1)
-
-    @classmethod
-    def from_json(cls, text: str) -> "Submission":
-        data = json.loads(text)
-        return cls(**{**data, "avatar": AssetRef(**data["avatar"]), "encoder": AssetRef(**data["encoder"]),
-                      "generator": AssetRef(**data["generator"]),
-                      "options": RenderOptions.from_dict(data["options"])})
-
-
-def check_broker(settings: Settings) -> StateStore:
-    """The state store, after checking the broker and state Redis answer (ServiceError if not)."""
+def connect_farm(settings: Settings) -> StateStore:
+    """The state store, after checking the broker and state Redis answer (``ServiceError`` if not)."""
     store = StateStore.connect(settings.redis_url, settings.key_prefix)
     if settings.broker_url != settings.redis_url:
         StateStore.connect(settings.broker_url, settings.key_prefix)
     return store
 
 
-def _check_audio(audio: Path) -> None:
-    info = probe_audio(audio)
-    if info.duration_s is not None and info.duration_s * 16_000 < MIN_SAMPLES_16K:
-        raise AudioError("audio is too short for one encoder window", path=audio,
-                         expected=f">= {MIN_SAMPLES_16K / 16_000:.4f} s", found=f"{info.duration_s:.4f} s")
+@dataclass(frozen=True)
+class _CheckedInputs:
+    avatar: Avatar
+    encoder: AssetRef
+    generator: AssetRef
 
 
-def _upload_once(storage: Storage, key: str, path: Path) -> None:
-    if not storage.exists(key):
-        storage.put_file(key, path)
+def _check_inputs(settings: Settings, *, avatar: str, audio: Path, encoder: Path, generator: Path,
+                  priority: str) -> _CheckedInputs:
+    if priority not in defaults.PRIORITIES:
+        raise InputError("unknown priority", field="priority", expected=" | ".join(defaults.PRIORITIES),
+                         found=priority)
+    package = AvatarStore(settings.avatars_dir).get(avatar)
+    check_audio(audio)
+    enc, gen = inspect_encoder(encoder), inspect_generator(generator)
+    return _CheckedInputs(package, AssetRef(enc.sha256, model_key(enc.sha256), str(encoder)),
+                          AssetRef(gen.sha256, model_key(gen.sha256), str(generator)))
+
+
+def _upload_once(storage: Storage, inputs: _CheckedInputs) -> AssetRef:
+    """Upload the avatar and the models unless storage has them (by content); returns the avatar's ref."""
+    avatar = AssetRef(inputs.avatar.content_hash, avatar_key(inputs.avatar.content_hash))
+    if not storage.exists(avatar.key):
+        with tempfile.TemporaryDirectory(prefix="lipfarm-submit-") as temp:
+            storage.put_file(avatar.key, pack_avatar(inputs.avatar, Path(temp) / "avatar.tar"))
+    for model in (inputs.encoder, inputs.generator):
+        if not storage.exists(model.key):
+            storage.put_file(model.key, Path(model.path))
+    return avatar
 
 
 def submit_job(settings: Settings, *, avatar: str, audio: Path, encoder: Path, generator: Path,
-               options: RenderOptions, priority: str = "normal", job_id: str | None = None) -> "JobHandle":
+               options: RenderOptions, priority: str = defaults.PRIORITY,
+               job_id: str | None = None) -> "JobHandle":
     """Validate, upload and queue a job; returns its handle. Nothing is queued on bad input."""
     from common.celery_app import enqueue_plan
-    from scheduler.local import new_job_id
 
-    if priority not in PRIORITY_NAMES:
-        raise InputError("unknown priority", field="priority", expected=" | ".join(PRIORITY_NAMES),
-                         found=priority)
-    package = AvatarStore(settings.avatars_dir).get(avatar)
     audio = Path(audio)
-    _check_audio(audio)
-    enc, gen = inspect_encoder(encoder), inspect_generator(generator)
-    store = check_broker(settings)
-    storage = storage_for(settings)
+    inputs = _check_inputs(settings, avatar=avatar, audio=audio, encoder=Path(encoder),
+                           generator=Path(generator), priority=priority)
+    store = connect_farm(settings)
+    storage = open_storage(settings.storage_url, settings)
     storage.check()
 
-    job_id = job_id or new_job_id()
-    with tempfile.TemporaryDirectory(prefix="lipfarm-submit-") as temp:
-        avatar_ref = AssetRef(package.content_hash, avatar_key(package.content_hash))
-        if not storage.exists(avatar_ref.key):
-            storage.put_file(avatar_ref.key, pack_avatar(package, Path(temp) / "avatar.tar"))
-    encoder_ref, generator_ref = AssetRef(enc.sha256, model_key(enc.sha256)), AssetRef(gen.sha256, model_key(gen.sha256))
-    _upload_once(storage, encoder_ref.key, Path(encoder))
-    _upload_once(storage, generator_ref.key, Path(generator))
-    audio_ref = input_key(job_id, audio.name)
-    storage.put_file(audio_ref, audio)
-    submission = Submission(job_id, package.name, avatar_ref, encoder_ref, generator_ref, audio_ref,
-                            audio.name, options, priority, time.time())
-    storage.put_bytes(submission_key(job_id), submission.to_json().encode())
-    store.create_job(job_id, {"priority": priority, "avatar": package.name, "audio": audio.name,
-                              "storage_url": storage.url, "options": options.to_dict()}, now=time.time())
+    files = JobFiles(storage, job_id or new_job_id())
+    avatar_ref = _upload_once(storage, inputs)
+    submission = Submission(files.job_id, inputs.avatar.name, avatar_ref,
+                            AssetRef(inputs.encoder.sha256, inputs.encoder.key),
+                            AssetRef(inputs.generator.sha256, inputs.generator.key),
+                            files.put_input(audio, audio.name), audio.name, options, priority, time.time())
+    files.put_submission(submission)
+    store.create_job(JobRecord.queued(submission, storage.url))
     try:
-        enqueue_plan(job_id, priority)
+        enqueue_plan(files.job_id, priority)
     except Exception as exc:  # the broker went away between the check and now
-        store.move_job(job_id, JobState.FAILED, now=time.time(), reason=f"could not be queued: {exc}")
-        raise ServiceError(f"cannot queue job {job_id} on the broker at {settings.broker_url} ({exc})") from None
-    return JobHandle(job_id, store, storage)
+        store.finish(files.job_id, JobState.FAILED, now=time.time(), reason=f"could not be queued: {exc}")
+        raise ServiceError(f"cannot queue job {files.job_id} on the broker at {settings.broker_url} ({exc})") from None
+    return JobHandle(files.job_id, store, storage)
 
 
 class JobHandle:
@@ -132,27 +107,21 @@ class JobHandle:
         return self.store.status(self.job_id, now=time.time())
 
     def cancel(self) -> bool:
-        from scheduler.finalize import record_terminal
-
         cancelled = self.store.cancel(self.job_id, now=time.time())
         if cancelled:
-            record_terminal(self.storage, self.job_id, "cancelled", "cancelled by user")
+            JobFiles(self.storage, self.job_id).put_ended(JobState.CANCELLED.value, "cancelled by user")
         return cancelled
 
     def wait(self, *, timeout_s: float | None = None, show_progress: bool = False,
              poll_s: float = 1.0) -> JobStatus:
         """Block until the job ends; returns its status, or raises ``JobFailedError``/``CancelledError``."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        bar = None
+        bar = _ProgressBar(self.job_id) if show_progress else None
         try:
             while True:
                 status = self.status()
-                if show_progress:
-                    bar = bar or _progress_bar(status)
-                    bar.total = status.frames_total or bar.total
-                    bar.n = status.frames_done
-                    bar.set_postfix_str(status.state.value)
-                    bar.refresh()
+                if bar is not None:
+                    bar.show(status)
                 if status.state.terminal:
                     break
                 if deadline is not None and time.monotonic() > deadline:
@@ -168,18 +137,34 @@ class JobHandle:
         return status
 
 
-def _progress_bar(status: JobStatus):
-    from tqdm import tqdm
+class _ProgressBar:
+    """A tqdm bar over a job's frames, made on the first status that knows the total."""
 
-    return tqdm(total=status.frames_total or None, unit="frame", desc=status.job_id, dynamic_ncols=True)
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        self.bar = None
+
+    def show(self, status: JobStatus) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=status.frames_total or None, unit="frame", desc=self.job_id, dynamic_ncols=True)
+        self.bar.total = status.frames_total or self.bar.total
+        self.bar.n = status.frames_done
+        self.bar.set_postfix_str(status.state.value)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def submit(*, avatar: str, audio: str | Path, encoder: str | Path | None = None,
            generator: str | Path | None = None, options: RenderOptions | None = None,
-           priority: str = "normal", settings: Settings | None = None) -> JobHandle:
+           priority: str = defaults.PRIORITY, settings: Settings | None = None) -> JobHandle:
     """The Python API: ``submit(avatar="may", audio="talk.wav").wait()`` (demo models by default)."""
     from common.config import load_settings
-    from common.demo.assets import ensure_demo_assets
+    from demo.assets import ensure_demo_assets
 
     settings = settings or load_settings()
     if encoder is None or generator is None:

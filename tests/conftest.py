@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -16,10 +15,11 @@ SHARED_FIXTURES = ROOT.parent / "shared" / "fixtures"
 
 @pytest.fixture(scope="session")
 def home(tmp_path_factory) -> Path:
-    """A LIPFARM_HOME for the whole session, so tests never touch the user's."""
+    """A LIPFARM_HOME for the whole session, so tests never touch the user's (restored afterwards)."""
     path = tmp_path_factory.mktemp("lipfarm-home")
-    os.environ["LIPFARM_HOME"] = str(path)
-    return path
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LIPFARM_HOME", str(path))
+        yield path
 
 
 @pytest.fixture(scope="session")
@@ -30,7 +30,7 @@ def settings(home):
 @pytest.fixture(scope="session")
 def demo(settings):
     """The demo avatar, speech and models, made once per session."""
-    from common.demo.assets import ensure_demo_assets
+    from demo.assets import ensure_demo_assets
 
     return ensure_demo_assets(settings)
 

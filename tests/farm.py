@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from scheduler.bench_farm import WorkerProcess
+from scheduler.cluster import LipfarmProcess
 
 TEST_REDIS_DB = 13
 TEST_PREFIX = "lipfarm-test"
@@ -116,11 +116,17 @@ def farm_env(home: Path, storage_url: str, s3: SeaweedS3 | None, **extra: str) -
 
 
 class Workers:
-    """Separate ``lipfarm worker`` processes (separate nodes), one render process each."""
+    """Separate ``lipfarm worker`` processes (separate nodes), as a farm is deployed: ``count`` render
+    workers with one render process each, and one worker for planning and finalizing, so neither
+    waits for the other."""
 
     def __init__(self, env: dict[str, str], folder: Path, count: int = 2) -> None:
-        self.processes = [WorkerProcess(env, folder / f"worker{n}.log", "--concurrency", "1",
-                                        "--hostname", f"w{n}-{os.getpid()}@test") for n in range(count)]
+        self.render = [LipfarmProcess.worker(env, folder / f"worker{n}.log", "--concurrency", "1",
+                                             "--queues", "render", "--hostname", f"w{n}-{os.getpid()}@test")
+                       for n in range(count)]
+        self.jobs = LipfarmProcess.worker(env, folder / "jobs-worker.log", "--concurrency", "1",
+                                          "--queues", "jobs,finalize", "--hostname", f"jobs-{os.getpid()}@test")
+        self.processes = [*self.render, self.jobs]
 
     def start(self) -> "Workers":
         for process in self.processes:
@@ -130,9 +136,36 @@ class Workers:
         return self
 
     def children(self) -> list[int]:
-        """Process ids of the workers' render (pool) processes."""
-        return [pid for process in self.processes for pid in process.children()]
+        """Process ids of the render workers' render (pool) processes."""
+        return [pid for process in self.render for pid in process.children()]
 
     def stop(self) -> None:
         for process in self.processes:
             process.stop(timeout_s=20)
+
+
+class Holds:
+    """Hold files (``LIPFARM_HOLD_DIR``): a held chunk pauses before its next batch, keeping its
+    lease, until the test releases it. Made before the job is submitted, so no chunk slips past."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def hold(self, job_id: str, *chunks: int, after_frames: int = 0) -> None:
+        for index in chunks:
+            (self.folder / f"{job_id}.{index}.hold").write_text(str(after_frames))
+
+    def release(self, job_id: str | None = None) -> None:
+        for path in self.folder.glob(f"{job_id or '*'}.*.hold"):
+            path.unlink(missing_ok=True)
+
+
+def until(condition, *, timeout_s: float = 120.0, what: str = "condition"):
+    """Poll ``condition`` until it returns something true (a state is reached, not a moment caught)."""
+    deadline = time.monotonic() + timeout_s
+    while not (result := condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.05)
+    return result

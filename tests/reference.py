@@ -1,6 +1,6 @@
 """The reference script's arithmetic, written out plainly, for tests to compare against.
 
-These follow SyncTalk_2D's inference script (audio features and compositing) as PIPELINE.md
+These follow SyncTalk_2D's inference script (audio features and compositing) as docs/contract.md
 describes it, with librosa and scipy doing what they do there.
 """
 

@@ -41,3 +41,11 @@ def test_readme_lists_every_setting_as_configured():
     table = text[text.index("\n", start) + 1:text.index("<!-- end settings-table -->")].strip()
     assert table == settings_markdown()
     assert len(SETTINGS) == table.count("\n") - 1
+
+
+def test_every_setting_is_a_field_of_settings_in_order():
+    from dataclasses import fields
+
+    from common.config import Settings
+
+    assert [f.name for f in fields(Settings)] == [s.name for s in SETTINGS]

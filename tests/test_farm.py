@@ -1,4 +1,9 @@
-"""The farm with real parts: Redis, SeaweedFS (S3) on loopback, and two Celery worker processes."""
+"""The farm with real parts: Redis, SeaweedFS (S3) on loopback, and Celery worker processes.
+
+Two render workers (one render process each) and one planning/finalizing worker, as a farm is
+deployed. Tests assert on recorded facts (each chunk's attempt log: who rendered it, when it started
+and ended, how), and pause chunks with hold files where they need a job caught mid-render.
+"""
 
 from __future__ import annotations
 
@@ -11,18 +16,19 @@ import numpy as np
 import pytest
 import redis
 
-from common import celery_app
+from common import celery_app, services
 from common.config import load_settings
-from common.demo.speech import write_wav
 from common.errors import NotFoundError
-from common.jobstate import ChunkState, JobState
+from common.identity import new_job_id
 from common.options import RenderOptions
-from common.services import storage_for
+from common.state import JobState
+from common.storage import open_storage
+from demo.speech import write_wav
 from scheduler.cli import main
 from scheduler.local import render_local
 from scheduler.reconcile import Enqueue, reconcile
 from scheduler.submit import submit_job
-from tests.farm import TEST_PREFIX, SeaweedS3, Workers, farm_env
+from tests.farm import TEST_PREFIX, Holds, SeaweedS3, Workers, farm_env, until
 from tests.media import video_frames, video_info
 
 pytestmark = pytest.mark.slow
@@ -46,13 +52,20 @@ def s3(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def farm(tmp_path_factory, home, demo, s3):
-    """Two workers, state and broker in Redis DB 14, jobs on S3 unless a submission says otherwise.
+def holds(tmp_path_factory) -> Holds:
+    return Holds(tmp_path_factory.mktemp("holds"))
 
-    The farm's settings are in this process's environment for the module, so CLI calls see them.
+
+@pytest.fixture(scope="module")
+def farm(tmp_path_factory, home, demo, s3, holds):
+    """The workers, state and broker in Redis DB 14, jobs on S3 unless a submission says otherwise.
+
+    The farm's settings are in this process's environment for the module, so CLI calls see them;
+    the environment and the Celery app's configuration are restored afterwards.
     """
     _clean_db()
-    env = farm_env(home, f"s3://{BUCKET}/farm", s3, LIPFARM_BROKER_URL=f"redis://127.0.0.1:6379/{FARM_DB}")
+    env = farm_env(home, f"s3://{BUCKET}/farm", s3, LIPFARM_BROKER_URL=f"redis://127.0.0.1:6379/{FARM_DB}",
+                   LIPFARM_HOLD_DIR=str(holds.folder))
     with pytest.MonkeyPatch.context() as patch:
         for name, value in env.items():
             patch.setenv(name, value)
@@ -63,7 +76,10 @@ def farm(tmp_path_factory, home, demo, s3):
             yield settings, workers
         finally:
             workers.stop()
+            holds.release()
             _clean_db()
+    celery_app.configure(celery_app.app, load_settings())
+    services.reset()
 
 
 @pytest.fixture(scope="module")
@@ -80,29 +96,26 @@ def _submit(settings, demo, audio, **kw):
 
 
 def _download(settings, status, dest: Path) -> Path:
-    storage_for(settings).get_file(status.output_key, dest)
+    open_storage(settings.storage_url, settings).get_file(status.output_key, dest)
     return dest
+
+
+def _attempts(handle, chunks: int) -> list[list]:
+    return [handle.store.attempts(handle.job_id, i) for i in range(chunks)]
 
 
 @pytest.fixture(scope="module")
 def s3_job(farm, demo, clip, tmp_path_factory):
-    """One job run to completion on S3, its status sampled while it ran."""
+    """One job run to completion on S3."""
     settings, _ = farm
     handle = _submit(settings, demo, clip)
-    samples = []
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        samples.append(handle.status())
-        if samples[-1].state.terminal:
-            break
-        time.sleep(0.25)
-    output = _download(settings, samples[-1], tmp_path_factory.mktemp("s3out") / "output.mp4")
-    return handle, samples, output
+    status = handle.wait(timeout_s=300, poll_s=0.2)
+    output = _download(settings, status, tmp_path_factory.mktemp("s3out") / "output.mp4")
+    return handle, status, output
 
 
-def test_a_job_of_four_chunks_completes_on_s3(s3_job, settings, demo, demo_avatar, clip, tmp_path):
-    handle, samples, output = s3_job
-    final = samples[-1]
+def test_a_job_of_five_chunks_completes_on_s3(s3_job, settings, demo, demo_avatar, clip, tmp_path):
+    handle, final, output = s3_job
     assert final.state == JobState.DONE, final.reason
     assert final.frames_total == final.frames_done == CLIP_FRAMES
     assert final.chunks == {"committed": CLIP_CHUNKS}
@@ -116,22 +129,36 @@ def test_a_job_of_four_chunks_completes_on_s3(s3_job, settings, demo, demo_avata
         np.testing.assert_array_equal(a, b, err_msg=f"frame {i}")
 
 
-def test_chunks_ran_in_parallel_in_two_worker_processes(s3_job):
-    _, samples, _ = s3_job
-    assert len(samples[-1].workers) == 2
-    assert max(s.chunks.get("running", 0) for s in samples) == 2
+def test_chunks_ran_at_the_same_time_in_two_worker_processes(s3_job):
+    handle, _, _ = s3_job
+    attempts = [a for chunk in _attempts(handle, CLIP_CHUNKS) for a in chunk]
+    assert all(a.outcome == "committed" for a in attempts) and len(attempts) == CLIP_CHUNKS
+    assert len({a.worker for a in attempts}) == 2
+    overlapping = [(a, b) for a in attempts for b in attempts
+                   if a.worker != b.worker and a.started_at < b.ended_at and b.started_at < a.ended_at]
+    assert overlapping, [(a.worker, a.started_at, a.ended_at) for a in attempts]
 
 
-def test_status_reports_true_numbers_while_running(s3_job):
-    _, samples, _ = s3_job
-    done = [s.frames_done for s in samples]
-    assert done == sorted(done) and done[-1] == CLIP_FRAMES  # monotonic, and all frames at the end
-    assert any(0 < d < CLIP_FRAMES for d in done)  # seen mid-way
-    for s in samples:
-        if s.frames_total:
-            assert sum(s.chunks.values()) == CLIP_CHUNKS and s.frames_done <= s.frames_total
-        assert s.elapsed_s >= 0
-    assert any(s.eta_s is not None and s.eta_s > 0 for s in samples if s.state == JobState.RENDERING)
+def test_status_reports_true_numbers_while_running(farm, holds, demo, clip):
+    settings, _ = farm
+    job_id = new_job_id()
+    holds.hold(job_id, 0, 1, after_frames=10)
+    handle = _submit(settings, demo, clip, job_id=job_id)
+
+    def held():
+        chunks = [c for c in handle.store.chunks(job_id) if c.frames_done >= 10]
+        return chunks if len(chunks) == 2 else None
+
+    chunks = until(held, what="two chunks held after 10 frames")
+    status = handle.status()
+    assert status.state == JobState.RENDERING and status.frames_total == CLIP_FRAMES
+    assert status.chunks == {"running": 2, "queued": 3}
+    assert status.frames_done == sum(c.frames_done for c in chunks) and 20 <= status.frames_done < CLIP_FRAMES
+    assert status.eta_s is not None and status.eta_s > 0 and status.elapsed_s > 0
+    assert len(status.workers) == 2
+    holds.release(job_id)
+    final = handle.wait(timeout_s=300, poll_s=0.2)
+    assert final.frames_done == final.frames_total == CLIP_FRAMES and final.chunks == {"committed": CLIP_CHUNKS}
 
 
 def test_the_same_job_through_local_storage_gives_the_same_output(s3_job, farm, demo, clip, tmp_path):
@@ -144,94 +171,95 @@ def test_the_same_job_through_local_storage_gives_the_same_output(s3_job, farm, 
     assert len(a) == len(b) == CLIP_FRAMES and all(np.array_equal(x, y) for x, y in zip(a, b))
 
 
-def test_cancel_mid_job_publishes_nothing_and_stops_the_workers(farm, demo, speech_16k, tmp_path):
+def test_cancel_mid_job_publishes_nothing_and_stops_the_workers(farm, holds, demo, speech_16k, tmp_path):
     settings, _ = farm
     audio = tmp_path / "long.wav"
     write_wav(audio, speech_16k)  # 249 frames, 10 chunks
-    handle = _submit(settings, demo, audio)
-    _until(lambda: handle.status().frames_done >= 30)
-    assert main(["cancel", handle.job_id]) == 0
-    stopped_by = time.monotonic() + 20
-    while time.monotonic() < stopped_by and handle.status().chunks.get("running", 0):
-        time.sleep(0.2)
+    job_id = new_job_id()
+    holds.hold(job_id, *range(10), after_frames=10)
+    handle = _submit(settings, demo, audio, job_id=job_id)
+    until(lambda: sum(c.frames_done >= 10 for c in handle.store.chunks(job_id)) == 2, what="two held chunks")
+    cancelled_at = time.time()
+    assert main(["cancel", job_id]) == 0
+    holds.release(job_id)
+    attempts = until(lambda: (a := [x for chunk in _attempts(handle, 10) for x in chunk])
+                     and all(x.ended_at for x in a) and a, what="the running attempts to end")
+    assert len(attempts) == 2 and {a.outcome for a in attempts} == {"stopped"}
+    assert all(a.ended_at >= cancelled_at for a in attempts)
     status = handle.status()
-    assert status.state == JobState.CANCELLED
-    assert status.chunks.get("running", 0) == 0 and status.chunks.get("queued", 0) == 0
-    assert status.chunks.get("committed", 0) < 10
-    committed = status.chunks.get("committed", 0)
-    time.sleep(3)
-    assert handle.status().chunks.get("committed", 0) == committed  # nothing commits afterwards
-    assert not storage_for(settings).exists(f"jobs/{handle.job_id}/output.mp4")
+    assert status.state == JobState.CANCELLED and status.chunks == {"cancelled": 10}
+    assert not open_storage(settings.storage_url, settings).exists(f"jobs/{job_id}/output.mp4")
     inspector = celery_app.app.control.inspect(timeout=2)
     active = [t for tasks in (inspector.active() or {}).values() for t in tasks
-              if t.get("kwargs", {}).get("job_id") == handle.job_id]
+              if t.get("kwargs", {}).get("job_id") == job_id]
     assert active == []
 
 
-def _until(condition, timeout_s=120.0, poll_s=0.05):
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(poll_s)
-
-
-def test_high_priority_chunks_run_before_queued_low_ones(farm, demo, speech_16k, tmp_path):
+def test_high_priority_chunks_run_before_queued_low_ones(farm, holds, demo, speech_16k, tmp_path):
     settings, _ = farm
     low_audio, high_audio = tmp_path / "low.wav", tmp_path / "high.wav"
     write_wav(low_audio, speech_16k[:int(6.2 * 16000)])  # 154 frames: 7 chunks
     write_wav(high_audio, speech_16k[:int(2.1 * 16000)])  # 2 chunks
-    low = _submit(settings, demo, low_audio, priority="low")
-    _until(lambda: low.status().chunks.get("running", 0) == 2)  # both workers busy with the low job
+    low_id = new_job_id()
+    holds.hold(low_id, 0, 1)  # both render workers busy with the low job
+    low = _submit(settings, demo, low_audio, priority="low", job_id=low_id)
+    until(lambda: low.status().chunks.get("running") == 2, what="both workers on the low job")
     high = _submit(settings, demo, high_audio, priority="high")
-    _until(lambda: high.status().state not in (JobState.QUEUED, JobState.PLANNING))
-    time.sleep(0.2)  # its chunks are queued right after the state changes
-    queued_at = time.time()
+    until(lambda: high.status().state == JobState.RENDERING, what="the high job planned")
+    holds.release(low_id)
     high.wait(timeout_s=300)
     low.wait(timeout_s=300)
-    starts = lambda h, n: [float(c["started_at"]) for c in h.store.chunks(h.job_id, n)]  # noqa: E731
-    high_starts = starts(high, 2)
-    later_low = [t for t in starts(low, 7) if t > queued_at]
-    assert later_low, "the low job should still have had chunks queued when the high one arrived"
-    assert max(high_starts) < min(later_low)
+    high_starts = [a.started_at for chunk in _attempts(high, 2) for a in chunk]
+    waiting_low_starts = [a.started_at for chunk in _attempts(low, 7)[2:] for a in chunk]
+    assert len(high_starts) == 2 and len(waiting_low_starts) == 5
+    assert max(high_starts) < min(waiting_low_starts)
 
 
-def test_a_killed_worker_process_loses_nothing(farm, demo, clip):
+def test_a_killed_worker_process_loses_nothing(farm, holds, demo, clip):
     settings, workers = farm
-    handle = _submit(settings, demo, clip)
-    _until(lambda: handle.status().chunks.get("running", 0) > 0)
-    time.sleep(1.0)
+    job_id = new_job_id()
+    holds.hold(job_id, 0, 1, after_frames=5)
+    handle = _submit(settings, demo, clip, job_id=job_id)
+    until(lambda: sum(c.frames_done >= 5 for c in handle.store.chunks(job_id)) == 2, what="two held chunks")
+    holds.release(job_id)
     for pid in workers.children():
         os.kill(pid, signal.SIGKILL)  # both render processes die mid-chunk
     enqueue = Enqueue(celery_app.enqueue_plan, celery_app.enqueue_render, celery_app.enqueue_finalize)
-    store = handle.store
-    lost = {i for i, c in enumerate(store.chunks(handle.job_id, CLIP_CHUNKS)) if c["state"] == ChunkState.RUNNING}
     # No waiting for the leases to run out: the reconciler is told the time at which they have.
-    report = reconcile(store=store, storage=storage_for(settings), settings=settings,
+    report = reconcile(store=handle.store, storage=open_storage(settings.storage_url, settings), settings=settings,
                        now=time.time() + settings.lease_s + 1, enqueue=enqueue)
-    assert lost and {f"{handle.job_id}:{i}" for i in lost} <= set(report.requeued)
+    assert {f"{job_id}:0", f"{job_id}:1"} <= set(report.requeued)
     status = handle.wait(timeout_s=300)
     assert status.frames_done == CLIP_FRAMES
-    chunks = store.chunks(handle.job_id, CLIP_CHUNKS)
-    assert all(int(chunks[i]["attempt"]) >= 2 for i in lost)
-    assert all("lease expired" in chunks[i]["reason"] or chunks[i]["state"] == "committed" for i in lost)
+    for chunk in _attempts(handle, 2):
+        assert [a.outcome for a in chunk] == ["requeued", "committed"]
+        assert "lease expired" in chunk[0].reason and chunk[1].worker != chunk[0].worker  # a new process
 
 
-def test_unfinished_jobs_are_rebuilt_from_storage_after_redis_loses_its_data(farm, demo, speech_16k, tmp_path):
+def test_unfinished_jobs_are_rebuilt_from_storage_after_redis_loses_its_data(farm, holds, demo, speech_16k,
+                                                                              tmp_path):
     settings, _ = farm
     audio = tmp_path / "rebuild.wav"
     write_wav(audio, speech_16k[:int(6.2 * 16000)])  # 99200 samples: 497 mel, 152 windows, 154 frames
-    handle = _submit(settings, demo, audio)
-    _until(lambda: handle.status().chunks.get("committed", 0) >= 2)
+    job_id = new_job_id()
+    holds.hold(job_id, 2, 3)
+    handle = _submit(settings, demo, audio, job_id=job_id)
+    until(lambda: handle.status().chunks == {"committed": 2, "running": 2, "queued": 3},
+          what="chunks 0 and 1 committed, 2 and 3 held")
     _clean_db()  # Redis loses everything: job state, queues, unacked messages
     with pytest.raises(NotFoundError):
         handle.status()
     enqueue = Enqueue(celery_app.enqueue_plan, celery_app.enqueue_render, celery_app.enqueue_finalize)
-    report = reconcile(store=handle.store, storage=storage_for(settings), settings=settings, now=time.time(),
-                       enqueue=enqueue, rebuild=True)
-    assert handle.job_id in report.rebuilt
+    report = reconcile(store=handle.store, storage=open_storage(settings.storage_url, settings), settings=settings,
+                       now=time.time(), enqueue=enqueue, rebuild=True)
+    assert job_id in report.rebuilt
+    holds.release(job_id)
     status = handle.wait(timeout_s=300)
     assert status.frames_done == status.frames_total == 154
     assert info_frames(_download(settings, status, tmp_path / "rebuilt.mp4")) == 154
+    attempts = _attempts(handle, 7)
+    assert attempts[0] == attempts[1] == []  # restored as committed from their markers: not rendered again
+    assert all(len(a) == 1 and a[0].outcome == "committed" for a in attempts[2:])
 
 
 def info_frames(path: Path) -> int:

@@ -8,7 +8,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from common.demo.models import build_generator
+from demo.models import build_generator
 from common.errors import InputError, ModelError
 from common.fp16 import to_float16
 from common.models import inspect_encoder, inspect_generator, load_model

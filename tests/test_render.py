@@ -16,7 +16,7 @@ from common.features import audio_inputs, frame_count
 from common.models import inspect_encoder
 from common.options import RenderOptions
 from common.runtime import open_runner, run_encoder
-from common.demo.speech import write_wav
+from demo.speech import write_wav
 from scheduler.local import render_local
 from tests.media import tone, video_frames, video_info, write_audio
 from tests.reference import reference_composite, reference_visual_input

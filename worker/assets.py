@@ -13,41 +13,17 @@ import functools
 import os
 import shutil
 import tarfile
-import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
-from common.audio import FilePcm, PcmSource, zero_padded
+from common.audio import FilePcm, PcmSource, StoragePcm
 from common.avatar import MANIFEST, Avatar, load_avatar
 from common.errors import ServiceError
+from common.fileio import folder_replaced_atomically, replaced_atomically
 from common.models import EncoderSpec, GeneratorSpec, file_sha256, inspect_encoder, inspect_generator
 from common.plan import AssetRef, Chunk, Plan
 from common.storage import Storage
 from worker.render import ChunkWork
-
-
-class StoragePcm:
-    """A ``PcmSource`` over a float32 PCM object in storage; reads only the ranges asked for."""
-
-    def __init__(self, storage: Storage, key: str, n_samples: int) -> None:
-        self.storage, self.key, self.n_samples = storage, key, n_samples
-
-    def _read_inside(self, a: int, b: int) -> np.ndarray:
-        return np.frombuffer(self.storage.read_range(self.key, 4 * a, 4 * b), dtype="<f4")
-
-    def read(self, start: int, stop: int) -> np.ndarray:
-        return zero_padded(self.n_samples, start, stop, self._read_inside)
-
-
-def pack_avatar(avatar: Avatar, dest: Path) -> Path:
-    """The avatar package as an uncompressed tar (frames are JPEG/PNG already)."""
-    with tarfile.open(dest, "w") as tar:
-        tar.add(avatar.root / MANIFEST, arcname=MANIFEST)
-        for name in avatar.frames:
-            tar.add(avatar.root / name, arcname=name)
-    return dest
 
 
 class AssetCache:
@@ -60,16 +36,10 @@ class AssetCache:
     def model(self, ref: AssetRef, storage: Storage) -> Path:
         path = self.root / "models" / f"{ref.sha256}.onnx"
         if not path.is_file():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            handle, temp = tempfile.mkstemp(prefix=".model.", dir=path.parent)
-            os.close(handle)
-            try:
-                storage.get_file(ref.key, Path(temp))
+            with replaced_atomically(path) as temp:
+                storage.get_file(ref.key, temp)
                 if file_sha256(temp) != ref.sha256:
                     raise ServiceError(f"model '{ref.key}' in {storage.url} does not match its hash")
-                os.replace(temp, path)
-            finally:
-                Path(temp).unlink(missing_ok=True)
             self._evict(keep=path)
         _touch(path)
         return path
@@ -77,21 +47,14 @@ class AssetCache:
     def avatar(self, ref: AssetRef, storage: Storage) -> Path:
         path = self.root / "avatars" / ref.sha256
         if not (path / MANIFEST).is_file():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(prefix=".avatar.", dir=path.parent))
-            try:
+            with folder_replaced_atomically(path, replace=False) as staging:
                 storage.get_file(ref.key, staging / "avatar.tar")
                 with tarfile.open(staging / "avatar.tar") as tar:
-                    tar.extractall(staging / "package", filter="data")
-                avatar = load_avatar(staging / "package", verify_frames=True)
+                    tar.extractall(staging, filter="data")
+                (staging / "avatar.tar").unlink()
+                avatar = load_avatar(staging, verify_frames=True)
                 if avatar.content_hash != ref.sha256:
                     raise ServiceError(f"avatar '{ref.key}' in {storage.url} does not match its hash")
-                try:
-                    os.replace(staging / "package", path)
-                except OSError:  # another process put it in place first: same content
-                    pass
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
             self._evict(keep=path)
         _touch(path)
         return path

@@ -1,4 +1,4 @@
-"""Compositing the generated ROI back into the frame (PIPELINE.md section 4).
+"""Compositing the generated ROI back into the frame (docs/contract.md §4).
 
 1. The generated ``[3, R, R]`` in (0, 1) becomes pixels as ``uint8(out * 255)`` (float32, truncation).
 2. It is written into a copy of the frame's bicubic crop at ``[4:R+4, 4:R+4]``; the outer 4-px ring

@@ -79,54 +79,6 @@ class StageTimes:
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
-class _Stopped(Exception):
-    """Raised inside a stage when another stage failed or the chunk was cancelled."""
-
-
-def _put(q: queue.Queue, item, stop: threading.Event) -> None:
-    while not stop.is_set():
-        try:
-            q.put(item, timeout=0.1)
-            return
-        except queue.Full:
-            continue
-    raise _Stopped
-
-
-def _get(q: queue.Queue, stop: threading.Event):
-    while not stop.is_set():
-        try:
-            return q.get(timeout=0.1)
-        except queue.Empty:
-            continue
-    raise _Stopped
-
-
-def _lower_priority() -> None:
-    """Let this thread yield the cores to inference: it then fills inference's idle gaps instead
-    of preempting one of its threads, which would stall every parallel section at its barrier."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), defaults.HELPER_THREAD_NICE)
-    except (AttributeError, OSError):  # not Linux, or not allowed: run at normal priority
-        pass
-
-
-def _spawn(target: Callable[[], None], name: str, errors: list, stop: threading.Event) -> threading.Thread:
-    def run() -> None:
-        _lower_priority()
-        try:
-            target()
-        except _Stopped:
-            pass
-        except BaseException as exc:  # handed to the calling thread, which re-raises it
-            errors.append(exc)
-            stop.set()
-
-    thread = threading.Thread(target=run, name=name, daemon=True)
-    thread.start()
-    return thread
-
-
 def check_chunk(work: ChunkWork) -> None:
     """Guard clauses run before anything is reserved or written."""
     if not 0 <= work.start_frame < work.stop_frame:
@@ -165,48 +117,123 @@ def render_chunk(work: ChunkWork, *, threads: int, templates: TemplateCache,
     times.mel_s = time.perf_counter() - t - times.encoder_s
 
     generator = open_runner(work.generator, **runner_args)
-    _run_stages(work, generator, audio, times, templates, progress, should_stop,
-                batch=options.unet_batch(backend))
+    _StagePipeline(work, generator, audio, times, templates, batch=options.unet_batch(backend)).run(
+        progress, should_stop)
     times.wall_s = time.perf_counter() - started
     return times
 
 
-def _run_stages(work, generator, audio, times, templates, progress, should_stop, *, batch: int) -> None:
-    spec, avatar = work.generator, work.avatar
-    roi, side = spec.roi_px, crop_side(spec.roi_px)
-    n = work.stop_frame - work.start_frame
-    batches = [range(i, min(i + batch, n)) for i in range(0, n, batch)]
-    indices = pingpong_indices(work.start_frame, work.stop_frame, avatar.frame_count)
+class _Stopped(Exception):
+    """Raised inside a stage when another stage failed or the chunk was cancelled."""
 
-    stop, errors = threading.Event(), []
-    depth = defaults.PIPELINE_QUEUE_BATCHES
-    free: queue.Queue = queue.Queue()
-    for _ in range(depth + 2):
-        free.put(np.empty((batch, 6, roi, roi), np.float32))
-    ready: queue.Queue = queue.Queue(maxsize=depth)
-    done: queue.Queue = queue.Queue(maxsize=depth)
-    encoded = [0]
 
-    def prepare() -> None:
-        for frames in batches:
-            buffer = _get(free, stop)
-            t = time.thread_time()
-            prepared = [templates.get(avatar, int(indices[f]), crop_side=side) for f in frames]
-            for j, template in enumerate(prepared):
-                fill_visual_input(template.crop, roi_px=roi, out=buffer[j])
-            times.prepare_s += time.thread_time() - t
-            _put(ready, (frames, buffer, prepared), stop)
-        _put(ready, None, stop)
-
-    def composite() -> None:
-        _composite_and_encode(work, done, stop, times, encoded)
-
-    threads = [_spawn(prepare, "lipfarm-prepare", errors, stop),
-               _spawn(composite, "lipfarm-composite", errors, stop)]
+def _lower_priority() -> None:
+    """Let this thread yield the cores to inference: it then fills inference's idle gaps instead
+    of preempting one of its threads, which would stall every parallel section at its barrier."""
     try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), defaults.HELPER_THREAD_NICE)
+    except (AttributeError, OSError):  # not Linux, or not allowed: run at normal priority
+        pass
+
+
+class _StagePipeline:
+    """The three stages of one chunk and what joins them: bounded queues, a stop flag, the first
+    error of a helper thread, and the stage timings.
+
+    ``free`` holds reusable input buffers, ``ready`` carries prepared batches to inference, ``done``
+    carries generated batches to compositing; ``None`` on a queue means "no more".
+    """
+
+    def __init__(self, work: ChunkWork, generator, audio: np.ndarray, times: StageTimes,
+                 templates: TemplateCache, *, batch: int) -> None:
+        self.work, self.generator, self.audio, self.times, self.templates = work, generator, audio, times, templates
+        spec = work.generator
+        self.roi, self.side = spec.roi_px, crop_side(spec.roi_px)
+        self.n = work.stop_frame - work.start_frame
+        self.batches = [range(i, min(i + batch, self.n)) for i in range(0, self.n, batch)]
+        self.indices = pingpong_indices(work.start_frame, work.stop_frame, work.avatar.frame_count)
+        self.stop = threading.Event()
+        self.errors: list[BaseException] = []
+        depth = defaults.PIPELINE_QUEUE_BATCHES
+        self.free: queue.Queue = queue.Queue()
+        for _ in range(depth + 2):
+            self.free.put(np.empty((batch, 6, self.roi, self.roi), np.float32))
+        self.ready: queue.Queue = queue.Queue(maxsize=depth)
+        self.done: queue.Queue = queue.Queue(maxsize=depth)
+        self.encoded = 0
+
+    # --- queue handling that gives up when another stage stopped ---------------------------------
+
+    def _put(self, q: queue.Queue, item) -> None:
+        while not self.stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+        raise _Stopped
+
+    def _get(self, q: queue.Queue):
+        while not self.stop.is_set():
+            try:
+                return q.get(timeout=0.1)
+            except queue.Empty:
+                continue
+        raise _Stopped
+
+    def _spawn(self, target: Callable[[], None], name: str) -> threading.Thread:
+        def run() -> None:
+            _lower_priority()
+            try:
+                target()
+            except _Stopped:
+                pass
+            except BaseException as exc:  # handed to the calling thread, which re-raises it
+                self.errors.append(exc)
+                self.stop.set()
+
+        thread = threading.Thread(target=run, name=name, daemon=True)
+        thread.start()
+        return thread
+
+    # --- the stages -------------------------------------------------------------------------------
+
+    def run(self, progress: Callable[[int], None] | None, should_stop: Callable[[], bool] | None) -> None:
+        threads = [self._spawn(self._prepare, "lipfarm-prepare"), self._spawn(self._composite, "lipfarm-composite")]
+        try:
+            self._infer(progress, should_stop)
+        except _Stopped:
+            pass
+        except BaseException:
+            self.stop.set()
+            raise
+        finally:
+            for thread in threads:
+                thread.join()
+        if self.errors:
+            raise self.errors[0]
+        if self.encoded != self.n:
+            raise RuntimeError(f"chunk encoded {self.encoded} frames, expected {self.n}")
+        if progress is not None:
+            progress(self.n)
+
+    def _prepare(self) -> None:
+        avatar, times = self.work.avatar, self.times
+        for frames in self.batches:
+            buffer = self._get(self.free)
+            t = time.thread_time()
+            prepared = [self.templates.get(avatar, int(self.indices[f]), crop_side=self.side) for f in frames]
+            for j, template in enumerate(prepared):
+                fill_visual_input(template.crop, roi_px=self.roi, out=buffer[j])
+            times.prepare_s += time.thread_time() - t
+            self._put(self.ready, (frames, buffer, prepared))
+        self._put(self.ready, None)
+
+    def _infer(self, progress: Callable[[int], None] | None, should_stop: Callable[[], bool] | None) -> None:
+        spec, times = self.work.generator, self.times
         while True:
             t = time.perf_counter()
-            item = _get(ready, stop)
+            item = self._get(self.ready)
             times.starved_s += time.perf_counter() - t
             if item is None:
                 break
@@ -214,64 +241,43 @@ def _run_stages(work, generator, audio, times, templates, progress, should_stop,
                 raise CancelledError("render stopped: the job was cancelled or the chunk reassigned")
             frames, buffer, prepared = item
             t = time.perf_counter()
-            (generated,) = generator({spec.visual_input: buffer[:len(frames)],
-                                      spec.audio_input: audio[frames.start:frames.stop]})
+            (generated,) = self.generator({spec.visual_input: buffer[:len(frames)],
+                                           spec.audio_input: self.audio[frames.start:frames.stop]})
             times.unet_s += time.perf_counter() - t
-            free.put(buffer)
+            self.free.put(buffer)
             t = time.perf_counter()
-            _put(done, (prepared, generated), stop)
+            self._put(self.done, (prepared, generated))
             times.blocked_s += time.perf_counter() - t
             if progress is not None:
-                progress(encoded[0])
-        _put(done, None, stop)
-    except _Stopped:
-        pass
-    except BaseException:
-        stop.set()
-        raise
-    finally:
-        for thread in threads:
-            thread.join()
-    if errors:
-        raise errors[0]
-    if encoded[0] != n:
-        raise RuntimeError(f"chunk encoded {encoded[0]} frames, expected {n}")
-    if progress is not None:
-        progress(n)
+                progress(self.encoded)
+        self._put(self.done, None)
 
-
-def _composite_and_encode(work: ChunkWork, done: queue.Queue, stop: threading.Event,
-                          times: StageTimes, encoded: list) -> None:
-    avatar, roi = work.avatar, work.generator.roi_px
-    side = crop_side(roi)
-    scratch = (np.empty((3, roi, roi), np.float32), np.empty((3, roi, roi), np.uint8))
-    crop = np.empty((side, side, 3), np.uint8)
-    regions: dict[tuple, np.ndarray] = {}
-    with SegmentWriter(work.output, width=avatar.width, height=avatar.height,
-                       options=work.options) as writer:
-        planes = writer.planes()
-        while True:
-            item = _get(done, stop)
-            if item is None:
-                break
-            prepared, generated = item
-            for template, out in zip(prepared, generated):
-                t = time.thread_time()
-                generated_to_crop(out, template.crop, out=crop, scratch=scratch)
-                region = regions.get(template.region.shape)
-                if region is None:
-                    region = regions.setdefault(template.region.shape, np.empty_like(template.region))
-                paste_into_region(crop, template.rect, template.region, template.origin, out=region)
-                for view, plane in zip(planes, i420_planes(template.i420, avatar.width, avatar.height)):
-                    view[:] = plane
-                write_region(planes, region, template.origin)
-                t2 = time.thread_time()
-                writer.submit()
-                times.composite_s += t2 - t
-                times.encode_s += time.thread_time() - t2
-                encoded[0] += 1
-        if stop.is_set():
-            raise _Stopped
-        t = time.thread_time()
-        writer.close()
-        times.encode_s += time.thread_time() - t
+    def _composite(self) -> None:
+        work, times = self.work, self.times
+        avatar = work.avatar
+        scratch = (np.empty((3, self.roi, self.roi), np.float32), np.empty((3, self.roi, self.roi), np.uint8))
+        crop = np.empty((self.side, self.side, 3), np.uint8)
+        regions: dict[tuple, np.ndarray] = {}
+        with SegmentWriter(work.output, width=avatar.width, height=avatar.height, options=work.options) as writer:
+            planes = writer.planes()
+            while (item := self._get(self.done)) is not None:
+                for template, out in zip(*item):
+                    t = time.thread_time()
+                    generated_to_crop(out, template.crop, out=crop, scratch=scratch)
+                    region = regions.get(template.region.shape)
+                    if region is None:
+                        region = regions.setdefault(template.region.shape, np.empty_like(template.region))
+                    paste_into_region(crop, template.rect, template.region, template.origin, out=region)
+                    for view, plane in zip(planes, i420_planes(template.i420, avatar.width, avatar.height)):
+                        view[:] = plane
+                    write_region(planes, region, template.origin)
+                    t2 = time.thread_time()
+                    writer.submit()
+                    times.composite_s += t2 - t
+                    times.encode_s += time.thread_time() - t2
+                    self.encoded += 1
+            if self.stop.is_set():
+                raise _Stopped
+            t = time.thread_time()
+            writer.close()
+            times.encode_s += time.thread_time() - t

@@ -1,4 +1,4 @@
-"""The UNet's visual input, built from a template frame (PIPELINE.md section 3).
+"""The UNet's visual input, built from a template frame (docs/contract.md §3).
 
 Crop the rect, resize it to ``R + 8`` square with bicubic interpolation, take the inner ``R x R``:
 that is the ROI (channels 0-2, BGR / 255). The masked copy (channels 3-5) has OpenCV's rectangle

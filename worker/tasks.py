@@ -1,4 +1,4 @@
-"""The Celery render task: a thin shell over ``worker.farm.run_attempt``.
+"""The Celery render task: a thin shell over ``worker.attempt.run_attempt``.
 
 Flower shows each task with its job id, chunk and frame range, and its progress (frames done of
 the chunk's frames) while it runs.
@@ -10,8 +10,9 @@ import functools
 
 from common import services
 from common.celery_app import TASK_RENDER, app, enqueue_finalize, enqueue_render
+from common.identity import worker_id
 from worker.assets import AssetCache
-from worker.farm import FarmContext, run_attempt, worker_id
+from worker.attempt import FarmContext, run_attempt
 from worker.templates import TemplateCache
 
 

@@ -9,6 +9,7 @@ a bounded LRU cache per worker process: memory does not grow with the job's leng
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -43,31 +44,31 @@ def prepare_template(frame: np.ndarray, rect: tuple[int, int, int, int], *, crop
 
 
 class TemplateCache:
-    """A bounded, thread-safe LRU of prepared templates, keyed by avatar hash, crop side and index."""
+    """A bounded, thread-safe LRU of prepared templates, keyed by avatar (folder and hash), crop side and
+    index: a template is read from the files of the avatar asked for, never from a copy elsewhere."""
 
     def __init__(self, capacity_frames: int) -> None:
         self.capacity = capacity_frames
         self._items: OrderedDict[tuple, PreparedTemplate] = OrderedDict()
         self._lock = threading.Lock()
-        self.hits = 0
-        self.misses = 0
 
     def get(self, avatar: Avatar, index: int, *, crop_side: int) -> PreparedTemplate:
-        key = (avatar.content_hash, crop_side, index)
+        key = (str(avatar.root), avatar.content_hash, crop_side, index)
         with self._lock:
             item = self._items.get(key)
             if item is not None:
                 self._items.move_to_end(key)
-                self.hits += 1
                 return item
         item = prepare_template(avatar.read_frame(index), avatar.rects[index], crop_side=crop_side)
         with self._lock:
-            self.misses += 1
             self._items[key] = item
             while len(self._items) > self.capacity:
                 self._items.popitem(last=False)
         return item
 
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
+
+@functools.cache
+def process_templates(capacity_frames: int) -> TemplateCache:
+    """This process's template cache, kept for its life like its model sessions: a farm worker
+    reuses templates across chunks, and so does a program that renders several times."""
+    return TemplateCache(capacity_frames)

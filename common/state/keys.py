@@ -1,4 +1,7 @@
-"""Every Redis key lipfarm writes, under one configurable prefix (rq's ``key_for``, in one place)."""
+"""Every Redis key lipfarm writes, under one configurable prefix (rq's ``key_for``, in one place).
+
+Only ``common.state`` uses them: the Lua scripts receive them as ``KEYS``.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +20,10 @@ class Keys:
         """Hash: one chunk's record (state, attempt, token, worker, reason, progress)."""
         return f"{self.prefix}:chunk:{job_id}:{index}"
 
+    def attempts(self, job_id: str, index: int) -> str:
+        """List: one chunk's attempt log, JSON events (started, committed, requeued, ...)."""
+        return f"{self.prefix}:attempts:{job_id}:{index}"
+
     def jobs(self) -> str:
         """Sorted set: every job id, scored by creation time."""
         return f"{self.prefix}:jobs"
@@ -32,10 +39,6 @@ class Keys:
     def finalize_lease(self, job_id: str) -> str:
         """String with a TTL: held by the finalizer working on the job."""
         return f"{self.prefix}:finalize:{job_id}"
-
-    @staticmethod
-    def lease_member(job_id: str, index: int) -> str:
-        return f"{job_id}:{index}"
 
     @staticmethod
     def parse_lease_member(member: str) -> tuple[str, int]:

@@ -28,10 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
+from common import defaults
 from common.audio import ArrayPcm, load_16k
 from common.avatar import Avatar, AvatarStore, pingpong_indices
 from common.config import Settings
-from common.demo.assets import DemoAssets, ensure_demo_assets
+from demo.assets import DemoAssets, ensure_demo_assets
 from common.features import audio_inputs, frame_count
 from common.models import inspect_encoder, inspect_generator
 from common.options import RenderOptions
@@ -39,7 +40,7 @@ from common.runtime import cpu_has_native_bf16, open_runner, resolve_backend, ru
 from common.sysinfo import cpu_model, usable_cores
 from scheduler.local import render_local
 from worker.roi import crop_side, fill_visual_input
-from worker.templates import TemplateCache
+from worker.templates import TemplateCache, process_templates
 
 
 @dataclass
@@ -119,10 +120,11 @@ def psnr_db(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))
 
 
-def _end_to_end(avatar, demo, config: BenchConfig, settings: Settings, templates, out_dir: Path):
+def _end_to_end(avatar, demo, config: BenchConfig, settings: Settings, out_dir: Path):
+    """The real local renderer; it keeps this process's template cache warm, as a worker does."""
     return render_local(avatar=avatar, audio=demo.audio, out=out_dir / f"{config.precision}.mp4",
                         encoder=demo.encoder, generator=demo.generator, options=config.options,
-                        settings=settings, show_progress=False, templates=templates)
+                        settings=settings, show_progress=False)
 
 
 def bench_config(config: BenchConfig, *, avatar, demo, pcm, settings, repeat: int,
@@ -130,15 +132,15 @@ def bench_config(config: BenchConfig, *, avatar, demo, pcm, settings, repeat: in
     """All figures of one backend/precision."""
     out_dir = out_dir / f"{config.backend}-{config.precision}"
     out_dir.mkdir(exist_ok=True)
-    templates = TemplateCache(settings.template_cache_frames)
+    templates = process_templates(settings.template_cache_frames)  # shared with render_local
     t = time.perf_counter()
     first = measure_inference(avatar, demo, pcm, config, templates, keep_outputs=True)
     cold_s = time.perf_counter() - t - (first.encoder_s + first.unet_s)
-    _end_to_end(avatar, demo, config, settings, templates, out_dir)  # warms the render path
+    _end_to_end(avatar, demo, config, settings, out_dir)  # warms the render path
     rounds = []
     for _ in range(repeat):  # each round: inference alone, then end to end, back to back
         run = measure_inference(avatar, demo, pcm, config, templates, keep_outputs=False)
-        result = _end_to_end(avatar, demo, config, settings, templates, out_dir)
+        result = _end_to_end(avatar, demo, config, settings, out_dir)
         rounds.append((run, result, result.fps / run.fps))
     rounds.sort(key=lambda r: r[2])
     best_inf, best_e2e, efficiency = rounds[len(rounds) // 2]  # the median round, by its ratio
@@ -182,15 +184,15 @@ def run_bench(settings: Settings, *, configs: list[BenchConfig], repeat: int = 2
     avatar = AvatarStore(settings.avatars_dir).get(demo.avatar_name)
     samples = load_16k(demo.audio)
     if seconds is not None:
-        from common.demo.speech import write_wav
+        from demo.speech import write_wav
 
         clip = settings.work_dir / "bench-clip.wav"
         clip.parent.mkdir(parents=True, exist_ok=True)
-        samples = samples[:int(seconds * 16000)]
+        samples = samples[:int(seconds * defaults.SAMPLE_RATE_HZ)]
         write_wav(clip, samples)
         demo = dataclasses.replace(demo, audio=clip)
     pcm = ArrayPcm(load_16k(demo.audio))
-    report = {"machine": machine_info(), "demo": {"audio_s": pcm.n_samples / 16000,
+    report = {"machine": machine_info(), "demo": {"audio_s": pcm.n_samples / defaults.SAMPLE_RATE_HZ,
                                                   "frames": frame_count(pcm.n_samples),
                                                   "size": f"{avatar.width}x{avatar.height}"},
               "runs": []}

@@ -3,7 +3,7 @@
 The demo models are written node by node from NumPy arrays with the ``onnx`` package, so that no
 deep-learning framework is needed at run time. The writer tracks every tensor's shape as it goes,
 which lets it count parameters and multiply-adds exactly the way the model-cost figures in
-PIPELINE.md are counted (convolutions only; activations, resizes and additions are free).
+docs/contract.md §3 are counted (convolutions only; activations, resizes and additions are free).
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from scheduler.bench import BenchConfig, draw_chart, run_bench
-from scheduler.bench_memory import measure_job
+from benchmarks.local import BenchConfig, draw_chart, run_bench
+from benchmarks.memory import measure_job
 
 pytestmark = pytest.mark.slow
 

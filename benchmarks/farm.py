@@ -20,11 +20,7 @@ from submission to published output:
 
 from __future__ import annotations
 
-import json
 import os
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,55 +32,16 @@ import redis
 from common.audio import load_16k
 from common import defaults
 from common.config import Settings, load_settings
-from common.demo.assets import ensure_demo_assets
-from common.demo.speech import write_wav
 from common.errors import ServiceError
 from common.options import RenderOptions
-from common.storage import LocalStorage, commit_key
+from common.jobfiles import JobFiles
+from common.storage import LocalStorage
+from demo.assets import ensure_demo_assets
+from demo.speech import write_wav
+from scheduler.cluster import LipfarmProcess
 from scheduler.submit import submit_job
 
 BENCH_PREFIX = "lipfarm-bench"
-
-
-class WorkerProcess:
-    """A ``lipfarm worker`` subprocess in its own process group, with its log in a file."""
-
-    def __init__(self, env: dict[str, str], log: Path, *args: str) -> None:
-        self.env, self.log, self.args = env, log, args
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> "WorkerProcess":
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        lipfarm = str(Path(sys.executable).parent / "lipfarm")
-        with open(self.log, "wb") as handle:
-            self.process = subprocess.Popen([lipfarm, "worker", *self.args], env={**os.environ, **self.env},
-                                            stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
-        return self
-
-    def wait_ready(self, timeout_s: float = 120) -> "WorkerProcess":
-        deadline = time.monotonic() + timeout_s
-        while b" ready." not in (self.log.read_bytes() if self.log.exists() else b""):
-            if self.process.poll() is not None:
-                raise RuntimeError(f"worker exited: {self.log.read_text(errors='replace')[-2000:]}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"worker not ready after {timeout_s} s (log: {self.log})")
-            time.sleep(0.2)
-        return self
-
-    def children(self) -> list[int]:
-        """Process ids of the render (pool) processes."""
-        found = subprocess.run(["pgrep", "-P", str(self.process.pid)], capture_output=True, text=True)
-        return [int(pid) for pid in found.stdout.split()]
-
-    def stop(self, timeout_s: float = 30) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
 
 
 def _bench_redis_url(broker_url: str, db: int) -> str:
@@ -110,7 +67,7 @@ def _claim_database(url: str) -> redis.Redis:
 def repeated_speech(source: Path, path: Path, seconds: float) -> Path:
     """``seconds`` of the demo speech, repeated, as a 16 kHz WAV file."""
     speech = load_16k(source)
-    samples = np.tile(speech, int(np.ceil(seconds * 16000 / speech.size)))[:int(seconds * 16000)]
+    samples = np.tile(speech, int(np.ceil(seconds * defaults.SAMPLE_RATE_HZ / speech.size)))[:int(seconds * defaults.SAMPLE_RATE_HZ)]
     write_wav(path, samples)
     return path
 
@@ -124,14 +81,15 @@ def _run_job(settings: Settings, demo, audio: Path, chunk_frames: int) -> tuple[
 
 
 def _chunk_timings(storage: LocalStorage, job_id: str, chunks: int) -> list[dict]:
-    return [json.loads(storage.get_bytes(commit_key(job_id, i)))["timing"] for i in range(chunks)]
+    files = JobFiles(storage, job_id)
+    return [files.commit_marker(i).timing for i in range(chunks)]
 
 
 def _timed_run(count: int, env: dict, temp: Path, bench_settings: Settings, demo, timed_audio: Path,
                chunk_frames: int, storage: LocalStorage) -> dict:
     """Start ``count`` render processes, warm them up, time one job; returns its figures."""
-    worker = WorkerProcess({**env, "LIPFARM_WORKER_CONCURRENCY": str(count)}, temp / f"worker{count}.log",
-                           "--concurrency", str(count), "--hostname", f"bench{count}@%h").start().wait_ready()
+    worker = LipfarmProcess.worker({**env, "LIPFARM_WORKER_CONCURRENCY": str(count)}, temp / f"worker{count}.log",
+                                   "--concurrency", str(count), "--hostname", f"bench{count}@%h").start().wait_ready()
     try:
         warm_audio = repeated_speech(demo.audio, temp / f"warm{count}.wav", count * chunk_frames / 25)
         _, warm = _run_job(bench_settings, demo, warm_audio, chunk_frames)

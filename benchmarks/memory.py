@@ -22,12 +22,12 @@ from pathlib import Path
 
 from common.avatar import AvatarStore
 from common.config import Settings
-from common.demo.assets import ensure_demo_assets
 from common.options import RenderOptions
 from common.plan import Plan
 from common.storage import LocalStorage
 from common.sysinfo import peak_rss_bytes
-from scheduler.bench_farm import repeated_speech
+from benchmarks.farm import repeated_speech
+from demo.assets import ensure_demo_assets
 
 
 def _peak_mb() -> float:
@@ -46,18 +46,11 @@ def _plan_role(settings: Settings, audio: str, root: str, job_id: str) -> tuple[
 
 
 def _render_role(plan_json: str, root: str, indices: list[int], threads: int, template_frames: int) -> float:
-    from worker.assets import resolve_chunk
-    from worker.render import render_chunk
-    from worker.templates import TemplateCache
+    from scheduler.local import render_chunk_local
 
     plan, storage = Plan.from_json(plan_json), LocalStorage(root)
-    templates = TemplateCache(template_frames)
     for index in indices:
-        chunk = plan.chunks[index]
-        output = storage.local_path(chunk.segment_key)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        render_chunk(resolve_chunk(plan, chunk, storage=storage, cache=None, output=output),
-                     threads=threads, templates=templates)
+        render_chunk_local(plan, index, storage, threads=threads, template_frames=template_frames)
     return _peak_mb()
 
 

@@ -9,8 +9,7 @@ import redis
 
 from common.config import load_settings
 from common.errors import NotFoundError
-from common.jobstate import ChunkState, JobState, StateStore
-from common.keys import Keys
+from common.state import ChunkState, JobRecord, JobState, Keys, StateStore, Verdict
 from common.storage import LocalStorage
 from scheduler.reconcile import Enqueue, reconcile
 from tests.farm import TEST_REDIS_DB
@@ -38,10 +37,11 @@ def store():
 
 
 def make_job(store: StateStore, job_id="j1", chunks=3, frames=25) -> str:
-    store.create_job(job_id, {"priority": "normal", "avatar": "demo", "audio": "a.wav"}, now=T0)
-    assert store.move_job(job_id, JobState.PLANNING, now=T0)
-    store.add_chunks(job_id, [(i * frames, (i + 1) * frames) for i in range(chunks)], now=T0)
-    assert store.move_job(job_id, JobState.RENDERING, now=T0)
+    store.create_job(JobRecord(job_id=job_id, state=JobState.QUEUED, priority="normal", avatar="demo",
+                               audio="a.wav", storage_url="file:///nowhere", created_at=T0, updated_at=T0))
+    assert store.start_planning(job_id, now=T0)
+    assert store.start_rendering(job_id, [(i * frames, (i + 1) * frames) for i in range(chunks)],
+                                 output_key=f"jobs/{job_id}/output.mp4", now=T0)
     return job_id
 
 
@@ -56,22 +56,22 @@ def test_commits_complete_the_job_and_ask_for_the_finalizer_once(store):
         c = claim(store, job, index)
         assert c.ok and c.attempt == 1
         verdicts.append(store.commit(job, index, c.token, frames=25, now=T0 + 1))
-    assert verdicts == ["ok", "ok", "complete"]
+    assert verdicts == [Verdict.OK, Verdict.OK, Verdict.COMPLETE]
     record = store.job(job)
-    assert record["chunks_committed"] == "3" and record["frames_committed"] == "75"
-    assert store.commit(job, 2, "whatever", frames=25, now=T0 + 2) == "duplicate"
+    assert record.chunks_committed == 3 and record.frames_committed == 75
+    assert store.commit(job, 2, "whatever", frames=25, now=T0 + 2) == Verdict.DUPLICATE
 
 
 def test_only_the_current_attempt_may_commit(store):
     job = make_job(store, chunks=1)
     first = claim(store, job, 0)
-    assert claim(store, job, 0, now=T0 + 1).status == "skip"  # the lease is live
+    assert claim(store, job, 0, now=T0 + 1).verdict == Verdict.SKIP  # the lease is live
     second = claim(store, job, 0, now=T0 + LEASE + 1)  # the first attempt's lease expired: taken over
     assert second.ok and second.attempt == 2 and second.token != first.token
-    assert store.commit(job, 0, first.token, frames=25, now=T0 + 40) == "stale"
-    assert store.beat(job, 0, first.token, now=T0 + 40, lease_s=LEASE, frames_done=5) == "lost"
-    assert store.commit(job, 0, second.token, frames=25, now=T0 + 41) == "complete"
-    assert store.commit(job, 0, second.token, frames=25, now=T0 + 42) == "duplicate"
+    assert store.commit(job, 0, first.token, frames=25, now=T0 + 40) == Verdict.STALE
+    assert store.beat(job, 0, first.token, now=T0 + 40, lease_s=LEASE, frames_done=5) == Verdict.LOST
+    assert store.commit(job, 0, second.token, frames=25, now=T0 + 41) == Verdict.COMPLETE
+    assert store.commit(job, 0, second.token, frames=25, now=T0 + 42) == Verdict.DUPLICATE
 
 
 def test_concurrent_completing_commits_ask_for_one_finalizer(store):
@@ -89,13 +89,13 @@ def test_concurrent_completing_commits_ask_for_one_finalizer(store):
             t.start()
         for t in threads:
             t.join()
-        assert sorted(results) == ["complete", "ok", "ok", "ok"]
+        assert sorted(results) == [Verdict.COMPLETE, Verdict.OK, Verdict.OK, Verdict.OK]
 
 
 def test_heartbeat_extends_the_lease_and_reports_progress(store):
     job = make_job(store, chunks=1)
     c = claim(store, job, 0)
-    assert store.beat(job, 0, c.token, now=T0 + 20, lease_s=LEASE, frames_done=12, peak_rss=10**8) == "ok"
+    assert store.beat(job, 0, c.token, now=T0 + 20, lease_s=LEASE, frames_done=12, peak_rss=10**8) == Verdict.OK
     assert store.expired_leases(T0 + LEASE + 1) == []  # renewed to T0 + 50
     assert store.expired_leases(T0 + 51) == [(job, 0)]
     status = store.status(job, now=T0 + 21)
@@ -113,54 +113,76 @@ def test_a_chunk_out_of_attempts_fails_its_job_with_the_reason(store):
         verdict = store.requeue(job, 0, now=now, reason="lease expired", max_attempts=3)
         assert verdict == ("requeued" if attempt < 3 else "failed")
     record = store.job(job)
-    assert record["state"] == JobState.FAILED
-    assert record["reason"].startswith("chunk 0 failed: attempt 3: lease expired")
-    assert store.chunks(job, 2)[0]["state"] == ChunkState.FAILED
-    assert claim(store, job, 1, now=now).status == "skip"
+    assert record.state == JobState.FAILED
+    assert record.reason.startswith("chunk 0 failed: attempt 3: lease expired")
+    assert store.chunk(job, 0).state == ChunkState.FAILED
+    assert claim(store, job, 1, now=now).verdict == Verdict.SKIP
 
 
 def test_worker_reported_failures(store):
     job = make_job(store, chunks=2)
     c = claim(store, job, 0)
-    assert store.fail(job, 0, c.token, reason="storage down", retryable=True, now=T0 + 1, max_attempts=3) == "requeued"
-    assert store.chunks(job, 1)[0]["reason"] == "attempt 1: storage down"
+    assert store.fail(job, 0, c.token, reason="storage down", retryable=True, now=T0 + 1, max_attempts=3) == Verdict.REQUEUED
+    assert store.chunk(job, 0).reason == "attempt 1: storage down"
     c = claim(store, job, 0, now=T0 + 2)
     assert store.fail(job, 0, c.token, reason="model.onnx: not an ONNX model", retryable=False,
-                      now=T0 + 3, max_attempts=3) == "failed"
-    assert store.job(job)["reason"] == "chunk 0 failed: model.onnx: not an ONNX model"
+                      now=T0 + 3, max_attempts=3) == Verdict.FAILED
+    assert store.job(job).reason == "chunk 0 failed: model.onnx: not an ONNX model"
 
 
 def test_release_does_not_spend_the_attempt(store):
     job = make_job(store, chunks=1)
     c = claim(store, job, 0)
-    assert store.release(job, 0, c.token, reason="worker shut down", now=T0 + 1) == "released"
-    assert store.chunks(job, 1)[0]["attempt"] == "0"
-    assert claim(store, job, 0, now=T0 + 2).attempt == 1
+    assert store.release(job, 0, c.token, reason="worker shut down", now=T0 + 1) == Verdict.RELEASED
+    assert store.chunk(job, 0).spent == 0
+    again = claim(store, job, 0, now=T0 + 2, worker="w2")
+    assert again.attempt == 2 and store.chunk(job, 0).spent == 1
+    assert store.commit(job, 0, again.token, frames=25, now=T0 + 3) == Verdict.COMPLETE
+    log = store.attempts(job, 0)
+    assert [(a.attempt, a.worker, a.started_at, a.ended_at, a.outcome) for a in log] == [
+        (1, "w1", T0, T0 + 1, "released"), (2, "w2", T0 + 2, T0 + 3, "committed")]
+    assert log[0].reason == "worker shut down"
+
+
+def test_the_attempt_log_records_takeovers_and_failures(store):
+    job = make_job(store, chunks=1)
+    first = claim(store, job, 0, worker="w1")
+    second = claim(store, job, 0, now=T0 + LEASE + 1, worker="w2")  # w1's lease ran out: taken over
+    assert store.fail(job, 0, second.token, reason="storage down", retryable=True, now=T0 + 40,
+                      max_attempts=3) == Verdict.REQUEUED
+    third = claim(store, job, 0, now=T0 + 41, worker="w1")
+    assert store.fail(job, 0, third.token, reason="bad model", retryable=False, now=T0 + 42,
+                      max_attempts=3) == Verdict.FAILED
+    assert first.attempt == 1 and third.attempt == 3
+    assert [(a.attempt, a.worker, a.outcome, a.reason) for a in store.attempts(job, 0)] == [
+        (1, "w1", "expired", "lease expired: taken over"), (2, "w2", "requeued", "storage down"),
+        (3, "w1", "failed", "bad model")]
 
 
 def test_cancel_drops_queued_chunks_and_refuses_commits(store):
     job = make_job(store, chunks=3)
     running = claim(store, job, 0)
     assert store.cancel(job, now=T0 + 1)
-    assert store.job(job)["state"] == JobState.CANCELLED
-    assert [c["state"] for c in store.chunks(job, 3)] == ["running", "cancelled", "cancelled"]
+    assert store.job(job).state == JobState.CANCELLED
+    assert [c.state for c in store.chunks(job)] == [ChunkState.RUNNING, ChunkState.CANCELLED, ChunkState.CANCELLED]
     assert not store.is_current(job, 0, running.token)
-    assert store.beat(job, 0, running.token, now=T0 + 2, lease_s=LEASE, frames_done=1) == "stopped"
-    assert store.commit(job, 0, running.token, frames=25, now=T0 + 3) == "refused"
-    assert claim(store, job, 1, now=T0 + 3).status == "skip"
+    assert store.beat(job, 0, running.token, now=T0 + 2, lease_s=LEASE, frames_done=1) == Verdict.STOPPED
+    assert store.commit(job, 0, running.token, frames=25, now=T0 + 3) == Verdict.REFUSED
+    assert claim(store, job, 1, now=T0 + 3).verdict == Verdict.SKIP
     assert not store.cancel(job, now=T0 + 4)  # already ended
 
 
 def test_job_moves_follow_the_table(store):
     job = make_job(store, chunks=1)
-    assert not store.move_job(job, JobState.QUEUED, now=T0)
-    assert store.move_job(job, JobState.FINALIZING, now=T0)
-    assert store.move_job(job, JobState.DONE, now=T0 + 1, output_location="s3://x")
-    assert not store.move_job(job, JobState.RENDERING, now=T0 + 2)
-    assert store.job(job)["finished_at"] == repr(T0 + 1)
+    assert not store.start_planning(job, now=T0)  # rendering -> planning is not a move
+    assert store.start_finalizing(job, now=T0)
+    assert store.finish(job, JobState.DONE, now=T0 + 1, output_location="s3://x")
+    assert not store.start_rendering(job, [(0, 25)], output_key="x", now=T0 + 2)
+    assert not store.finish(job, JobState.FAILED, now=T0 + 2, reason="too late")
+    assert store.job(job).finished_at == T0 + 1 and store.job(job).output_location == "s3://x"
     assert job not in store.active_job_ids()
     with pytest.raises(NotFoundError, match="unknown job 'nope'"):
-        store.move_job("nope", JobState.DONE, now=T0)
+        store.finish("nope", JobState.DONE, now=T0)
 
 
 class Recorder(Enqueue):
@@ -177,16 +199,16 @@ def test_reconcile_requeues_lost_attempts_and_lost_finalizers(store, tmp_path):
     job = make_job(store, chunks=2)
     lost = claim(store, job, 0)
     done = claim(store, job, 1)
-    assert store.commit(job, 1, done.token, frames=25, now=T0 + 1) == "ok"
+    assert store.commit(job, 1, done.token, frames=25, now=T0 + 1) == Verdict.OK
     enqueue = Recorder()
     report = reconcile(store=store, storage=storage, settings=settings, now=T0 + 5, enqueue=enqueue)
     assert enqueue.calls == [] and report.requeued == []  # nothing is late yet
     report = reconcile(store=store, storage=storage, settings=settings, now=T0 + LEASE + 1, enqueue=enqueue)
     assert report.requeued == [f"{job}:0"] and enqueue.calls == [("render", job, 0, "normal", "0-24")]
-    assert store.chunks(job, 1)[0]["reason"] == "attempt 1: lease expired: worker lost or stalled"
+    assert store.chunk(job, 0).reason == "attempt 1: lease expired: worker lost or stalled"
     again = claim(store, job, 0, now=T0 + 40)
-    assert store.commit(job, 0, lost.token, frames=25, now=T0 + 41) == "stale"
-    assert store.commit(job, 0, again.token, frames=25, now=T0 + 42) == "complete"
+    assert store.commit(job, 0, lost.token, frames=25, now=T0 + 41) == Verdict.STALE
+    assert store.commit(job, 0, again.token, frames=25, now=T0 + 42) == Verdict.COMPLETE
     enqueue.calls.clear()  # the committer should have enqueued the finalizer; say its message was lost
     reconcile(store=store, storage=storage, settings=settings, now=T0 + 43, enqueue=enqueue)
     assert enqueue.calls == []  # within the grace period: the finalizer may be on its way

@@ -16,9 +16,9 @@ import onnx
 from common.avatar import AvatarStore
 from common.avatar_import import import_avatar
 from common.config import Settings
-from common.demo import avatar as demo_avatar
-from common.demo import speech
-from common.demo.models import build_encoder, build_generator
+from demo import avatar as demo_avatar
+from demo import speech
+from demo.models import build_encoder, build_generator
 
 DEMO_VERSION = 2
 AVATAR_NAME = "demo"

@@ -9,12 +9,12 @@ user can fix is turned into a ``ServiceError`` naming the bucket and the endpoin
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
 from common.errors import NotFoundError, ServiceError
-from common.storage import Storage
+from common.fileio import replaced_atomically
+from common.storage.base import Storage
 
 _MULTIPART_THRESHOLD = 16 * 1024 * 1024
 _PRESIGN_EXPIRES_S = 7 * 24 * 3600
@@ -86,15 +86,9 @@ class S3Storage(Storage):
                    Config=self.transfer)
 
     def get_file(self, key: str, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        os.close(handle)
-        try:
-            self._call(key, self.client.download_file, self.bucket, self._key(key), temp,
+        with replaced_atomically(path) as temp:
+            self._call(key, self.client.download_file, self.bucket, self._key(key), str(temp),
                        Config=self.transfer)
-            os.replace(temp, path)
-        finally:
-            Path(temp).unlink(missing_ok=True)
 
     def put_bytes(self, key: str, data: bytes) -> None:
         self._call(key, self.client.put_object, Bucket=self.bucket, Key=self._key(key), Body=data)

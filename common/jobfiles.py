@@ -1,0 +1,116 @@
+"""A job's files in object storage, read and written as typed documents: ``JobFiles``.
+
+Redis holds the live state of a job; storage holds its durable record, from which Redis can be
+rebuilt: the submission (``job.json``), the plan (``plan.json``), one commit marker per committed
+chunk, the output, and for a job that ended without output a note of how it ended
+(``ended.json``). Keys come from ``common.storage.layout``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from common.errors import InputError, LipfarmError, NotFoundError
+from common.plan import Plan, Submission
+from common.storage import Storage
+from common.storage import layout
+
+
+@dataclass(frozen=True)
+class CommitMarker:
+    """A committed chunk, as its attempt recorded it beside the segment."""
+
+    job_id: str
+    chunk: int
+    frames: int
+    attempt: int
+    worker: str
+    segment_key: str
+    committed_at: float
+    timing: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EndedRecord:
+    """How a job that published nothing ended (failed or cancelled), and why."""
+
+    state: str
+    reason: str
+    at: float
+
+
+class JobFiles:
+    """The files of job ``job_id`` in ``storage``."""
+
+    def __init__(self, storage: Storage, job_id: str) -> None:
+        self.storage = storage
+        self.job_id = layout.checked_part(job_id, "job id")
+
+    def _source(self, key: str) -> str:
+        return f"{self.storage.url}/{key}"
+
+    # --- the submission and the plan ----------------------------------------------------------------
+
+    def put_submission(self, submission: Submission) -> None:
+        self.storage.put_bytes(layout.submission_key(self.job_id), submission.to_json().encode())
+
+    def submission(self) -> Submission:
+        key = layout.submission_key(self.job_id)
+        return Submission.from_json(self.storage.get_bytes(key).decode(), source=self._source(key))
+
+    def put_input(self, path: Path, name: str) -> str:
+        """Upload the job's audio as given; returns its key."""
+        key = layout.input_key(self.job_id, name)
+        self.storage.put_file(key, path)
+        return key
+
+    def put_plan(self, plan: Plan) -> None:
+        self.storage.put_bytes(layout.plan_key(self.job_id), plan.to_json().encode())
+
+    def plan(self) -> Plan:
+        """The plan, or ``NotFoundError`` when the job has not been planned."""
+        key = layout.plan_key(self.job_id)
+        return Plan.from_json(self.storage.get_bytes(key).decode(), source=self._source(key))
+
+    def has_plan(self) -> bool:
+        return self.storage.exists(layout.plan_key(self.job_id))
+
+    # --- chunks and output --------------------------------------------------------------------------
+
+    def put_commit_marker(self, marker: CommitMarker) -> None:
+        self.storage.put_bytes(layout.commit_key(self.job_id, marker.chunk), json.dumps(asdict(marker)).encode())
+
+    def commit_marker(self, index: int) -> CommitMarker | None:
+        key = layout.commit_key(self.job_id, index)
+        try:
+            data = json.loads(self.storage.get_bytes(key))
+            return CommitMarker(**data)
+        except NotFoundError:
+            return None
+        except (ValueError, TypeError) as exc:
+            raise InputError(f"malformed commit marker ({exc})", path=self._source(key)) from None
+
+    def committed(self, plan: Plan) -> dict[int, CommitMarker]:
+        """The chunks of ``plan`` whose commit markers are in storage."""
+        markers = {c.index: self.commit_marker(c.index) for c in plan.chunks
+                   if self.storage.exists(layout.commit_key(self.job_id, c.index))}
+        return {index: marker for index, marker in markers.items() if marker is not None}
+
+    def has_output(self, plan: Plan) -> bool:
+        return self.storage.exists(plan.output_key)
+
+    # --- how it ended ---------------------------------------------------------------------------------
+
+    def put_ended(self, state: str, reason: str) -> None:
+        """A durable note that the job ended without output, so a rebuild from storage leaves it alone."""
+        try:
+            self.storage.put_bytes(layout.ended_key(self.job_id),
+                                   json.dumps(asdict(EndedRecord(state, reason, time.time()))).encode())
+        except LipfarmError:  # best effort: Redis already has the state
+            pass
+
+    def ended(self) -> bool:
+        return self.storage.exists(layout.ended_key(self.job_id))

@@ -1,0 +1,15 @@
+"""lipfarm's job and chunk state in Redis, behind one door: ``StateStore``.
+
+- ``keys``: every Redis key, under one configurable prefix;
+- ``records``: the typed records, the state enums, the allowed moves, the store's verdicts;
+- ``scripts``: the Lua scripts that make each move one atomic step;
+- ``store``: ``StateStore``, whose verbs are the only way to read or change that state.
+"""
+
+from common.state.keys import Keys
+from common.state.records import (CHUNK_MOVES, JOB_MOVES, ChunkRecord, ChunkState, JobRecord, JobState,
+                                  JobStatus, Verdict)
+from common.state.store import Claim, Stall, StalledJob, StateStore
+
+__all__ = ["CHUNK_MOVES", "JOB_MOVES", "ChunkRecord", "ChunkState", "Claim", "JobRecord", "JobState",
+           "JobStatus", "Keys", "Stall", "StalledJob", "StateStore", "Verdict"]

@@ -1,0 +1,113 @@
+"""``lipfarm submit|status|jobs|cancel``: jobs on the farm."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime
+from pathlib import Path
+
+from common import defaults
+from common.config import Settings
+from common.storage import open_storage
+from scheduler.cli.options import add_model_flags, add_option_flags, models_from_args, options_from_args
+
+
+def add_commands(commands) -> None:
+    submit = commands.add_parser("submit", help="queue a render job on the farm")
+    submit.add_argument("--avatar", required=True, help="name of an imported avatar")
+    submit.add_argument("--audio", required=True, help="audio file (wav, flac, mp3, ogg, m4a, mp4, mov)")
+    add_model_flags(submit)
+    submit.add_argument("--priority", default=defaults.PRIORITY, choices=defaults.PRIORITIES)
+    submit.add_argument("--wait", action="store_true", help="follow the job until it ends")
+    submit.add_argument("--quiet", action="store_true", help="no progress bar with --wait")
+    add_option_flags(submit)
+    submit.set_defaults(func=cmd_submit)
+
+    status = commands.add_parser("status", help="state, progress and output of a job")
+    status.add_argument("job")
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
+    status.set_defaults(func=cmd_status)
+
+    jobs = commands.add_parser("jobs", help="recent jobs")
+    jobs.add_argument("--limit", type=int, default=20)
+    jobs.set_defaults(func=cmd_jobs)
+
+    cancel = commands.add_parser("cancel", help="cancel a job: nothing is published")
+    cancel.add_argument("job")
+    cancel.set_defaults(func=cmd_cancel)
+
+
+def cmd_submit(args, settings: Settings) -> int:
+    from scheduler.submit import submit_job
+
+    options = options_from_args(args, settings)
+    encoder, generator = models_from_args(args, settings)
+    handle = submit_job(settings, avatar=args.avatar, audio=Path(args.audio), encoder=encoder,
+                        generator=generator, options=options, priority=args.priority)
+    print(handle.job_id)
+    if args.wait:
+        status = handle.wait(show_progress=not args.quiet)
+        print(f"done: {status.frames_total} frames in {status.elapsed_s:.1f} s; output: {status.output_location}")
+    return 0
+
+
+def duration_text(seconds: float | None) -> str:
+    if seconds is None:
+        return "unknown"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def cmd_status(args, settings: Settings) -> int:
+    from scheduler.submit import connect_farm
+
+    status = connect_farm(settings).status(args.job, now=time.time())
+    if args.json:
+        print(json.dumps(status.to_dict(), indent=2))
+        return 0
+    share = f" ({100 * status.frames_done / status.frames_total:.0f}%)" if status.frames_total else ""
+    chunks = ", ".join(f"{state} {n}" for state, n in sorted(status.chunks.items())) or "not planned yet"
+    print(f"job {status.job_id}: {status.state.value}")
+    print(f"  avatar {status.avatar}, audio {status.audio}, priority {status.priority}")
+    print(f"  frames {status.frames_done} / {status.frames_total}{share}; chunks: {chunks}")
+    left = f", about {duration_text(status.eta_s)} left" if status.eta_s is not None else ""
+    print(f"  elapsed {duration_text(status.elapsed_s)}{left}")
+    if status.workers:
+        print(f"  workers: {', '.join(status.workers)}")
+    if status.output_location:
+        print(f"  output: {status.output_location}")
+    if status.reason and status.state.terminal and status.state.value != "done":
+        print(f"  reason: {status.reason}")
+    return 0
+
+
+def cmd_jobs(args, settings: Settings) -> int:
+    from scheduler.submit import connect_farm
+
+    store = connect_farm(settings)
+    ids = store.job_ids(args.limit)
+    if not ids:
+        print("no jobs")
+        return 0
+    print(f"{'job':<24} {'state':<11} {'frames':>15} {'priority':<8} {'submitted':<19} avatar / audio")
+    for job_id in ids:
+        s = store.status(job_id, now=time.time())
+        when = datetime.fromtimestamp(s.created_at).strftime("%Y-%m-%d %H:%M:%S")
+        print(f"{job_id:<24} {s.state.value:<11} {f'{s.frames_done}/{s.frames_total}':>15} "
+              f"{s.priority:<8} {when:<19} {s.avatar} / {s.audio}")
+    return 0
+
+
+def cmd_cancel(args, settings: Settings) -> int:
+    from scheduler.submit import JobHandle, connect_farm
+
+    store = connect_farm(settings)
+    handle = JobHandle(args.job, store, open_storage(store.job(args.job).storage_url, settings))
+    state = handle.status().state.value
+    if handle.cancel():
+        print(f"job {args.job} cancelled (was {state}); running chunks stop at their next batch")
+        return 0
+    print(f"job {args.job} already ended: {state}")
+    return 0

@@ -1,0 +1,63 @@
+"""Flags shared by the commands that render: one per ``RenderOptions`` field, and the models."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields
+from pathlib import Path
+
+from common import defaults
+from common.config import Settings
+from common.errors import InputError
+from common.options import RenderOptions
+
+# Help for each RenderOptions field; its flag is the field name with dashes.
+OPTION_HELP = {
+    "chunk_frames": "frames per chunk (a multiple of --gop-frames)",
+    "gop_frames": "keyframe interval in frames; chunks start on keyframes",
+    "batch_frames": (f"UNet batch size in frames; 0 picks by backend ({defaults.UNET_BATCH_FRAMES_CPU} on CPUs, "
+                     f"{defaults.UNET_BATCH_FRAMES_GPU} on GPUs)"),
+    "precision": "inference precision: fp32 (exact), bf16 (OpenVINO CPU), fp16 (CUDA)",
+    "backend": "inference backend: auto, cpu, openvino, cuda",
+    "video_qp": "H.264 constant quantiser, 0 (lossless) to 51; lower is better quality",
+    "x264_preset": "x264 speed preset",
+    "x264_threads": "x264 threads per chunk encode (part of the bitstream: fixed per job)",
+    "audio_bitrate_bps": "AAC bitrate of the output's audio",
+}
+
+
+def add_option_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per ``RenderOptions`` field, defaulting to 'not given'."""
+    group = parser.add_argument_group("render options")
+    for spec in fields(RenderOptions):
+        flag = "--" + spec.name.replace("_", "-")
+        kind = int if spec.type == "int" else str
+        group.add_argument(flag, dest=f"opt_{spec.name}", type=kind, default=None,
+                           help=f"{OPTION_HELP[spec.name]} (default {spec.default})")
+
+
+def options_from_args(args: argparse.Namespace, settings: Settings) -> RenderOptions:
+    given = {spec.name: getattr(args, f"opt_{spec.name}") for spec in fields(RenderOptions)}
+    if given["precision"] is None:
+        given["precision"] = settings.precision
+    if given["backend"] is None:
+        given["backend"] = settings.backend
+    return RenderOptions(**{k: v for k, v in given.items() if v is not None})
+
+
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--encoder", help="audio encoder ONNX (default: the demo encoder)")
+    parser.add_argument("--generator", help="UNet generator ONNX (default: the demo UNet)")
+
+
+def models_from_args(args: argparse.Namespace, settings: Settings) -> tuple[Path, Path]:
+    """The models given, or the demo's when neither is."""
+    if (args.encoder is None) != (args.generator is None):
+        raise InputError("give both --encoder and --generator, or neither (the demo models)",
+                         field="--encoder/--generator")
+    if args.encoder is not None:
+        return Path(args.encoder), Path(args.generator)
+    from demo.assets import ensure_demo_assets
+
+    demo = ensure_demo_assets(settings)
+    return demo.encoder, demo.generator

@@ -1,0 +1,101 @@
+"""The structure rules the code keeps (docs/architecture.md), checked on its import graph.
+
+- no import cycles between lipfarm's modules (imports inside functions included: a lazy import
+  still ties two modules together);
+- the scheduler imports from ``worker`` only where it renders (the local renderer);
+- nothing but ``common.state`` talks to Redis (the benchmarks, which flush a database of their
+  own, and the tests aside).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("common", "worker", "scheduler", "benchmarks", "demo")
+RENDERING_SCHEDULER_MODULES = {"scheduler.local"}
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _modules() -> dict[str, Path]:
+    return {_module_name(p): p for package in PACKAGES for p in (ROOT / package).rglob("*.py")}
+
+
+def _imports(path: Path, known: set[str]) -> set[str]:
+    """lipfarm modules imported anywhere in ``path`` (``from a import b`` counts ``a.b`` if a module)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        found |= {name for name in names if name in known}
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    modules = _modules()
+    known = set(modules)
+    graph = {}
+    for name, path in modules.items():
+        # importing a.b.c also runs a and a.b: but a package importing its own submodules is not a cycle
+        graph[name] = {m for m in _imports(path, known) if m != name and not m.startswith(name + ".")}
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def test_no_import_cycles():
+    assert _cycle(_graph()) is None, " -> ".join(_cycle(_graph()))
+
+
+def test_the_cycle_check_finds_a_cycle():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+
+
+def test_the_scheduler_imports_worker_only_where_it_renders():
+    offenders = {name: sorted(m for m in deps if m.startswith("worker"))
+                 for name, deps in _graph().items()
+                 if name.startswith("scheduler") and name not in RENDERING_SCHEDULER_MODULES}
+    assert {name: deps for name, deps in offenders.items() if deps} == {}
+
+
+def test_only_the_state_store_talks_to_redis():
+    talkers = []
+    for name, path in _modules().items():
+        if name.startswith(("common.state", "benchmarks")):
+            continue
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            imported = (isinstance(node, ast.Import) and any(a.name == "redis" for a in node.names)) or \
+                       (isinstance(node, ast.ImportFrom) and node.module == "redis")
+            if imported:
+                talkers.append(name)
+    assert talkers == []
