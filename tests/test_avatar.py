@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -55,6 +57,81 @@ def test_both_layouts_import_to_the_same_avatar(sanders, tmp_path):
         np.testing.assert_array_equal(package.read_frame(i), original)
         np.testing.assert_array_equal(dataset.read_frame(i), original)
     assert dataset.source["layout"] == "synctalk_dataset" and package.source["layout"] == "package"
+
+
+def _renumber(folder, start, keep=None):
+    """Renumber ``folder``'s files ``0..n-1`` from ``start``; keep only the first ``keep`` of them."""
+    files = sorted(folder.iterdir(), key=lambda f: int(f.stem))
+    for extra in files[keep:] if keep is not None else []:
+        extra.unlink()
+    for i, f in reversed(list(enumerate(files[:keep]))):
+        f.rename(f.with_name(f"{i + start}{f.suffix}"))
+
+
+def test_frames_from_1_with_landmarks_from_0_import_like_the_package(sanders, tmp_path):
+    """ffmpeg's %d numbers extracted frames from 1; the landmarks of frame k are then k - 1."""
+    one_based = tmp_path / "one_based"
+    shutil.copytree(sanders / "synctalk_dataset", one_based)
+    _renumber(one_based / "full_body_img", 1)
+    assert sorted(int(f.stem) for f in (one_based / "full_body_img").iterdir()) == list(range(1, 41))
+    shifted = import_avatar(one_based, tmp_path / "c", name="c")
+    dataset = import_avatar(sanders / "synctalk_dataset", tmp_path / "a", name="a")
+    package = import_avatar(sanders / "package", tmp_path / "b", name="b")
+    assert shifted.content_hash == dataset.content_hash == package.content_hash
+    assert shifted.rects == dataset.rects and shifted.rects[0] == (532, 210, 714, 392)
+    assert shifted.source["pairing"] == "full_body_img/{k}.jpg with landmarks/{k-1}.lms"
+    assert dataset.source["pairing"] == "full_body_img/{k}.jpg with landmarks/{k}.lms"
+    assert package.source["pairing"] == 'full_body_img/{k}.jpg with cache/crop_rectangles.json key "{k-1}"'
+
+
+def test_real_dataset_with_both_numbered_from_1_is_refused(sanders, tmp_path):
+    root = tmp_path / "dataset"
+    shutil.copytree(sanders / "synctalk_dataset", root)
+    _renumber(root / "full_body_img", 1)
+    _renumber(root / "landmarks", 1)
+    (tmp_path / "store").mkdir()
+    with pytest.raises(AvatarError) as caught:
+        import_avatar(root, tmp_path / "store" / "x", name="x")
+    assert str(caught.value) == (
+        f"{root}: full_body_img numbered 1..40 and landmarks numbered 1..40: cannot tell which frame goes "
+        "with which landmarks (expected both from 0, or frames from 1 and landmarks from 0)")
+    assert list((tmp_path / "store").iterdir()) == []
+
+
+def test_frame_k_goes_with_landmarks_k_minus_1(tmp_path):
+    root = _small_dataset(tmp_path / "ds", n=3)
+    for i in range(3):  # a different rect per landmark file
+        lms = read_landmarks(root / "landmarks" / f"{i}.lms")
+        lms[52, 1] += i
+        (root / "landmarks" / f"{i}.lms").write_text("".join(f"{x} {y}\n" for x, y in lms))
+    _renumber(root / "full_body_img", 1)
+    avatar = import_avatar(root, tmp_path / "out", name="s")
+    assert [r[1] for r in avatar.rects] == [12, 13, 14]  # landmarks 0, 1, 2
+    for i in range(3):  # with images 1, 2, 3
+        assert (avatar.root / avatar.frames[i]).read_bytes() == (root / "full_body_img" / f"{i + 1}.jpg").read_bytes()
+    assert avatar.source["pairing"] == "full_body_img/{k}.jpg with landmarks/{k-1}.lms"
+
+
+@pytest.mark.parametrize("frames_from, frames_kept, lms_from, lms_kept, numberings, expected", [
+    (1, 3, 1, 3, "1..3 and landmarks numbered 1..3", "both from 0, or frames from 1 and landmarks from 0"),
+    (0, 3, 1, 3, "0..2 and landmarks numbered 1..3", "both from 0, or frames from 1 and landmarks from 0"),
+    (2, 3, 0, 3, "2..4 and landmarks numbered 0..2", "both from 0, or frames from 1 and landmarks from 0"),
+    (1, 3, 0, 2, "1..3 and landmarks numbered 0..1",
+     "both from 0, or frames from 1 and landmarks from 0, one landmark file per frame"),
+    (0, 2, 0, 3, "0..1 and landmarks numbered 0..2",
+     "both from 0, or frames from 1 and landmarks from 0, one landmark file per frame"),
+])
+def test_ambiguous_numberings_are_refused_naming_both(tmp_path, frames_from, frames_kept, lms_from, lms_kept,
+                                                      numberings, expected):
+    root = _small_dataset(tmp_path / "ds", n=3)
+    _renumber(root / "full_body_img", frames_from, frames_kept)
+    _renumber(root / "landmarks", lms_from, lms_kept)
+    (tmp_path / "store").mkdir()
+    with pytest.raises(AvatarError) as caught:
+        import_avatar(root, tmp_path / "store" / "x", name="x")
+    assert str(caught.value) == (f"{root}: full_body_img numbered {numberings}: cannot tell which frame goes "
+                                 f"with which landmarks (expected {expected})")
+    assert list((tmp_path / "store").iterdir()) == []
 
 
 def _small_dataset(root, n=3, size=(64, 48)):
@@ -142,13 +219,31 @@ def test_not_a_known_layout(tmp_path):
         import_avatar(tmp_path / "random", tmp_path / "out", name="x")
 
 
-def test_failed_import_leaves_nothing(tmp_path):
+@pytest.mark.parametrize("fails", ["while checking", "while writing"])
+def test_failed_import_leaves_nothing(tmp_path, monkeypatch, fails):
     root = _small_dataset(tmp_path / "ds")
-    (root / "landmarks" / "2.lms").write_text("bad\n")
-    with pytest.raises(AvatarError):
-        import_avatar(root, tmp_path / "store" / "x", name="x")
-    assert not (tmp_path / "store" / "x").exists()
-    assert not list((tmp_path / "store").glob(".*")) if (tmp_path / "store").exists() else True
+    store = tmp_path / "store"
+    store.mkdir()  # as a user's store is: the import stages beside the avatar, in here
+    copied = []
+    if fails == "while checking":
+        (root / "landmarks" / "2.lms").write_text("bad\n")
+        error = AvatarError
+    else:  # the staging folder exists and holds a frame when copying the next one fails
+        real_copyfile = shutil.copyfile
+
+        def copy_once_then_fail(src, dst, **kwargs):
+            if copied:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            copied.append(Path(dst))
+            return real_copyfile(src, dst, **kwargs)
+
+        monkeypatch.setattr(shutil, "copyfile", copy_once_then_fail)
+        error = OSError
+    with pytest.raises(error):
+        import_avatar(root, store / "x", name="x")
+    if copied:
+        assert copied[0].parent.parent.parent == store and copied[0].parent.parent.name.startswith(".x.")
+    assert list(store.iterdir()) == []  # neither the avatar nor a hidden staging folder
 
 
 def test_damaged_package_is_refused_at_load(tmp_path):
