@@ -1,16 +1,19 @@
-"""The finalizer's work: join chunk segments by stream copy, mux the original audio once, check.
+"""The finalizer's work: join chunk segments and the job's AAC track by stream copy, then check.
 
 Segments are H.264 with identical settings, each starting on an IDR frame, so they concatenate
 without re-encoding: packets are copied with their timestamps shifted by the chunk's start. The
-original audio (not the 16 kHz copy used for features) is decoded and encoded to AAC once, at its
-own sample rate, as the reference does; its packets are written segment by segment alongside the
-video so the muxer never holds more than one segment's worth. The result is checked before anyone
-sees it: frame count, and audio and video durations against the input's.
+audio was encoded to AAC once, at plan time (``scheduler.audiotrack``: the original audio, not the
+16 kHz copy used for features, at its own sample rate, as the reference does), so the finalizer
+only copies its packets too: the output then carries the very packets the HLS preview played, and
+the finalizer needs no encoder. They are written segment by segment alongside the video so the
+muxer never holds more than one segment's worth. The result is checked before anyone sees it:
+frame count, and audio and video durations against the input's.
 """
 
 from __future__ import annotations
 
 import itertools
+import tempfile
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -19,7 +22,8 @@ from typing import Callable, Iterable, Iterator
 import av
 
 from common import defaults
-from common.errors import AudioError, JobFailedError
+from common.errors import JobFailedError
+from scheduler.audiotrack import encode_audio_track
 
 
 @dataclass(frozen=True)
@@ -39,60 +43,71 @@ class StitchReport:
     input_audio_s: float
 
 
-def _audio_packets(audio_path: Path, stream) -> Iterator[tuple[float, av.Packet]]:
-    """Yield ``(end time in s, AAC packet)`` as the original audio is decoded and encoded."""
-    resampler = av.AudioResampler(format="fltp", layout=stream.layout, rate=stream.rate,
-                                  frame_size=stream.codec_context.frame_size or 1024)
-    encoded = 0
-
-    def encode(frames) -> Iterator[tuple[float, av.Packet]]:
-        nonlocal encoded
-        for frame in frames:
-            if frame is not None:
-                frame.pts = encoded
-                encoded += frame.samples
-            for packet in stream.encode(frame):
-                yield encoded / stream.rate, packet
-
-    with av.open(str(audio_path)) as source:
-        try:
-            for frame in source.decode(audio=0):
-                frame.pts = None
-                yield from encode(resampler.resample(frame))
-        except av.FFmpegError as exc:
-            raise AudioError(f"cannot decode audio ({exc})", path=audio_path) from None
-    yield from encode(resampler.resample(None))
-    yield from encode([None])
+def _aac_packets(source, stream) -> Iterator[tuple[float, av.Packet]]:
+    """Yield ``(end time in s, packet)`` of the pre-encoded track, moved to the output's ``stream``."""
+    track = source.streams.audio[0]
+    for packet in source.demux(track):
+        if not packet.size:
+            continue
+        end_s = float((packet.pts + packet.duration) * packet.time_base)
+        packet.stream = stream
+        yield end_s, packet
 
 
-def _input_audio(audio_path: Path) -> tuple[int, str, float]:
-    """Sample rate, output layout (mono or stereo) and duration in s of the input's audio."""
-    with av.open(str(audio_path)) as source:
-        stream = source.streams.audio[0]
-        rate = stream.codec_context.sample_rate
-        layout = "mono" if stream.codec_context.channels == 1 else "stereo"
-        samples = sum(frame.samples for frame in source.decode(audio=0))
-    return rate, layout, samples / rate
+def _open_track(audio_path: Path):
+    """The pre-encoded M4A, checked to hold one AAC track (what ``encode_audio_track`` writes)."""
+    try:
+        source = av.open(str(audio_path))
+    except av.FFmpegError as exc:
+        raise JobFailedError(f"cannot open the job's audio track {audio_path.name} ({exc})") from None
+    if len(source.streams) != 1 or not source.streams.audio or source.streams.audio[0].codec_context.name != "aac":
+        source.close()
+        raise JobFailedError(f"{audio_path.name} is not a pre-encoded AAC track; pass the original "
+                             "audio without input_audio_s to have it encoded")
+    return source
 
 
 def stitch(segments: Iterable[Segment], audio_path: Path, out_path: Path, *, expected_frames: int,
-           audio_bitrate_bps: int = defaults.AUDIO_BITRATE_BPS,
+           input_audio_s: float | None = None, audio_bitrate_bps: int = defaults.AUDIO_BITRATE_BPS,
            progress: Callable[[int], None] | None = None) -> StitchReport:
-    """Join the segments, in order, with the audio of ``audio_path`` into ``out_path``.
+    """Join the segments, in order, with the job's audio into ``out_path``.
+
+    With ``input_audio_s`` (the original input's duration in s, ``AudioTrack.duration_s``),
+    ``audio_path`` is the job's pre-encoded track, the M4A of ``scheduler.audiotrack.
+    encode_audio_track``, and its packets are copied as they are. Without it, ``audio_path`` is the
+    original input, encoded first by ``encode_audio_track`` into a temporary M4A beside
+    ``out_path``: the way for callers that do not yet encode the track at plan time, and the same
+    output byte for byte. ``audio_bitrate_bps`` is the track's AAC bit rate: the encoder's target
+    when it encodes here, and the peak bit rate the output declares in both cases.
 
     ``segments`` is consumed once, in order, so it may fetch each file just in time (the
     finalizer's downloads). Raises ``JobFailedError`` if a segment does not have its planned
     frames or the result does not have the planned frames and durations.
     """
-    rate, layout, input_s = _input_audio(audio_path)
+    out_path = Path(out_path)
+    if input_audio_s is not None:
+        return _stitch(segments, Path(audio_path), out_path, expected_frames, input_audio_s,
+                       audio_bitrate_bps, progress)
+    with tempfile.TemporaryDirectory(prefix=".audio-", dir=out_path.parent) as temp:
+        track = encode_audio_track(Path(audio_path), Path(temp) / "audio.m4a", bitrate_bps=audio_bitrate_bps,
+                                   chunk_spans=[], pieces_dir=Path(temp))
+        return _stitch(segments, track.m4a, out_path, expected_frames, track.duration_s,
+                       audio_bitrate_bps, progress)
+
+
+def _stitch(segments: Iterable[Segment], track_path: Path, out_path: Path, expected_frames: int,
+            input_s: float, bitrate_bps: int, progress: Callable[[int], None] | None) -> StitchReport:
     ordered = iter(segments)
     first = next(ordered)
-    with av.open(str(out_path), "w", format="mp4", options={"movflags": "+faststart"}) as out:
+    with _open_track(track_path) as source, \
+            av.open(str(out_path), "w", format="mp4", options={"movflags": "+faststart"}) as out:
         with av.open(str(first.path)) as template:
             video = out.add_stream_from_template(template.streams.video[0])
-        audio = out.add_stream("aac", rate=rate, layout=layout)
-        audio.bit_rate = audio_bitrate_bps
-        packets = _audio_packets(audio_path, audio)
+        audio = out.add_stream_from_template(source.streams.audio[0])
+        # The MP4 muxer declares max(this, the measured average) as the track's peak bit rate; a
+        # copied stream would only know the average, the encoder knew its target.
+        audio.codec_context.bit_rate = bitrate_bps
+        packets = _aac_packets(source, audio)
         pending = next(packets, None)
         copier = _VideoCopier(video, out)
         frames = 0
@@ -105,6 +120,7 @@ def stitch(segments: Iterable[Segment], audio_path: Path, out_path: Path, *, exp
                 raise JobFailedError(f"segment {segment.path.name} has {copied} frames, "
                                      f"planned {segment.frames}")
             frames += copied
+            # The audio that ends within the video so far, so the muxer holds one segment at most.
             while pending is not None and pending[0] <= frames / defaults.FPS:
                 out.mux(pending[1])
                 pending = next(packets, None)
@@ -165,7 +181,7 @@ def _verify(path: Path, expected_frames: int, input_s: float) -> StitchReport:
         raise JobFailedError(f"stitched video has {frames} frames, planned {expected_frames}")
     if abs(audio_s - input_s) > frame_s:
         raise JobFailedError(f"stitched audio lasts {audio_s:.3f} s, the input {input_s:.3f} s")
-    # L + 2 frames of 40 ms end 27.5 to 80 ms before the audio does (PIPELINE.md section 1).
+    # L + 2 frames of 40 ms end 27.5 to 80 ms before the audio does (docs/contract.md §1).
     if not -frame_s <= input_s - video_s <= 2 * frame_s + 1e-6:
         raise JobFailedError(f"video lasts {video_s:.3f} s for {input_s:.3f} s of audio")
     return StitchReport(frames, video_s, audio_s, input_s)

@@ -1,0 +1,178 @@
+"""The job's audio, encoded to AAC once at plan time: an M4A for the finalizer, pieces for HLS.
+
+The output's audio is the user's original audio (not the 16 kHz copy the features use), decoded by
+PyAV from whatever container it came in and encoded with FFmpeg's native AAC encoder at its own
+sample rate; mono stays mono and anything wider becomes stereo, as the reference does. Encoding it
+once, before any chunk renders, gives every consumer the same packets: the finalizer stream-copies
+the M4A into the output (``scheduler.stitch``), and each chunk's HLS segment takes the packets of
+its time span (``common.hls``), so a preview and the final file carry identical sound and neither
+needs an encoder.
+
+Priming: the AAC encoder emits one frame of 1024 priming samples first, so its packets start at
+pts -1024 and its last packet is shortened to the input's true end. The MP4 muxer turns both into
+an edit list, so the M4A's duration is the input's. The pieces keep those same absolute
+timestamps (the priming packet goes to the first piece), so the pieces join without a gap.
+
+Which piece a packet belongs to: the chunk whose span ``[start/25, stop/25)`` holds the packet's
+midpoint (the first piece also takes everything before 0, the last everything after its start).
+By midpoint rather than start, a prefix of the pieces ends within half an AAC frame of its video
+(12 ms at 44.1 kHz, 32 ms at 16 kHz) where the start would allow a whole frame, 64 ms at 16 kHz,
+more than a video frame.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Iterator
+
+import av
+
+from common import defaults
+from common.audio import probe_audio
+from common.errors import AudioError
+from common.hls import PiecePacket, write_audio_piece
+
+
+@dataclass(frozen=True)
+class AudioPiece:
+    """The AAC packets of one chunk's span, in the ``common.hls`` piece format."""
+
+    path: Path
+    start_frame: int
+    stop_frame: int
+    packets: int
+
+
+@dataclass(frozen=True)
+class AudioTrack:
+    """What ``encode_audio_track`` wrote. ``duration_s`` is the input's, from its decoded samples."""
+
+    m4a: Path
+    sample_rate: int
+    layout: str
+    samples: int
+    duration_s: float
+    pieces: tuple[AudioPiece, ...]
+
+
+def encode_audio_track(source: Path, out_m4a: Path, *, bitrate_bps: int,
+                       chunk_spans: list[tuple[int, int]], pieces_dir: Path) -> AudioTrack:
+    """Encode ``source``'s audio to AAC once: ``out_m4a``, and one piece per chunk in ``pieces_dir``.
+
+    ``chunk_spans`` are the chunks' ``(start_frame, stop_frame)`` in order, contiguous from frame 0;
+    with none, only the M4A is written. Raises ``AudioError`` for audio that cannot be read or
+    encoded.
+    """
+    source, out_m4a, pieces_dir = Path(source), Path(out_m4a), Path(pieces_dir)
+    spans = _checked_spans(chunk_spans)
+    info = probe_audio(source)
+    layout = "mono" if info.channels == 1 else "stereo"
+    with av.open(str(out_m4a), "w", format="mp4", options={"movflags": "+faststart"}) as out:
+        stream = out.add_stream("aac", rate=info.sample_rate_hz, layout=layout)
+        stream.bit_rate = bitrate_bps
+        encoder = _Encoder(source, stream)
+        pieces = _PieceWriter(pieces_dir, spans, info.sample_rate_hz, 1 if layout == "mono" else 2)
+        for packet in encoder.packets():
+            pieces.add(_piece_packet(packet, info.sample_rate_hz), stream.codec_context.extradata)
+            out.mux(packet)
+        if encoder.samples == 0:
+            raise AudioError("contains no audio samples", path=source)
+        written = pieces.close()
+    return AudioTrack(out_m4a, info.sample_rate_hz, layout, encoder.samples,
+                      encoder.samples / info.sample_rate_hz, written)
+
+
+def _checked_spans(chunk_spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    spans = [(int(start), int(stop)) for start, stop in chunk_spans]
+    expected = 0
+    for start, stop in spans:
+        if start != expected or stop <= start:
+            raise ValueError(f"chunk spans must be contiguous from frame 0 and non-empty: {spans}")
+        expected = stop
+    return spans
+
+
+class _Encoder:
+    """Decodes the source and yields its AAC packets; counts the input's samples as it goes."""
+
+    def __init__(self, source: Path, stream) -> None:
+        self.source, self.stream = source, stream
+        self.samples = 0
+
+    def packets(self) -> Iterator[av.Packet]:
+        stream = self.stream
+        # The encoder takes frames of exactly frame_size samples (1024), the last one shorter.
+        resampler = av.AudioResampler(format="fltp", layout=stream.layout, rate=stream.rate,
+                                      frame_size=stream.codec_context.frame_size or 1024)
+        with av.open(str(self.source)) as container:
+            try:
+                for frame in container.decode(audio=0):
+                    frame.pts = None  # the resampler restamps; the count below is the clock
+                    yield from self._encode(resampler.resample(frame))
+            except av.FFmpegError as exc:
+                raise AudioError(f"cannot decode audio ({exc})", path=self.source) from None
+        yield from self._encode(resampler.resample(None))
+        yield from self._encode([None])
+
+    def _encode(self, frames) -> Iterator[av.Packet]:
+        for frame in frames:
+            if frame is not None:
+                frame.pts = self.samples
+                self.samples += frame.samples
+            try:
+                packets = self.stream.encode(frame)
+            except av.FFmpegError as exc:
+                raise AudioError(f"cannot encode AAC at {self.stream.rate} Hz ({exc})",
+                                 path=self.source) from None
+            yield from packets
+
+
+def _piece_packet(packet: av.Packet, rate: int) -> PiecePacket:
+    """The packet's timing in samples, taken before muxing (which rescales it in place)."""
+    pts, duration = (Fraction(value) * packet.time_base * rate for value in (packet.pts, packet.duration))
+    if pts.denominator != 1 or duration.denominator != 1:
+        raise AudioError(f"AAC packet at {float(pts / rate):.6f} s is not on a sample boundary")
+    return PiecePacket(int(pts), int(duration), bytes(packet))
+
+
+class _PieceWriter:
+    """Groups packets, which arrive in time order, into one piece file per chunk span."""
+
+    def __init__(self, folder: Path, spans: list[tuple[int, int]], rate: int, channels: int) -> None:
+        self.folder, self.spans, self.rate, self.channels = folder, spans, rate, channels
+        self.buffer: list[PiecePacket] = []
+        self.written: list[AudioPiece] = []
+        self.config: bytes | None = None
+        if spans:
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def _belongs_later(self, packet: PiecePacket) -> bool:
+        index = len(self.written)
+        if index >= len(self.spans) - 1:
+            return False  # the last piece takes everything after its start
+        # midpoint (pts + duration / 2) / rate >= stop / FPS, in integers
+        return (2 * packet.pts + packet.duration) * defaults.FPS >= 2 * self.spans[index][1] * self.rate
+
+    def add(self, packet: PiecePacket, config: bytes) -> None:
+        if not self.spans:
+            return
+        self.config = config
+        while self._belongs_later(packet):
+            self._flush()
+        self.buffer.append(packet)
+
+    def _flush(self) -> None:
+        index = len(self.written)
+        start, stop = self.spans[index]
+        path = self.folder / f"{index:05d}.lfap"
+        count = write_audio_piece(path, sample_rate=self.rate, channels=self.channels,
+                                  audio_specific_config=self.config or b"", packets=self.buffer)
+        self.written.append(AudioPiece(path, start, stop, count))
+        self.buffer = []
+
+    def close(self) -> tuple[AudioPiece, ...]:
+        while len(self.written) < len(self.spans):
+            self._flush()
+        return tuple(self.written)
