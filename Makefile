@@ -27,7 +27,7 @@ test: lint
 # The README's figures: local fp32/OpenVINO/bf16, the farm at 1 and 2 workers, long-form memory.
 bench: $(STAMP)
 	$(BIN)/lipfarm bench --json out/bench.json --chart out/bench.png \
-		--precisions fp32,openvino:fp32,openvino:bf16 --farm --memory
+		--precisions fp32,openvino:fp32,openvino:bf16 --farm --memory --recovery
 
 clean:
 	rm -rf out .pytest_cache

@@ -64,6 +64,18 @@ def _claim_database(url: str) -> redis.Redis:
     return client
 
 
+def bench_database(settings: Settings, db: int) -> tuple[str, redis.Redis]:
+    """The URL of the benchmarks' Redis database on the broker's server, claimed (see above)."""
+    url = _bench_redis_url(settings.broker_url, db)
+    return url, _claim_database(url)
+
+
+def release_database(client: redis.Redis) -> None:
+    """Empty the benchmarks' database, leaving the marker that says it is theirs."""
+    client.flushdb()
+    client.set(f"{BENCH_PREFIX}:owner", "lipfarm bench")
+
+
 def repeated_speech(source: Path, path: Path, seconds: float) -> Path:
     """``seconds`` of the demo speech, repeated, as a 16 kHz WAV file."""
     speech = load_16k(source)

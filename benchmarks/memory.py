@@ -55,11 +55,12 @@ def _render_role(plan_json: str, root: str, indices: list[int], threads: int, te
 
 
 def _finalize_role(plan_json: str, root: str, audio: str, rendered: list[int]) -> tuple[int, float]:
+    from scheduler.local import local_segment
     from scheduler.stitch import Segment, stitch
 
     plan, storage = Plan.from_json(plan_json), LocalStorage(root)
-    by_length = {plan.chunks[i].frames: storage.local_path(plan.chunks[i].segment_key) for i in rendered}
-    segments = [Segment(storage.local_path(c.segment_key) if c.index in rendered else by_length[c.frames],
+    by_length = {plan.chunks[i].frames: local_segment(plan, i, storage) for i in rendered}
+    segments = [Segment(local_segment(plan, c.index, storage) if c.index in rendered else by_length[c.frames],
                         c.start_frame, c.frames) for c in plan.chunks]
     report = stitch(segments, Path(audio), Path(root) / "output.mp4", expected_frames=plan.frame_count)
     return report.frames, _peak_mb()

@@ -8,6 +8,13 @@ never sits in memory at once.
 
 The 16 kHz result is stored once per job as raw little-endian float32 (``.f32``). Chunks read only
 the sample ranges they need from it through a ``PcmSource``.
+
+Audio is bounded in length (``LIPFARM_MAX_AUDIO_S``, 4 hours by default) because size on disk says
+little about it: a few kilobytes of Opus silence decode to hours, i.e. gigabytes of PCM in storage
+and a plan of hundreds of thousands of frames. ``check_audio`` refuses, at submission, a file whose
+container says it is too long; ``normalise_to_16k`` counts what it decodes and stops as soon as the
+count passes the bound, so a file that lies about its length is refused after decoding at most the
+bound's worth of it.
 """
 
 from __future__ import annotations
@@ -25,6 +32,19 @@ from common.errors import AudioError
 
 # One encoder window needs 16 mel frames, i.e. 1 + floor(n / 200) >= 16.
 MIN_SAMPLES_16K = (defaults.WINDOW_MEL_FRAMES - 1) * defaults.HOP_SAMPLES
+MAX_AUDIO_ENV = "LIPFARM_MAX_AUDIO_S"  # the setting that bounds audio length (common.config)
+
+
+def max_samples_16k(max_audio_s: float | None) -> int | None:
+    """The bound ``max_audio_s`` seconds as 16 kHz samples for ``normalise_to_16k``; None or 0: none."""
+    if not max_audio_s or max_audio_s <= 0:
+        return None
+    return int(round(max_audio_s * defaults.SAMPLE_RATE_HZ))
+
+
+def _too_long(path, limit_s: float, found: str) -> AudioError:
+    return AudioError("audio is longer than the maximum", path=path,
+                      expected=f"at most {limit_s:g} s ({MAX_AUDIO_ENV})", found=found)
 
 
 @dataclass(frozen=True)
@@ -71,8 +91,9 @@ def probe_audio(path: str | Path) -> AudioInfo:
                          stream.codec_context.channels, duration)
 
 
-def check_audio(path: str | Path) -> AudioInfo:
-    """Probe ``path`` and refuse audio whose container says it is too short for one encoder window.
+def check_audio(path: str | Path, *, max_s: float | None = None) -> AudioInfo:
+    """Probe ``path`` and refuse audio whose container says it is too short for one encoder window,
+    or longer than ``max_s`` seconds (``LIPFARM_MAX_AUDIO_S``; None or 0: no bound).
 
     A cheap check at submission; the decode at planning checks the real length again.
     """
@@ -81,6 +102,8 @@ def check_audio(path: str | Path) -> AudioInfo:
         raise AudioError("audio is too short for one encoder window", path=path,
                          expected=f">= {MIN_SAMPLES_16K / defaults.SAMPLE_RATE_HZ:.4f} s",
                          found=f"{info.duration_s:.4f} s")
+    if max_s and max_s > 0 and info.duration_s is not None and info.duration_s > max_s:
+        raise _too_long(path, max_s, f"{info.duration_s:.1f} s, as its container says")
     return info
 
 
@@ -111,21 +134,29 @@ def iter_decoded(path: str | Path) -> Iterator[tuple[np.ndarray, int]]:
             raise AudioError(f"cannot decode audio ({_reason(exc)})", path=path) from None
 
 
-def normalise_to_16k(path: str | Path, sink: BinaryIO) -> int:
+def normalise_to_16k(path: str | Path, sink: BinaryIO, *, max_samples: int | None = None) -> int:
     """Decode ``path``, mix to mono and resample to 16 kHz, writing float32 LE samples to ``sink``.
 
     Returns the number of samples written. Raises ``AudioError`` for audio that cannot be used,
-    including audio too short for one encoder window.
+    including audio too short for one encoder window and, with ``max_samples`` (16 kHz samples;
+    ``max_samples_16k`` converts the setting), audio that decodes to more: decoding stops at the
+    first block past the bound, before that block is written.
     """
     stream: soxr.ResampleStream | None = None
     in_rate = None
     written = 0
+    decoded = 0  # input samples (per channel) decoded so far, at in_rate
     for block, rate in iter_decoded(path):
         if in_rate is None:
             in_rate = rate
             if rate != defaults.SAMPLE_RATE_HZ:
                 stream = soxr.ResampleStream(rate, defaults.SAMPLE_RATE_HZ, 1,
                                              dtype="float32", quality="HQ")
+        decoded += block.shape[-1]
+        if max_samples is not None and decoded * defaults.SAMPLE_RATE_HZ > max_samples * in_rate:
+            limit_s = max_samples / defaults.SAMPLE_RATE_HZ
+            raise _too_long(path, limit_s, f"it decodes to more than {limit_s:g} s: "
+                                           f"decoding stopped at {decoded / in_rate:.2f} s")
         mono = np.mean(block, axis=0)  # librosa.to_mono: float32 mean over channels
         out = mono if stream is None else stream.resample_chunk(mono)
         sink.write(np.ascontiguousarray(out, dtype="<f4").tobytes())

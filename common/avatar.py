@@ -46,6 +46,7 @@ class Avatar:
     rects: tuple[tuple[int, int, int, int], ...]
     content_hash: str
     source: dict
+    frame_sha256: tuple[str, ...] = ()
 
     @property
     def frame_count(self) -> int:
@@ -55,9 +56,15 @@ class Avatar:
         return self.root / self.frames[index]
 
     def read_frame(self, index: int) -> np.ndarray:
-        """Template frame ``index`` as BGR uint8 ``[height, width, 3]``."""
+        """Template frame ``index`` as BGR uint8 ``[height, width, 3]``.
+
+        Its bytes are checked against the manifest's hash: a frame damaged after import can decode
+        without error to other pixels, and a render must not use them.
+        """
         path = self.frame_path(index)
-        image = decode_image(path)
+        image, digest = decode_image(path, with_sha256=True)
+        if self.frame_sha256 and digest != self.frame_sha256[index]:
+            raise AvatarError("frame bytes differ from the manifest's hash", path=path, field=f"frames[{index}]")
         if image.shape[:2] != (self.height, self.width):
             raise AvatarError("frame size differs from the avatar's", path=path,
                               expected=f"{self.width}x{self.height}",
@@ -65,8 +72,9 @@ class Avatar:
         return image
 
 
-def decode_image(path: Path) -> np.ndarray:
-    """Decode an image file to BGR as ``cv2.imread`` does, or raise ``AvatarError``."""
+def decode_image(path: Path, *, with_sha256: bool = False):
+    """Decode an image file to BGR as ``cv2.imread`` does, or raise ``AvatarError``; with
+    ``with_sha256``, return the image and the SHA-256 of the file's bytes."""
     try:
         data = np.fromfile(path, dtype=np.uint8)
     except OSError:
@@ -74,7 +82,7 @@ def decode_image(path: Path) -> np.ndarray:
     image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
     if image is None:
         raise AvatarError("not a decodable image", path=path)
-    return image
+    return (image, hashlib.sha256(data).hexdigest()) if with_sha256 else image
 
 
 def rect_from_landmarks(landmarks: np.ndarray) -> tuple[int, int, int, int]:
@@ -151,7 +159,7 @@ def load_avatar(root: str | Path, *, verify_frames: bool = False) -> Avatar:
             if _sha256(root / name) != meta["frame_sha256"][i]:
                 raise AvatarError("frame bytes differ from the manifest's hash", path=root / name)
     return Avatar(root, meta["name"], width, height, tuple(meta["frames"]), rects,
-                  meta["content_hash"], meta.get("source", {}))
+                  meta["content_hash"], meta.get("source", {}), tuple(meta["frame_sha256"]))
 
 
 def _check_manifest(meta: dict, path: Path) -> None:
@@ -204,9 +212,11 @@ class AvatarStore:
         self.root = Path(root)
 
     def path(self, name: str) -> Path:
-        if not name or "/" in name or name.startswith(".") or name != name.strip():
+        if (not name or "/" in name or name.startswith(".") or name != name.strip() or len(name) > 128
+                or not name.isprintable()):
             raise AvatarError("invalid avatar name", field="name",
-                              expected="a plain name without '/' or a leading '.'", found=repr(name))
+                              expected="a plain name of at most 128 printable characters, without '/' or a leading '.'",
+                              found=repr(name))
         return self.root / name
 
     def names(self) -> list[str]:

@@ -8,6 +8,13 @@
 - Three queues: ``jobs`` (planning, reconciling), ``render`` (chunks), ``finalize`` (stitching).
 - Priorities: Redis lists per priority step; high=0 runs before normal=3 before low=6.
 - No chords: the committing chunk that completes a job enqueues its finalizer (``common.state``).
+- JSON only: the broker is a network service, and a pickled message is code run by whoever can
+  write to it. Workers refuse any other content type before decoding it (``accept_content``).
+- Password-protected and TLS Redis (``rediss://``): the URLs carry the password; TLS options come
+  from the URL's ``ssl_*`` parameters or ``LIPFARM_REDIS_TLS_CA_FILE`` (``redis_tls_options``) and
+  always verify the server's certificate unless a URL says ``ssl_cert_reqs=none`` (kombu on its own
+  would silently not verify). The same helpers are for redis-py (``StateStore.connect``); every
+  message that shows a URL shows it through ``mask_url``.
 
 Configuration is read from the environment when this module is imported (no I/O happens then);
 ``celery -A common.celery_app ...`` works with the same settings as ``lipfarm``.
@@ -15,11 +22,15 @@ Configuration is read from the environment when this module is imported (no I/O 
 
 from __future__ import annotations
 
+
+import redis
 from celery import Celery
 from kombu import Queue
 
 from common import defaults
 from common.config import Settings, load_settings
+from common.errors import ServiceError
+from common.state.connection import mask_url, redis_tls_options, url_without_tls_params
 
 # Redis has no message priorities: kombu keeps one list per priority step and reads them in order.
 PRIORITIES = dict(zip(defaults.PRIORITIES, (0, 3, 6)))
@@ -28,21 +39,40 @@ QUEUES = ("jobs", "render", "finalize")
 TASK_PLAN = "lipfarm.plan_job"
 TASK_RENDER = "lipfarm.render_chunk"
 TASK_FINALIZE = "lipfarm.finalize_job"
-TASK_RECONCILE = "lipfarm.reconcile"
+
+
+# --- The application --------------------------------------------------------------------------------
+
+
+def _forget_connections(app: Celery) -> None:
+    """Drop the app's cached broker pools and result backend, so a new configuration is used."""
+    app._pool = None
+    if "amqp" in app.__dict__:
+        app.amqp._producer_pool = None
+    app._backend_cache = None
+    if app._local is not None and hasattr(app._local, "backend"):
+        del app._local.backend
 
 
 def configure(app: Celery, settings: Settings) -> Celery:
+    """Configure ``app`` from ``settings`` (again, in tests: cached connections are dropped)."""
     hard_s = settings.chunk_time_limit_s
     transport = {"visibility_timeout": 2 * hard_s, "priority_steps": PRIORITY_STEPS, "sep": ":",
                  "queue_order_strategy": "priority", "socket_connect_timeout": 3}
+    broker_tls = redis_tls_options(settings.broker_url, settings.redis_tls_ca_file)
+    backend_tls = redis_tls_options(settings.redis_url, settings.redis_tls_ca_file)
+    _forget_connections(app)
     app.conf.update(
-        broker_url=settings.broker_url,
-        result_backend=settings.redis_url,
+        broker_url=url_without_tls_params(settings.broker_url),
+        result_backend=url_without_tls_params(settings.redis_url),
+        broker_use_ssl=broker_tls or False,
+        redis_backend_use_ssl=backend_tls or None,
         broker_transport_options=transport,
         result_backend_transport_options={"visibility_timeout": 2 * hard_s},
         broker_connection_retry_on_startup=True,
         broker_connection_timeout=3,
-        task_serializer="json", result_serializer="json", accept_content=["json"],
+        task_serializer="json", result_serializer="json", event_serializer="json",
+        accept_content=["json"], result_accept_content=["json"],
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
@@ -53,12 +83,11 @@ def configure(app: Celery, settings: Settings) -> Celery:
         worker_send_task_events=True,
         task_queues=[Queue(name) for name in QUEUES],
         task_default_queue="jobs",
-        task_routes={TASK_PLAN: {"queue": "jobs"}, TASK_RECONCILE: {"queue": "jobs"},
-                     TASK_RENDER: {"queue": "render"}, TASK_FINALIZE: {"queue": "finalize"}},
+        task_routes={TASK_PLAN: {"queue": "jobs"}, TASK_RENDER: {"queue": "render"},
+                     TASK_FINALIZE: {"queue": "finalize"}},
         task_default_priority=PRIORITIES[defaults.PRIORITY],
         result_expires=24 * 3600,
         worker_max_tasks_per_child=None,
-        beat_schedule={"reconcile": {"task": TASK_RECONCILE, "schedule": settings.reconcile_interval_s}},
     )
     return app
 
@@ -66,17 +95,46 @@ def configure(app: Celery, settings: Settings) -> Celery:
 app = configure(Celery("lipfarm", include=["worker.tasks", "scheduler.tasks"]), load_settings())
 
 
+def _broker(action, what: str):
+    """Run a broker call; a broker that cannot be reached is one ``ServiceError`` naming it."""
+    from kombu.exceptions import OperationalError
+
+    try:
+        return action()
+    except (OperationalError, redis.RedisError, OSError) as exc:
+        raise ServiceError(f"cannot {what}: the broker at {mask_url(app.conf.broker_url)} is unreachable "
+                           f"({exc.__class__.__name__}: {exc})") from None
+
+
 def enqueue_plan(job_id: str, priority: str) -> None:
-    app.send_task(TASK_PLAN, kwargs={"job_id": job_id}, queue="jobs", priority=PRIORITIES[priority],
-                  retry=False)
+    _broker(lambda: app.send_task(TASK_PLAN, kwargs={"job_id": job_id}, queue="jobs",
+                                  priority=PRIORITIES[priority], retry=False), f"queue the plan of job {job_id}")
 
 
-def enqueue_render(job_id: str, index: int, priority: str, frames: str = "") -> None:
-    """One render task; ``frames`` ("0-249") is only shown (Flower), the plan is the truth."""
-    app.send_task(TASK_RENDER, kwargs={"job_id": job_id, "chunk": index, "frames": frames},
-                  queue="render", priority=PRIORITIES[priority], retry=False)
+def enqueue_render(job_id: str, index: int, priority: str, frames: str = "", delay_s: float = 0.0) -> None:
+    """One render task, taken no sooner than ``delay_s`` from now (a retry's backoff); ``frames``
+    ("0-249") is only shown (Flower), the plan is the truth."""
+    _broker(lambda: app.send_task(TASK_RENDER, kwargs={"job_id": job_id, "chunk": index, "frames": frames},
+                                  queue="render", priority=PRIORITIES[priority], retry=False,
+                                  countdown=delay_s or None),
+            f"queue chunk {index} of job {job_id}")
 
 
 def enqueue_finalize(job_id: str, priority: str) -> None:
-    app.send_task(TASK_FINALIZE, kwargs={"job_id": job_id}, queue="finalize", priority=PRIORITIES[priority],
-                  retry=False)
+    _broker(lambda: app.send_task(TASK_FINALIZE, kwargs={"job_id": job_id}, queue="finalize",
+                                  priority=PRIORITIES[priority], retry=False), f"queue the finalizer of job {job_id}")
+
+
+def render_lists() -> list[str]:
+    """The broker's Redis lists of the render queue, one per priority step (kombu's naming)."""
+    return ["render" if step == 0 else f"render:{step}" for step in PRIORITY_STEPS]
+
+
+def waiting_renders() -> int:
+    """Render messages waiting in the broker (not those a worker holds)."""
+    def count() -> int:
+        with app.connection_for_read() as connection:
+            client = connection.default_channel.client
+            return sum(client.llen(name) for name in render_lists())
+
+    return _broker(count, "count the render queue")

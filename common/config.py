@@ -68,14 +68,23 @@ SETTINGS = (
     Setting("heartbeat_interval_s", "LIPFARM_HEARTBEAT_INTERVAL_S", defaults.HEARTBEAT_INTERVAL_S, float,
             "How often a rendering chunk renews its lease."),
     Setting("lease_s", "LIPFARM_LEASE_S", defaults.LEASE_S, float,
-            "A chunk whose lease is not renewed for this long is taken back by the reconciler."),
+            "A chunk (or finalizer) whose lease is not renewed for this long is taken back."),
     Setting("max_attempts", "LIPFARM_MAX_ATTEMPTS", defaults.MAX_ATTEMPTS, int,
             "Attempts per chunk before the chunk, and its job, fail."),
     Setting("reconcile_interval_s", "LIPFARM_RECONCILE_INTERVAL_S", defaults.RECONCILE_INTERVAL_S, float,
-            "How often `lipfarm reconcile --loop` (and the beat schedule) runs."),
+            "How often the recovery pass runs (in every worker, taking turns, and `lipfarm reconcile --loop`)."),
+    Setting("worker_reconcile", "LIPFARM_WORKER_RECONCILE", 1, int,
+            "1: every worker also runs the recovery pass, taking turns (one pass per interval across the "
+            "farm); 0: only `lipfarm reconcile --loop` does."),
     Setting("hold_dir", "LIPFARM_HOLD_DIR", "", str,
             "For debugging and tests: while `<job id>.<chunk>.hold` exists in this folder, that chunk pauses "
             "before its next batch (keeping its lease); the file may hold a frame count to reach first."),
+    Setting("redis_tls_ca_file", "LIPFARM_REDIS_TLS_CA_FILE", "", str,
+            "CA certificate (PEM) that `rediss://` broker and state servers are verified against; "
+            "`?ssl_ca_certs=` in a URL wins. Unset: the system's CAs."),
+    Setting("max_audio_s", "LIPFARM_MAX_AUDIO_S", defaults.MAX_AUDIO_S, float,
+            "Longest audio accepted, in seconds: longer files are refused at submission (by what the "
+            "container says) and at decoding (by what it holds). 0 = no limit."),
 )
 
 
@@ -102,7 +111,10 @@ class Settings:
     lease_s: float
     max_attempts: int
     reconcile_interval_s: float
+    worker_reconcile: int
     hold_dir: str
+    redis_tls_ca_file: str
+    max_audio_s: float
 
     @property
     def avatars_dir(self) -> Path:

@@ -57,11 +57,19 @@ KEY_PREFIX = "lipfarm"
 WORKER_CONCURRENCY = 1
 CACHE_MAX_GB = 20.0  # the worker's avatar and model cache; least recently used first out
 CHUNK_TIME_LIMIT_S = 3600  # a chunk task is killed after this (soft limit at 90%)
+# A worker that dies is noticed when its lease runs out (another host), or at once (this host: its
+# process is gone). Lease + one reconcile interval bound the wait: 20 s, with room for 2 missed beats
+# (and Redis outages shorter than the lease are ridden out).
 HEARTBEAT_INTERVAL_S = 5.0
-LEASE_S = 60.0  # a chunk not heard from for this long is taken back
+LEASE_S = 15.0  # a chunk (or finalizer) not heard from for this long is taken back
 MAX_ATTEMPTS = 3  # attempts per chunk before the chunk, and its job, fail
-RECONCILE_INTERVAL_S = 15.0
-FINALIZE_LEASE_S = 3600  # one finalizer per job; a second message for it is skipped meanwhile
+RECONCILE_INTERVAL_S = 5.0
+# A failed attempt's chunk waits before its next one: 5 s, 10 s, 20 s, ... at most 60 s (common.retry).
+RETRY_DELAY_S = 5.0
+RETRY_DELAY_MAX_S = 60.0
+# Uploads are retried inside an attempt before it is given up: after 0.5 s, 1 s, 2 s.
+UPLOAD_RETRIES = 3
+UPLOAD_RETRY_DELAY_S = 0.5
 
 # --- Resource bounds ------------------------------------------------------------------------------
 TEMPLATE_CACHE_FRAMES = 512  # prepared template frames kept per worker process (~1.6 MB each at 720p)
@@ -70,3 +78,9 @@ TEMPLATE_CACHE_FRAMES = 512  # prepared template frames kept per worker process 
 OPENVINO_COMPILED_MODELS = 4
 PIPELINE_QUEUE_BATCHES = 3  # batches in flight between render stages; bounds memory
 HELPER_THREAD_NICE = 10  # prepare/composite threads yield the cores to inference (Linux nice)
+
+# --- Input bounds (security) ----------------------------------------------------------------------
+# The longest audio a job or a local render accepts, once decoded. A few kilobytes of Opus or MP3
+# silence can decode to hours of samples (and gigabytes of 16 kHz PCM in storage): the submit-time
+# probe refuses a container that says it is longer, the decode stops as soon as it passes this.
+MAX_AUDIO_S = 4 * 3600.0

@@ -2,18 +2,18 @@
 
 Redis holds the live state of a job; storage holds its durable record, from which Redis can be
 rebuilt: the submission (``job.json``), the plan (``plan.json``), one commit marker per committed
-chunk, the output, and for a job that ended without output a note of how it ended
-(``ended.json``). Keys come from ``common.storage.layout``.
+chunk (which segment, its size and hash), the output, and, once the job has ended, how it ended
+(``ended.json``: the state store's records of the job, its chunks and their attempts, so a rebuild
+restores it exactly). Keys come from ``common.storage.layout``.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from common.errors import InputError, LipfarmError, NotFoundError
+from common.errors import InputError, NotFoundError
 from common.plan import Plan, Submission
 from common.storage import Storage
 from common.storage import layout
@@ -29,17 +29,13 @@ class CommitMarker:
     attempt: int
     worker: str
     segment_key: str
+    segment_size: int
+    segment_sha256: str
     committed_at: float
     timing: dict = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class EndedRecord:
-    """How a job that published nothing ended (failed or cancelled), and why."""
-
-    state: str
-    reason: str
-    at: float
+ENDED_VERSION = 1
 
 
 class JobFiles:
@@ -104,13 +100,31 @@ class JobFiles:
 
     # --- how it ended ---------------------------------------------------------------------------------
 
-    def put_ended(self, state: str, reason: str) -> None:
-        """A durable note that the job ended without output, so a rebuild from storage leaves it alone."""
-        try:
-            self.storage.put_bytes(layout.ended_key(self.job_id),
-                                   json.dumps(asdict(EndedRecord(state, reason, time.time()))).encode())
-        except LipfarmError:  # best effort: Redis already has the state
-            pass
+    def put_ended(self, snapshot: dict) -> None:
+        """Record how the job ended: the state store's ``snapshot`` of it."""
+        self.storage.put_bytes(layout.ended_key(self.job_id),
+                               json.dumps({"version": ENDED_VERSION, "snapshot": snapshot}).encode())
 
-    def ended(self) -> bool:
-        return self.storage.exists(layout.ended_key(self.job_id))
+    def ended(self) -> dict | None:
+        """The snapshot recorded when the job ended, or None while it has not."""
+        key = layout.ended_key(self.job_id)
+        try:
+            data = json.loads(self.storage.get_bytes(key))
+        except NotFoundError:
+            return None
+        except ValueError as exc:
+            raise InputError(f"not JSON ({exc})", path=self._source(key)) from None
+        if data.get("version") != ENDED_VERSION:
+            raise InputError("unknown ended-record version", path=self._source(key), field="version",
+                             expected=ENDED_VERSION, found=data.get("version"))
+        return data["snapshot"]
+
+    def delete_ended(self) -> None:
+        """The job goes on (resumed): it has not ended after all."""
+        self.storage.delete(layout.ended_key(self.job_id))
+
+    def delete_unused_segments(self, keep: set[str]) -> None:
+        """Remove segments of attempts that did not commit (superseded or late), keeping ``keep``."""
+        for key in list(self.storage.list(layout.chunks_prefix(self.job_id))):
+            if key.endswith(".mp4") and key not in keep:
+                self.storage.delete(key)

@@ -7,6 +7,13 @@ the expected and found shapes.
 
 Models exported with a fixed batch of 1 (the SyncTalk_2D export script does this) are given a free
 batch dimension in memory so they can run batched; ``common.runtime`` checks the result.
+
+A model is data from a user that every worker loads, so it must be only that: ``load_model`` reads
+the file without following external data and refuses any tensor stored outside the model (an
+``external_data`` location is a path the runtime would open on the worker: ``../../etc/...``), and
+any operator outside the standard ONNX domains and the model's own functions (``com.microsoft``'s
+``EPContext`` names a file to load; custom operators need shared libraries, which lipfarm never
+registers, so such a model could not run anyway). Every refusal names the file and the tensor or node.
 """
 
 from __future__ import annotations
@@ -61,18 +68,68 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+# Operator domains every ONNX runtime implements itself ("" is ai.onnx).
+STANDARD_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml"})
+
+
 def load_model(path: str | Path) -> onnx.ModelProto:
-    """Parse an ONNX file, or raise ``ModelError`` saying why it is not one."""
+    """Parse an ONNX file and check it is self-contained, or raise ``ModelError`` saying why not."""
     path = Path(path)
     if not path.is_file():
         raise ModelError("model file not found", path=path)
     try:
-        model = onnx.load(str(path))
+        model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # onnx raises DecodeError, ValueError or OSError for non-ONNX bytes
         raise ModelError(f"not an ONNX model ({type(exc).__name__})", path=path) from None
     if not model.graph.node:
         raise ModelError("not an ONNX model (no graph nodes)", path=path)
+    check_self_contained(model, path)
     return model
+
+
+def check_self_contained(model: onnx.ModelProto, path: str | Path) -> None:
+    """Refuse tensors stored outside ``model`` and operators it does not carry (module docstring)."""
+    local_functions = {(f.domain, f.name) for f in model.functions}
+    _check_graph(model.graph, path, "", local_functions)
+    for function in model.functions:
+        _check_nodes(function.node, path, f"function '{function.domain}.{function.name}', ", local_functions)
+
+
+def _check_tensor(tensor: onnx.TensorProto, path, where: str) -> None:
+    if tensor.data_location == onnx.TensorProto.EXTERNAL or len(tensor.external_data):
+        location = {entry.key: entry.value for entry in tensor.external_data}.get("location", "?")
+        raise ModelError(f"references external data '{location}'", path=path, field=where,
+                         expected="weights stored inside the model")
+
+
+def _check_graph(graph: onnx.GraphProto, path, where: str, local_functions) -> None:
+    for tensor in graph.initializer:
+        _check_tensor(tensor, path, f"{where}initializer '{tensor.name}'")
+    for sparse in graph.sparse_initializer:
+        for part in (sparse.values, sparse.indices):
+            _check_tensor(part, path, f"{where}sparse initializer '{sparse.values.name}'")
+    _check_nodes(graph.node, path, where, local_functions)
+
+
+def _check_nodes(nodes, path, where: str, local_functions) -> None:
+    for node in nodes:
+        name = f"{where}node '{node.name or node.op_type}'"
+        if node.domain not in STANDARD_DOMAINS and (node.domain, node.op_type) not in local_functions:
+            raise ModelError(f"uses operator '{node.op_type}' of domain '{node.domain}'", path=path, field=name,
+                             expected="standard ONNX operators (custom operators are not loaded)")
+        for attribute in node.attribute:
+            at = f"{name} attribute '{attribute.name}'"
+            tensors = ([attribute.t] if attribute.HasField("t") else []) + list(attribute.tensors)
+            for tensor in tensors:
+                _check_tensor(tensor, path, at)
+            sparse = ([attribute.sparse_tensor] if attribute.HasField("sparse_tensor") else []) + list(
+                attribute.sparse_tensors)
+            for tensor in sparse:
+                _check_tensor(tensor.values, path, at)
+                _check_tensor(tensor.indices, path, at)
+            subgraphs = ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs)
+            for subgraph in subgraphs:
+                _check_graph(subgraph, path, f"{at}, ", local_functions)
 
 
 def _dims(value: onnx.ValueInfoProto) -> tuple[int | str, ...]:

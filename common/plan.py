@@ -4,8 +4,7 @@
   job is submitted: the avatar and models by content hash, the uploaded audio's key, the options,
   the priority.
 - ``plan_job(submission, audio)`` turns it into a ``Plan`` once the audio's length is known: the
-  frame count (``L + 2``, docs/contract.md) and the chunks, each a frame range with the storage key
-  of its segment. It does no I/O, reads no clock and draws no random numbers, so planning twice
+  frame count (``L + 2``, docs/contract.md) and the chunks, each a frame range. It does no I/O, reads no clock and draws no random numbers, so planning twice
   gives the same plan.
 - The plan is written to storage as ``jobs/<id>/plan.json``: the source of truth that workers
   render from and the reconciler rebuilds queue state from.
@@ -21,9 +20,9 @@ from dataclasses import asdict, dataclass
 from common.errors import InputError
 from common.features import frame_count
 from common.options import RenderOptions
-from common.storage.layout import output_key, segment_key
+from common.storage.layout import output_key
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # 2: segments are named per attempt, not by the plan
 SUBMISSION_VERSION = 1
 
 
@@ -52,7 +51,6 @@ class Chunk:
     index: int
     start_frame: int
     stop_frame: int
-    segment_key: str
 
     @property
     def frames(self) -> int:
@@ -162,8 +160,7 @@ def plan_job(submission: Submission, audio: AudioRef) -> Plan:
     """
     job_id, options = submission.job_id, submission.options
     total = frame_count(audio.n_samples)
-    chunks = tuple(Chunk(i, start, stop, segment_key(job_id, i))
-                   for i, (start, stop) in enumerate(chunk_ranges(total, options.chunk_frames)))
+    chunks = tuple(Chunk(i, start, stop) for i, (start, stop) in enumerate(chunk_ranges(total, options.chunk_frames)))
     return Plan(job_id=job_id, avatar=submission.avatar, avatar_name=submission.avatar_name,
                 encoder=submission.encoder, generator=submission.generator, audio=audio,
                 frame_count=total, chunks=chunks, options=options, output_key=output_key(job_id))

@@ -21,7 +21,7 @@ def settings() -> Settings:
 @functools.cache
 def state_store() -> StateStore:
     current = settings()
-    return StateStore.connect(current.redis_url, current.key_prefix)
+    return StateStore.connect(current.redis_url, current.key_prefix, tls_ca_file=current.redis_tls_ca_file)
 
 
 @functools.lru_cache(maxsize=8)

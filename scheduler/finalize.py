@@ -1,79 +1,177 @@
 """The finalizer: check every chunk, join the segments, mux the audio, publish the output.
 
-One finalizer works on a job at a time (its finalize lease in the state store); a second message
-for the same job is a no-op. Segments are fetched one at a time and deleted once copied, so the
-finalizer's disk use is one segment plus the output. The output is uploaded only after ``stitch``
-has checked it, and is removed again if the job was cancelled meanwhile: a cancelled job never
-publishes anything.
+One finalizer works on a job at a time: it holds the job's finalize lease, with a token, renewed
+from a thread like a chunk attempt's. A second message for the job is skipped while the lease is
+alive; a finalizer that died is replaced when its lease runs out, or at once when its process is
+known dead on this host.
+
+Every segment is checked against what its commit recorded (size and SHA-256) as it is fetched. A
+segment that is missing or damaged is never published: its chunk is reopened (queued to render
+again, the job back to rendering) and the finalizer steps down; the next completing commit queues
+a new one. Segments are fetched one at a time and deleted once copied, so the finalizer's disk use
+is one segment plus the output. The output is uploaded only after ``stitch`` has checked it, and is
+removed again if the job was cancelled meanwhile: a cancelled job never publishes anything.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
-from common import defaults
-from common.errors import LipfarmError
+from common.config import Settings
+from common.endings import record_end
+from common.errors import LipfarmError, NotFoundError
+from common.holds import hold_reached
+from common.identity import WorkerProcess, is_dead_here
 from common.jobfiles import JobFiles
+from common.keepalive import KeepAlive
 from common.plan import Plan
-from common.state import ChunkState, JobState, StateStore
+from common.state import ChunkRecord, ChunkState, Claim, JobState, StateStore, Verdict
 from scheduler.stitch import Segment, stitch
 
+log = logging.getLogger(__name__)
 
-def finalize_job(job_id: str, *, store: StateStore, files: JobFiles, worker: str) -> str:
+
+@dataclass(frozen=True)
+class BadSegment:
+    index: int
+    key: str
+    problem: str
+
+
+class SegmentsFailedCheck(Exception):
+    """Segments that are missing or do not match their commit: their chunks must be rendered again."""
+
+    def __init__(self, bad: list[BadSegment]) -> None:
+        super().__init__(", ".join(f"chunk {b.index}: {b.problem}" for b in bad))
+        self.bad = bad
+
+
+@dataclass
+class Finalizer:
+    """What a finalize task needs from the process it runs in."""
+
+    store: StateStore
+    settings: Settings
+    process: WorkerProcess
+    enqueue_render: Callable[[str, int, str, str, float], None]
+
+
+def finalize_job(job_id: str, *, ctx: Finalizer, files: JobFiles) -> str:
     """Finalize ``job_id``; returns what happened, for the task's result."""
-    if not store.take_finalize_lease(job_id, worker=worker, lease_s=defaults.FINALIZE_LEASE_S):
-        return "skipped: another finalizer holds the job"
-    try:
-        return _finalize(job_id, store=store, files=files)
-    finally:
-        store.release_finalize_lease(job_id)
+    claim = _take(ctx, job_id)
+    if not claim.ok:
+        return f"skipped: {claim.detail}"
+    settings, store = ctx.settings, ctx.store
+    beat = KeepAlive(lambda: store.beat_finalizer(job_id, claim.token, now=time.time(), lease_s=settings.lease_s),
+                     interval_s=settings.heartbeat_interval_s, name=f"{job_id}:finalize")
+    with beat:
+        while not beat.lost and hold_reached(settings, f"{job_id}.finalize"):
+            time.sleep(0.05)
+        return _finalize(ctx, files, claim)
 
 
-def _finalize(job_id: str, *, store: StateStore, files: JobFiles) -> str:
-    if not store.start_finalizing(job_id, now=time.time()):
-        return f"skipped: job is {store.job(job_id).state.value}"
+def _take(ctx: Finalizer, job_id: str) -> Claim:
+    """Take the job's finalize lease; if a finalizer whose process died on this host holds it, take over."""
+    process, settings = ctx.process, ctx.settings
+    claim = ctx.store.take_finalizer(job_id, worker=process.id, worker_started=process.started, now=time.time(),
+                                     lease_s=settings.lease_s)
+    if claim.verdict == Verdict.SKIP and claim.owner and is_dead_here(claim.owner, claim.owner_started):
+        log.warning("job %s: its finalizer %s died; taking over", job_id, claim.owner)
+        claim = ctx.store.take_finalizer(job_id, worker=process.id, worker_started=process.started,
+                                         now=time.time(), lease_s=settings.lease_s, take_over=claim.owner_token)
+    return claim
+
+
+def _finalize(ctx: Finalizer, files: JobFiles, claim: Claim) -> str:
+    store, job_id = ctx.store, files.job_id
     try:
         plan = files.plan()
-        missing = [c.index for c in store.chunks(job_id, len(plan.chunks)) if c.state != ChunkState.COMMITTED]
-        if missing:
-            return _fail(store, files, f"chunks not committed at finalize: {missing[:10]}")
+        chunks = store.chunks(job_id, len(plan.chunks))
         with tempfile.TemporaryDirectory(prefix="lipfarm-finalize-") as temp:
-            output = _stitched(files, plan, Path(temp))
+            output = _stitched(files, plan, chunks, Path(temp))
             if store.job(job_id).state != JobState.FINALIZING:
                 return "stopped: job cancelled while finalizing"
             files.storage.put_file(plan.output_key, output)
+    except SegmentsFailedCheck as failed:
+        return _reopen(ctx, files, plan, claim, failed)
     except LipfarmError as exc:
         return _fail(store, files, str(exc))
     except Exception as exc:  # a bug or a broken file: fail the job rather than loop on it
         return _fail(store, files, f"finalize error: {type(exc).__name__}: {exc}")
     location = files.storage.location(plan.output_key)
-    if not store.finish(job_id, JobState.DONE, now=time.time(), output_location=location):
-        files.storage.delete(plan.output_key)  # cancelled during the upload: publish nothing
+    if store.finish_done(job_id, claim.token, output_location=location, now=time.time()) != Verdict.OK:
+        files.storage.delete(plan.output_key)  # cancelled (or replaced) during the upload: publish nothing
         return "stopped: job cancelled while publishing"
+    record_end(store, files.storage, job_id)
+    files.delete_unused_segments(keep={c.segment_key for c in chunks})
     return f"done: {location}"
 
 
-def _stitched(files: JobFiles, plan: Plan, folder: Path) -> Path:
+def _stitched(files: JobFiles, plan: Plan, chunks: list[ChunkRecord], folder: Path) -> Path:
+    not_committed = [c.index for c in chunks if c.state != ChunkState.COMMITTED]
+    if not_committed or len(chunks) != len(plan.chunks):
+        raise LipfarmError(f"chunks not committed at finalize: {not_committed[:10]}")
     audio = folder / ("input" + Path(plan.audio.input_key).suffix)
     files.storage.get_file(plan.audio.input_key, audio)
     output = folder / "output.mp4"
-    stitch(_segments(files, plan, folder), audio, output, expected_frames=plan.frame_count,
+    stitch(_checked_segments(files, chunks, folder), audio, output, expected_frames=plan.frame_count,
            audio_bitrate_bps=plan.options.audio_bitrate_bps)
     return output
 
 
-def _segments(files: JobFiles, plan: Plan, folder: Path) -> Iterator[Segment]:
-    for chunk in plan.chunks:
+def _checked_segments(files: JobFiles, chunks: list[ChunkRecord], folder: Path) -> Iterator[Segment]:
+    """Each committed segment, fetched and checked against its commit. After the first bad one the
+    rest are still checked (none is yielded), so one pass finds every chunk to render again."""
+    bad: list[BadSegment] = []
+    for chunk in chunks:
         path = folder / f"{chunk.index:05d}.mp4"
-        files.storage.get_file(chunk.segment_key, path)
-        yield Segment(path, chunk.start_frame, chunk.frames)
+        problem = _check(files, chunk, path)
+        if problem:
+            bad.append(BadSegment(chunk.index, chunk.segment_key, problem))
+        elif not bad:
+            yield Segment(path, chunk.start_frame, chunk.frames)
         path.unlink(missing_ok=True)
+    if bad:
+        raise SegmentsFailedCheck(bad)
+
+
+def _check(files: JobFiles, chunk: ChunkRecord, path: Path) -> str:
+    """What is wrong with a chunk's segment ("" if nothing)."""
+    try:
+        files.storage.get_file(chunk.segment_key, path)
+    except NotFoundError:
+        return "missing"
+    size = path.stat().st_size
+    if size != chunk.segment_size:
+        return f"{size} bytes, committed as {chunk.segment_size}"
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != chunk.segment_sha256:
+        return f"SHA-256 {digest[:12]}..., committed as {chunk.segment_sha256[:12]}..."
+    return ""
+
+
+def _reopen(ctx: Finalizer, files: JobFiles, plan: Plan, claim: Claim, failed: SegmentsFailedCheck) -> str:
+    store, job_id, now = ctx.store, files.job_id, time.time()
+    job = store.job(job_id)
+    for bad in failed.bad:
+        reason = f"segment {bad.key} failed its check ({bad.problem})"
+        verdict = store.reopen(job_id, bad.index, reason=reason, now=now, max_reopens=ctx.settings.max_attempts)
+        log.warning("job %s: %s: %s", job_id, reason, verdict.value)
+        if verdict == Verdict.REQUEUED:
+            ctx.enqueue_render(job_id, bad.index, job.priority, plan.chunks[bad.index].frames_label, 0.0)
+        elif verdict == Verdict.FAILED:
+            record_end(store, files.storage, job_id)
+    store.release_finalizer(job_id, claim.token, outcome="reopened", reason=str(failed), now=now)
+    return f"reopened: {failed}"
 
 
 def _fail(store: StateStore, files: JobFiles, reason: str) -> str:
     store.finish(files.job_id, JobState.FAILED, now=time.time(), reason=reason)
-    files.put_ended(JobState.FAILED.value, reason)
+    record_end(store, files.storage, files.job_id)
     return f"failed: {reason}"

@@ -31,7 +31,7 @@ from common.models import inspect_encoder, inspect_generator
 from common.options import RenderOptions
 from common.plan import AssetRef, AudioRef, Plan, Submission, plan_job
 from common.storage import LocalStorage
-from common.storage.layout import avatar_key, input_key, model_key, pcm_key
+from common.storage.layout import avatar_key, input_key, model_key, pcm_key, segment_key
 from scheduler.stitch import Segment, StitchReport, stitch
 from worker.assets import resolve_chunk
 from worker.render import StageTimes, render_chunk
@@ -62,13 +62,13 @@ def check_output_path(out: Path) -> None:
         raise InputError("output directory is not writable", path=out.parent)
 
 
-def prepare_audio(audio: Path, storage: LocalStorage, job_id: str) -> AudioRef:
+def prepare_audio(audio: Path, storage: LocalStorage, job_id: str, *, max_audio_s: float = 0.0) -> AudioRef:
     """Normalise the input to 16 kHz float32 PCM in the job's storage; checks it is usable audio."""
     probe_audio(audio)
     target = storage.local_path(pcm_key(job_id))
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target, "wb") as sink:
-        n_samples = normalise_to_16k(audio, sink)
+        n_samples = normalise_to_16k(audio, sink, max_samples=round(max_audio_s * defaults.SAMPLE_RATE_HZ) or None)
     return AudioRef(input_key(job_id, audio.name), pcm_key(job_id), n_samples,
                     input_path=str(audio.resolve()), pcm_path=str(target))
 
@@ -104,11 +104,16 @@ def _render_one(plan_json: str, index: int, root: str) -> StageTimes:
                               progress=lambda done: report((index, done)))
 
 
+def local_segment(plan: Plan, index: int, storage: LocalStorage) -> Path:
+    """Where a local render keeps chunk ``index``'s segment (one attempt per chunk: "local")."""
+    return storage.local_path(segment_key(plan.job_id, index, "local"))
+
+
 def render_chunk_local(plan: Plan, index: int, storage: LocalStorage, *, threads: int, template_frames: int,
                        progress: Callable[[int], None] | None = None) -> StageTimes:
     """Render one chunk of a local plan into its segment in ``storage`` (appears whole, or not)."""
     chunk = plan.chunks[index]
-    with replaced_atomically(storage.local_path(chunk.segment_key), suffix=".mp4") as partial:
+    with replaced_atomically(local_segment(plan, index, storage), suffix=".mp4") as partial:
         work = resolve_chunk(plan, chunk, storage=storage, cache=None, output=partial)
         return render_chunk(work, threads=threads, templates=process_templates(template_frames),
                             progress=progress)
@@ -196,7 +201,8 @@ def render_local(*, avatar: Avatar, audio: Path, out: Path, encoder: Path, gener
     job_id = new_job_id()
     storage = LocalStorage(settings.work_dir / job_id)
     try:
-        plan = local_plan(job_id, avatar, prepare_audio(audio, storage, job_id), encoder, generator, options)
+        plan = local_plan(job_id, avatar, prepare_audio(audio, storage, job_id, max_audio_s=settings.max_audio_s),
+                          encoder, generator, options)
         audio_s = time.perf_counter() - started
         bar = _Progress(plan.frame_count, show_progress)
         render = _render_in_process if workers == 1 else functools.partial(_render_in_pool, workers=workers)
@@ -206,7 +212,7 @@ def render_local(*, avatar: Avatar, audio: Path, out: Path, encoder: Path, gener
         finally:
             bar.close()
         stitched = time.perf_counter()
-        segments = [Segment(storage.local_path(c.segment_key), c.start_frame, c.frames) for c in plan.chunks]
+        segments = [Segment(local_segment(plan, c.index, storage), c.start_frame, c.frames) for c in plan.chunks]
         with replaced_atomically(out, suffix=".partial.mp4") as partial:
             report = stitch(segments, audio, partial, expected_frames=plan.frame_count,
                             audio_bitrate_bps=options.audio_bitrate_bps)

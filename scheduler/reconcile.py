@@ -1,28 +1,41 @@
 """Recovery as an explicit pass: ``reconcile(now=...)`` (rq's registry cleanup, Flamenco's timeouts).
 
-Run periodically (``lipfarm reconcile --loop``, or the beat schedule of ``lipfarm worker --beat``):
+Every ``lipfarm worker`` runs it in a thread (at most one pass per interval across the farm), and
+``lipfarm reconcile --loop`` runs it on its own, so recovery does not hang on one process. A pass:
 
-1. attempts whose lease expired (their worker died or stalled) go back to the queue with the
-   reason, or fail their chunk and job when the chunk is out of attempts;
-2. jobs that will not move on by themselves get the message they lack (``Stall``): a finalizer
-   for a complete job whose finalize message was lost or whose finalizer died, a plan for a job
-   whose plan message or planner was lost;
-3. with ``rebuild``, unfinished jobs missing from Redis (which may lose its data) are restored from
-   their files in storage: the submission, the plan and the chunks' commit markers.
+1. records in storage the ends of jobs that ended in Redis (the outbox), so a rebuild restores them
+   as they ended;
+2. rebuilds from storage when Redis lost its data (its generation marker is gone) or when asked:
+   unfinished jobs are restored from their submission, plan and commit markers, ended ones from
+   their end records;
+3. takes back, at once, chunks and finalizers whose process died on this host;
+4. requeues attempts whose lease expired (their worker died or stalled elsewhere), or fails their
+   chunk and job when out of attempts; queues a new finalizer for a job whose finalizer's lease
+   expired;
+5. gives jobs that will not move on by themselves the message they lack (``Stall``), and re-queues
+   queued chunks whose render message was lost (none waits in the broker, yet they stay queued).
 
-The state store finds what is stuck; this module decides what to queue. Nothing here sleeps or
-reads the clock: ``now`` is a parameter.
+The state store finds what is stuck; this module decides what to queue. ``reconcile`` never sleeps
+and takes the time as a parameter; ``run_forever`` is the loop, which logs an outage of Redis, the
+broker or storage and carries on.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, replace
+import threading
+import time
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
+from common import defaults
 from common.config import Settings
+from common.endings import record_end, record_ends
+from common.errors import LipfarmError
+from common.identity import is_dead_here, worker_id
 from common.jobfiles import JobFiles
-from common.state import JobRecord, Stall, StateStore, Verdict
+from common.retry import retry_delay_s
+from common.state import JobRecord, JobState, Stall, StateStore, Verdict
 from common.storage import Storage
 from common.storage.layout import submitted_job_ids
 
@@ -34,17 +47,21 @@ class Enqueue:
     """How the reconciler queues work (Celery in a farm, a recorder in tests)."""
 
     plan: Callable[[str, str], None]  # (job id, priority)
-    render: Callable[[str, int, str, str], None]  # (job id, chunk, priority, frames label)
+    render: Callable[[str, int, str, str, float], None]  # (job id, chunk, priority, frames label, delay s)
     finalize: Callable[[str, str], None]  # (job id, priority)
+    waiting_renders: Callable[[], int] = lambda: 0  # render messages waiting in the broker
 
 
 @dataclass
 class ReconcileReport:
+    recorded: list[str] = field(default_factory=list)
+    rebuilt: list[str] = field(default_factory=list)
+    taken_back: list[str] = field(default_factory=list)
     requeued: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     finalizers: list[str] = field(default_factory=list)
     replanned: list[str] = field(default_factory=list)
-    rebuilt: list[str] = field(default_factory=list)
+    resent: list[str] = field(default_factory=list)
 
 
 def reconcile(*, store: StateStore, storage: Storage, settings: Settings, now: float,
@@ -52,33 +69,63 @@ def reconcile(*, store: StateStore, storage: Storage, settings: Settings, now: f
               storage_at: Callable[[str], Storage] | None = None) -> ReconcileReport:
     """One recovery pass; see the module docstring.
 
-    ``storage`` is where ``rebuild`` looks for jobs; ``storage_at`` opens a job's own storage by the
-    URL in its record (default: ``storage`` for every job).
+    ``storage`` is where a rebuild looks for jobs; ``storage_at`` opens a job's own storage by the
+    URL in its record (default: ``storage`` for every job). ``rebuild`` forces a rebuild; without
+    it one runs only when Redis has lost its data.
     """
-    report = ReconcileReport()
-    if rebuild:
-        _rebuild(store, storage, now, enqueue, report)
-    _expired_leases(store, storage_at or (lambda url: storage), settings, now, enqueue, report)
+    storage_at = storage_at or (lambda url: storage)
+    report = ReconcileReport(recorded=record_ends(store, storage_at))
+    if (rebuild or store.generation() is None) and store.take_rebuild_lock(owner := worker_id(), ttl_s=600):
+        try:
+            _rebuild(store, storage, now, enqueue, report)
+            store.set_generation(now=now)
+        finally:
+            store.release_rebuild_lock(owner)
+    _dead_local_owners(store, storage_at, settings, now, enqueue, report)
+    _expired_leases(store, storage_at, settings, now, enqueue, report)
     _stalled_jobs(store, settings, now, enqueue, report)
+    _lost_render_messages(store, settings, now, enqueue, report)
     for kind, items in report.__dict__.items():
         if items:
             log.info("reconcile %s: %s", kind, ", ".join(items))
     return report
 
 
-def _expired_leases(store: StateStore, storage_at: Callable[[str], Storage], settings: Settings,
-                    now: float, enqueue: Enqueue, report: ReconcileReport) -> None:
+def _requeued(store: StateStore, storage_at, job_id: str, index: int, move, enqueue: Enqueue,
+              report: ReconcileReport, kind: list) -> None:
+    if move.verdict == Verdict.REQUEUED:
+        job, chunk = store.job(job_id), store.chunk(job_id, index)
+        enqueue.render(job_id, index, job.priority, chunk.frames_label, retry_delay_s(move.spent, worker_lost=True))
+        kind.append(f"{job_id}:{index}")
+    elif move.verdict == Verdict.FAILED:
+        record_end(store, storage_at(store.job(job_id).storage_url), job_id)
+        report.failed.append(f"{job_id}:{index}")
+
+
+def _dead_local_owners(store: StateStore, storage_at, settings: Settings, now: float, enqueue: Enqueue,
+                       report: ReconcileReport) -> None:
+    for lease in store.leases():
+        if not is_dead_here(lease.worker, lease.worker_started):
+            continue
+        if lease.index is None:
+            store.expire_finalizer(lease.job_id, lease.token)
+            enqueue.finalize(lease.job_id, store.job(lease.job_id).priority)
+            report.taken_back.append(f"{lease.job_id}:finalize")
+            continue
+        move = store.requeue(lease.job_id, lease.index, now=now, reason=f"worker process {lease.worker} died",
+                             max_attempts=settings.max_attempts, dead_token=lease.token)
+        _requeued(store, storage_at, lease.job_id, lease.index, move, enqueue, report, report.taken_back)
+
+
+def _expired_leases(store: StateStore, storage_at, settings: Settings, now: float, enqueue: Enqueue,
+                    report: ReconcileReport) -> None:
     for job_id, index in store.expired_leases(now):
-        verdict = store.requeue(job_id, index, now=now, reason="lease expired: worker lost or stalled",
-                                max_attempts=settings.max_attempts)
-        if verdict == Verdict.REQUEUED:
-            job, chunk = store.job(job_id), store.chunk(job_id, index)
-            enqueue.render(job_id, index, job.priority, chunk.frames_label)
-            report.requeued.append(f"{job_id}:{index}")
-        elif verdict == Verdict.FAILED:
-            job = store.job(job_id)
-            JobFiles(storage_at(job.storage_url), job_id).put_ended(job.state.value, job.reason)
-            report.failed.append(f"{job_id}:{index}")
+        move = store.requeue(job_id, index, now=now, reason="lease expired: worker lost or stalled",
+                             max_attempts=settings.max_attempts)
+        _requeued(store, storage_at, job_id, index, move, enqueue, report, report.requeued)
+    for job_id in store.expired_finalizers(now):
+        enqueue.finalize(job_id, store.job(job_id).priority)
+        report.finalizers.append(job_id)
 
 
 def _stalled_jobs(store: StateStore, settings: Settings, now: float, enqueue: Enqueue,
@@ -95,17 +142,35 @@ def _stalled_jobs(store: StateStore, settings: Settings, now: float, enqueue: En
         report.finalizers.append(job.job_id)
 
 
+def _lost_render_messages(store: StateStore, settings: Settings, now: float, enqueue: Enqueue,
+                          report: ReconcileReport) -> None:
+    """Queued chunks with no render message left anywhere (the broker lost it) get a new one.
+
+    Only when no render message waits in the broker at all: then a chunk queued longer than any
+    retry delay plus two leases has nothing coming for it. A message that was only late meets a
+    chunk already claimed, and is skipped.
+    """
+    if enqueue.waiting_renders():
+        return
+    for job, chunk in store.waiting_chunks(now=now, grace_s=2 * settings.lease_s + defaults.RETRY_DELAY_MAX_S):
+        enqueue.render(job.job_id, chunk.index, job.priority, chunk.frames_label, 0.0)
+        report.resent.append(f"{job.job_id}:{chunk.index}")
+
+
 def _rebuild(store: StateStore, storage: Storage, now: float, enqueue: Enqueue,
              report: ReconcileReport) -> None:
     for job_id in submitted_job_ids(storage.list("jobs/")):
-        files = JobFiles(storage, job_id)
-        if store.exists(job_id) or files.ended():
+        if store.exists(job_id):
             continue
-        _rebuild_job(store, files, now, enqueue)
+        _rebuild_job(store, JobFiles(storage, job_id), now, enqueue)
         report.rebuilt.append(job_id)
 
 
 def _rebuild_job(store: StateStore, files: JobFiles, now: float, enqueue: Enqueue) -> None:
+    ended = files.ended()
+    if ended is not None:
+        store.restore_snapshot(ended)
+        return
     submission = files.submission()
     record = replace(JobRecord.queued(submission, files.storage.url, now=now), rebuilt_at=now)
     if not files.has_plan():
@@ -113,17 +178,46 @@ def _rebuild_job(store: StateStore, files: JobFiles, now: float, enqueue: Enqueu
         enqueue.plan(files.job_id, submission.priority)
         return
     plan = files.plan()
-    if files.has_output(plan):
-        store.restore_done_job(record, output_location=files.storage.location(plan.output_key), now=now)
+    if files.has_output(plan):  # published before end records existed
+        store.restore_snapshot({"job": replace(record, state=JobState.DONE, output_key=plan.output_key,
+                                               output_location=files.storage.location(plan.output_key),
+                                               finished_at=now).to_hash(),
+                                "chunks": [], "attempts": [], "finalize_attempts": []})
         return
-    committed = files.committed(plan)
+    committed = {i: asdict(marker) for i, marker in files.committed(plan).items()}
     ranges = [(c.start_frame, c.stop_frame) for c in plan.chunks]
-    store.restore_job(replace(record, output_key=plan.output_key), ranges,
-                      committed={i: m.frames for i, m in committed.items()}, now=now)
+    store.restore_job(replace(record, output_key=plan.output_key), ranges, committed=committed, now=now)
     for chunk in plan.chunks:
         if chunk.index not in committed:
-            enqueue.render(files.job_id, chunk.index, submission.priority, chunk.frames_label)
+            enqueue.render(files.job_id, chunk.index, submission.priority, chunk.frames_label, 0.0)
     if len(committed) == len(plan.chunks):
         store.mark_finalizer_enqueued(files.job_id, now=now)
         enqueue.finalize(files.job_id, submission.priority)
 
+
+def run_forever(connect: Callable[[], tuple[StateStore, Callable[[str], Storage]]], settings: Settings,
+                enqueue: Enqueue, *, rebuild_first: bool = False, stop: threading.Event | None = None,
+                turn: Callable[[StateStore], bool] | None = None, on_pass=None) -> None:
+    """Reconcile every ``settings.reconcile_interval_s`` until ``stop`` is set.
+
+    An outage (Redis, the broker, storage) fails a pass, not the loop: it is logged and the next pass
+    tries again, reconnecting. ``turn(store)`` says whether this process's turn has come (workers
+    share one pass per interval); ``on_pass(report)`` sees each report.
+    """
+    stop = stop or threading.Event()
+    rebuild, store, storage_at = rebuild_first, None, None
+    while not stop.is_set():
+        try:
+            if store is None:
+                store, storage_at = connect()
+            if turn is None or turn(store):
+                report = reconcile(store=store, storage=storage_at(settings.storage_url), settings=settings,
+                                   now=time.time(), enqueue=enqueue, rebuild=rebuild, storage_at=storage_at)
+                rebuild = False
+                if on_pass is not None:
+                    on_pass(report)
+        except LipfarmError as exc:
+            log.warning("reconcile pass failed, trying again in %.0f s: %s", settings.reconcile_interval_s, exc)
+        except Exception as exc:  # a bug must not end recovery for the whole farm: log it with its trace
+            log.exception("reconcile pass failed: %s", exc)
+        stop.wait(settings.reconcile_interval_s)

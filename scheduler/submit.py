@@ -19,21 +19,22 @@ from common.audio import check_audio
 from common.avatar import Avatar, AvatarStore, pack_avatar
 from common.config import Settings
 from common.errors import CancelledError, InputError, JobFailedError, ServiceError
+from common.endings import record_end
 from common.identity import new_job_id
 from common.jobfiles import JobFiles
 from common.models import inspect_encoder, inspect_generator
 from common.options import RenderOptions
 from common.plan import AssetRef, Submission
-from common.state import JobRecord, JobState, JobStatus, StateStore
+from common.state import JobRecord, JobState, JobStatus, StateStore, Verdict
 from common.storage import Storage, open_storage
 from common.storage.layout import avatar_key, model_key
 
 
 def connect_farm(settings: Settings) -> StateStore:
     """The state store, after checking the broker and state Redis answer (``ServiceError`` if not)."""
-    store = StateStore.connect(settings.redis_url, settings.key_prefix)
+    store = StateStore.connect(settings.redis_url, settings.key_prefix, tls_ca_file=settings.redis_tls_ca_file)
     if settings.broker_url != settings.redis_url:
-        StateStore.connect(settings.broker_url, settings.key_prefix)
+        StateStore.connect(settings.broker_url, settings.key_prefix, tls_ca_file=settings.redis_tls_ca_file)
     return store
 
 
@@ -50,7 +51,7 @@ def _check_inputs(settings: Settings, *, avatar: str, audio: Path, encoder: Path
         raise InputError("unknown priority", field="priority", expected=" | ".join(defaults.PRIORITIES),
                          found=priority)
     package = AvatarStore(settings.avatars_dir).get(avatar)
-    check_audio(audio)
+    check_audio(audio, max_s=settings.max_audio_s)
     enc, gen = inspect_encoder(encoder), inspect_generator(generator)
     return _CheckedInputs(package, AssetRef(enc.sha256, model_key(enc.sha256), str(encoder)),
                           AssetRef(gen.sha256, model_key(gen.sha256), str(generator)))
@@ -91,9 +92,10 @@ def submit_job(settings: Settings, *, avatar: str, audio: Path, encoder: Path, g
     store.create_job(JobRecord.queued(submission, storage.url))
     try:
         enqueue_plan(files.job_id, priority)
-    except Exception as exc:  # the broker went away between the check and now
+    except ServiceError as exc:  # the broker went away between the check and now
         store.finish(files.job_id, JobState.FAILED, now=time.time(), reason=f"could not be queued: {exc}")
-        raise ServiceError(f"cannot queue job {files.job_id} on the broker at {settings.broker_url} ({exc})") from None
+        record_end(store, storage, files.job_id)
+        raise
     return JobHandle(files.job_id, store, storage)
 
 
@@ -107,10 +109,35 @@ class JobHandle:
         return self.store.status(self.job_id, now=time.time())
 
     def cancel(self) -> bool:
+        """Cancel the job (False if it had ended); its end is recorded in storage at once."""
         cancelled = self.store.cancel(self.job_id, now=time.time())
         if cancelled:
-            JobFiles(self.storage, self.job_id).put_ended(JobState.CANCELLED.value, "cancelled by user")
+            record_end(self.store, self.storage, self.job_id)
         return cancelled
+
+    def resume(self) -> int:
+        """Go on with a failed or cancelled job: its unfinished chunks are queued again, each with a
+        fresh attempt count (the committed ones are kept). Returns the chunks queued."""
+        from common.celery_app import enqueue_finalize, enqueue_plan, enqueue_render
+
+        job = self.store.job(self.job_id)
+        if job.state == JobState.DONE:
+            raise InputError(f"job {self.job_id} is done: there is nothing to resume", field="job")
+        resumed = self.store.resume(self.job_id, now=time.time())
+        if resumed.verdict == Verdict.REFUSED:
+            raise InputError(f"job {self.job_id} is {resumed.detail}: only a failed or cancelled job can be resumed",
+                             field="job")
+        JobFiles(self.storage, self.job_id).delete_ended()
+        if resumed.replan:
+            enqueue_plan(self.job_id, job.priority)
+            return 0
+        for chunk in self.store.chunks(self.job_id):
+            if chunk.index in resumed.queued:
+                enqueue_render(self.job_id, chunk.index, job.priority, chunk.frames_label)
+        if not resumed.queued:
+            self.store.mark_finalizer_enqueued(self.job_id, now=time.time())
+            enqueue_finalize(self.job_id, job.priority)
+        return len(resumed.queued)
 
     def wait(self, *, timeout_s: float | None = None, show_progress: bool = False,
              poll_s: float = 1.0) -> JobStatus:

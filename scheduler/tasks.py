@@ -1,17 +1,26 @@
-"""The Celery tasks of the scheduler role: plan, finalize, reconcile. Each a thin shell."""
+"""The Celery side of the scheduler role: the plan and finalize tasks (thin shells), and recovery
+running inside every worker (a bootstep: a thread of the worker's main process)."""
 
 from __future__ import annotations
 
-import time
+import functools
+import logging
+import threading
+
+from celery import bootsteps
 
 from common import services
-from common.celery_app import (TASK_FINALIZE, TASK_PLAN, TASK_RECONCILE, app, enqueue_finalize,
-                               enqueue_plan, enqueue_render)
-from common.identity import worker_id
+from common.celery_app import TASK_FINALIZE, TASK_PLAN, app, enqueue_finalize, enqueue_plan, enqueue_render, waiting_renders
+from common.config import Settings
+from common.identity import this_process
 from common.jobfiles import JobFiles
-from scheduler.finalize import finalize_job
+from common.state import StateStore
+from common.storage import open_storage
+from scheduler.finalize import Finalizer, finalize_job
 from scheduler.planning import plan_submitted_job
-from scheduler.reconcile import Enqueue, reconcile
+from scheduler.reconcile import Enqueue, run_forever
+
+log = logging.getLogger(__name__)
 
 
 def _job_files(job_id: str) -> JobFiles:
@@ -22,19 +31,55 @@ def _job_files(job_id: str) -> JobFiles:
 def plan_job_task(job_id: str) -> str:
     """Plan job ``job_id``: normalise its audio, write plan.json, queue its chunks."""
     return plan_submitted_job(job_id, store=services.state_store(), files=_job_files(job_id),
-                              enqueue_render=enqueue_render)
+                              enqueue_render=enqueue_render, max_audio_s=services.settings().max_audio_s)
 
 
 @app.task(name=TASK_FINALIZE)
 def finalize_job_task(job_id: str) -> str:
     """Join job ``job_id``'s segments, mux its audio, check and publish output.mp4."""
-    return finalize_job(job_id, store=services.state_store(), files=_job_files(job_id), worker=worker_id())
+    finalizer = Finalizer(services.state_store(), services.settings(), this_process(), enqueue_render)
+    return finalize_job(job_id, ctx=finalizer, files=_job_files(job_id))
 
 
-@app.task(name=TASK_RECONCILE)
-def reconcile_task() -> dict:
-    """Requeue lost chunks, re-queue lost finalizers and plans."""
-    report = reconcile(store=services.state_store(), storage=services.storage(), storage_at=services.storage_at,
-                       settings=services.settings(), now=time.time(),
-                       enqueue=Enqueue(enqueue_plan, enqueue_render, enqueue_finalize))
-    return report.__dict__
+def celery_enqueue() -> Enqueue:
+    return Enqueue(enqueue_plan, enqueue_render, enqueue_finalize, waiting_renders)
+
+
+def connect_recovery(settings: Settings):
+    """A state store and storage opener of the recovery loop's own (not shared with tasks)."""
+    store = StateStore.connect(settings.redis_url, settings.key_prefix, tls_ca_file=settings.redis_tls_ca_file)
+    return store, functools.lru_cache(maxsize=8)(lambda url: open_storage(url, settings))
+
+
+class Recovery(bootsteps.StartStopStep):
+    """Every worker runs the recovery pass (``scheduler.reconcile``) in a thread of its main process,
+    taking turns: at most one pass per interval across the farm, and no single process to lose."""
+
+    requires = {"celery.worker.components:Pool"}  # start after the pool has forked its processes
+
+    def __init__(self, worker, **kwargs) -> None:
+        self.stop_event = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def start(self, worker) -> None:
+        settings = services.settings()
+        if not settings.worker_reconcile:
+            return
+        owner = f"{worker.hostname}:{this_process().pid}"
+        turn = functools.partial(_take_turn, owner=owner, interval_s=settings.reconcile_interval_s)
+        self.thread = threading.Thread(
+            target=run_forever, args=(functools.partial(connect_recovery, settings), settings, celery_enqueue()),
+            kwargs={"stop": self.stop_event, "turn": turn}, name="lipfarm-recovery", daemon=True)
+        self.thread.start()
+
+    def stop(self, worker) -> None:
+        self.stop_event.set()
+        if self.thread is not None:
+            self.thread.join(timeout=10)
+
+
+def _take_turn(store: StateStore, *, owner: str, interval_s: float) -> bool:
+    return store.take_reconcile_turn(owner, interval_s=0.9 * interval_s)
+
+
+app.steps["worker"].add(Recovery)

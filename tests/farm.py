@@ -47,6 +47,7 @@ class SeaweedS3:
         self.folder = folder
         self.process: subprocess.Popen | None = None
         self.endpoint = ""
+        self.ports: list[int] = []  # kept across restarts: clients keep their endpoint
 
     def start(self) -> "SeaweedS3":
         weed = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
@@ -57,7 +58,7 @@ class SeaweedS3:
         config.write_text(json.dumps({"identities": [{
             "name": "lipfarm", "credentials": [{"accessKey": S3_KEY, "secretKey": S3_SECRET}],
             "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
-        ports = free_ports(11)
+        ports = self.ports = self.ports or free_ports(11)
         names = ["master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
                  "filer.port.grpc", "s3.port", "s3.port.grpc", "admin.port", "admin.port.grpc", "webdav.port"]
         flags = [f"-{name}={port}" for name, port in zip(names, ports)]
@@ -86,6 +87,10 @@ class SeaweedS3:
         return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=S3_KEY,
                             aws_secret_access_key=S3_SECRET, region_name="us-east-1",
                             config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 2}))
+
+    def restart(self) -> "SeaweedS3":
+        """Start again after ``stop``, on the same ports and with the same data."""
+        return self.start()
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import io
+import time
+from fractions import Fraction
 
+import av
 import librosa
 import numpy as np
 import pytest
 import soundfile
 
-from common.audio import ArrayPcm, FilePcm, MIN_SAMPLES_16K, load_16k, normalise_to_16k, probe_audio
+from common.audio import (ArrayPcm, FilePcm, MIN_SAMPLES_16K, check_audio, load_16k, max_samples_16k,
+                          normalise_to_16k, probe_audio)
 from common.errors import AudioError
 from tests.media import tone, write_audio
 
@@ -129,3 +133,81 @@ def test_video_without_audio(tmp_path):
             out.mux(packet)
     with pytest.raises(AudioError, match="silent.mp4: no audio stream"):
         load_16k(path)
+
+
+# --- Length bound (LIPFARM_MAX_AUDIO_S) ---------------------------------------------------------------
+
+
+def long_silence_ogg(path, seconds: float, *, frame_ms: int = 60):
+    """An Opus/Ogg file of ``seconds`` of silence: a few megabytes for hours of audio, made in about
+    a second by encoding a little silence once and muxing its packets again and again (an Opus
+    packet of silence decodes to silence wherever it stands)."""
+    rate, frame = 48000, 48 * frame_ms
+    with av.open(str(path), "w", format="ogg") as out:
+        stream = out.add_stream("libopus", rate=rate, layout="mono")
+        stream.bit_rate = 6000
+        stream.codec_context.options = {"frame_duration": str(frame_ms)}
+        packets = []
+        for i in range(20):
+            block = av.AudioFrame.from_ndarray(np.zeros((1, frame), np.float32), format="flt", layout="mono")
+            block.sample_rate, block.pts, block.time_base = rate, i * frame, Fraction(1, rate)
+            packets += stream.encode(block)
+        steady = packets[5:10]
+        for i in range(int(seconds * 1000 / frame_ms)):
+            packet = av.Packet(bytes(steady[i % len(steady)]))
+            packet.pts = packet.dts = i * frame
+            packet.duration, packet.time_base, packet.stream = frame, Fraction(1, rate), stream
+            out.mux(packet)
+    return path
+
+
+@pytest.fixture(scope="module")
+def three_hours(tmp_path_factory):
+    return long_silence_ogg(tmp_path_factory.mktemp("long") / "three_hours.ogg", 3 * 3600)
+
+
+def test_the_long_file_is_small_and_says_how_long_it_is(three_hours):
+    assert three_hours.stat().st_size < 3_000_000  # 3 h, i.e. 691 MB of 16 kHz float32 PCM
+    assert probe_audio(three_hours).duration_s == pytest.approx(3 * 3600, abs=1)
+
+
+def test_submit_probe_refuses_a_container_that_says_it_is_too_long(three_hours):
+    with pytest.raises(AudioError, match=r"three_hours.ogg: audio is longer than the maximum "
+                                         r"\(expected at most 3600 s \(LIPFARM_MAX_AUDIO_S\), found 10800.0 s"):
+        check_audio(three_hours, max_s=3600)
+    assert check_audio(three_hours, max_s=4 * 3600).duration_s == pytest.approx(10800, abs=1)
+    assert check_audio(three_hours).codec == "opus"  # no bound given: none applied
+
+
+def test_decoding_stops_as_soon_as_the_bound_is_passed(three_hours, monkeypatch):
+    import common.audio
+
+    decoded = []
+    real = common.audio.iter_decoded
+
+    def counting(path):
+        for block, rate in real(path):
+            decoded.append(block.shape[-1] / rate)
+            yield block, rate
+
+    monkeypatch.setattr(common.audio, "iter_decoded", counting)
+    sink = io.BytesIO()
+    started = time.monotonic()
+    with pytest.raises(AudioError, match=r"three_hours.ogg: audio is longer than the maximum \(expected at most "
+                                         r"60 s \(LIPFARM_MAX_AUDIO_S\), found it decodes to more than 60 s: "
+                                         r"decoding stopped at 60.0"):
+        normalise_to_16k(three_hours, sink, max_samples=max_samples_16k(60))
+    assert 60 < sum(decoded) <= 60 + max(decoded)  # one block past the bound, not three hours
+    assert len(sink.getvalue()) <= 60 * 16000 * 4  # the block past the bound was not written
+    assert time.monotonic() - started < 10
+
+
+@pytest.mark.parametrize("bound_s, refused", [(2.0, False), (1.99, True), (0, False), (None, False)])
+def test_the_bound_is_inclusive_and_zero_means_none(tmp_path, bound_s, refused):
+    soundfile.write(tmp_path / "two.wav", tone(2.0, 44100).T, 44100)
+    sink = io.BytesIO()
+    if refused:
+        with pytest.raises(AudioError, match=r"two.wav: .*decodes to more than 1.99 s: decoding stopped at 2.00 s"):
+            normalise_to_16k(tmp_path / "two.wav", sink, max_samples=max_samples_16k(bound_s))
+    else:
+        assert normalise_to_16k(tmp_path / "two.wav", sink, max_samples=max_samples_16k(bound_s)) == 32000

@@ -225,3 +225,110 @@ def test_fp16_conversion_keeps_io_float32_and_the_result(demo, tmp_path):
     assert low.dtype == np.float32
     mse = np.mean((full * 255 - low * 255) ** 2)
     assert 10 * np.log10(255 ** 2 / max(mse, 1e-12)) > 40
+
+
+# --- Models must be self-contained: no external data, no custom operators -----------------------------
+
+
+def _encoder_with_weights(path, *, external: bool, constant_in_subgraph: bool = False):
+    """An encoder-shaped model ``mel [B,1,80,16] -> emb [B,512]`` whose weight ``w`` is an initializer
+    (or a Constant inside an If branch), saved with its data inside or in ``w.bin`` beside it."""
+    from onnx.external_data_helper import convert_model_to_external_data
+
+    weights = np.random.default_rng(0).standard_normal((1280, 512)).astype(np.float32)
+    flat = helper.make_node("Flatten", ["mel"], ["flat"], axis=1)
+    if constant_in_subgraph:
+        const = helper.make_node("Constant", [], ["w_then"], name="c", value=numpy_helper.from_array(weights, "w"))
+        then = helper.make_graph([const], "then", [], [helper.make_tensor_value_info("w_then", TensorProto.FLOAT,
+                                                                                     [1280, 512])])
+        other = helper.make_graph([helper.make_node("Constant", [], ["w_else"], name="z", value=numpy_helper.from_array(
+            np.zeros((1280, 512), np.float32), "z"))], "else", [],
+            [helper.make_tensor_value_info("w_else", TensorProto.FLOAT, [1280, 512])])
+        cond = numpy_helper.from_array(np.array(True), "cond")
+        nodes = [flat, helper.make_node("If", ["cond"], ["w"], name="pick", then_branch=then, else_branch=other)]
+        inits = [cond]
+    else:
+        nodes, inits = [flat], [numpy_helper.from_array(weights, "w")]
+    nodes.append(helper.make_node("MatMul", ["flat", "w"], ["emb"]))
+    graph = helper.make_graph(nodes, "enc", [helper.make_tensor_value_info("mel", TensorProto.FLOAT, ["B", 1, 80, 16])],
+                              [helper.make_tensor_value_info("emb", TensorProto.FLOAT, ["B", 512])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    if external:
+        convert_model_to_external_data(model, all_tensors_to_one_file=True, location="w.bin", size_threshold=1024,
+                                       convert_attribute=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def test_a_self_contained_model_still_loads_and_runs(tmp_path):
+    path = _encoder_with_weights(tmp_path / "encoder.onnx", external=False, constant_in_subgraph=True)
+    runner = open_runner(inspect_encoder(path), backend="cpu", precision="fp32", threads=1)
+    assert runner({"mel": np.ones((2, 1, 80, 16), np.float32)})[0].shape == (2, 512)
+
+
+def test_external_data_is_refused_naming_file_and_tensor(tmp_path):
+    path = _encoder_with_weights(tmp_path / "encoder.onnx", external=True)
+    assert (tmp_path / "w.bin").stat().st_size == 1280 * 512 * 4  # onnx.load would read it, and so would ORT
+    message = r"encoder.onnx: initializer 'w': references external data 'w.bin' \(expected weights stored inside"
+    with pytest.raises(ModelError, match=message):
+        load_model(path)
+    with pytest.raises(ModelError, match=message):
+        inspect_encoder(path)
+
+
+def test_external_data_anywhere_is_refused_and_never_read(tmp_path):
+    path = _encoder_with_weights(tmp_path / "encoder.onnx", external=True, constant_in_subgraph=True)
+    (tmp_path / "w.bin").unlink()  # refused by what the model says, without opening the data
+    (tmp_path / "w.bin").mkdir()  # (a directory: reading it would fail differently)
+    with pytest.raises(ModelError, match=r"encoder.onnx: node 'pick' attribute 'else_branch', node 'z' attribute "
+                                         r"'value': references external data 'w.bin'"):
+        load_model(path)
+
+
+def test_a_path_outside_the_model_is_refused(tmp_path):
+    from onnx.external_data_helper import set_external_data
+
+    path = _encoder_with_weights(tmp_path / "encoder.onnx", external=False)
+    model = onnx.load(str(path))
+    tensor = model.graph.initializer[0]
+    set_external_data(tensor, location="../../../../etc/passwd", offset=0, length=1280 * 512 * 4)
+    tensor.data_location = TensorProto.EXTERNAL
+    tensor.ClearField("raw_data")
+    onnx.save(model, str(path))
+    with pytest.raises(ModelError, match=r"initializer 'w': references external data '../../../../etc/passwd'"):
+        inspect_encoder(path)
+
+
+@pytest.mark.parametrize("domain, op, attrs, found", [
+    ("com.example", "Steal", {}, "uses operator 'Steal' of domain 'com.example'"),
+    ("com.microsoft", "EPContext", {"embed_mode": 0, "ep_cache_context": "/etc/passwd"},
+     "uses operator 'EPContext' of domain 'com.microsoft'"),
+])
+def test_operators_outside_the_standard_domains_are_refused(tmp_path, domain, op, attrs, found):
+    graph = helper.make_graph(
+        [helper.make_node(op, ["mel"], ["emb"], name="n", domain=domain, **attrs)], "custom",
+        [helper.make_tensor_value_info("mel", TensorProto.FLOAT, ["B", 1, 80, 16])],
+        [helper.make_tensor_value_info("emb", TensorProto.FLOAT, ["B", 512])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(domain, 1)])
+    onnx.save(model, str(tmp_path / "encoder.onnx"))
+    with pytest.raises(ModelError, match=rf"encoder.onnx: node 'n': {found} \(expected standard ONNX operators"):
+        inspect_encoder(tmp_path / "encoder.onnx")
+
+
+def test_functions_the_model_defines_itself_are_accepted(tmp_path):
+    relu = helper.make_function("local.fns", "MyRelu", ["x"], ["y"], [helper.make_node("Relu", ["x"], ["y"])],
+                                [helper.make_opsetid("", 17)])
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["mel"], ["flat"], axis=1),
+         helper.make_node("Slice", ["flat", "starts", "ends", "axes"], ["cut"]),
+         helper.make_node("MyRelu", ["cut"], ["emb"], domain="local.fns")], "fn",
+        [helper.make_tensor_value_info("mel", TensorProto.FLOAT, ["B", 1, 80, 16])],
+        [helper.make_tensor_value_info("emb", TensorProto.FLOAT, ["B", 512])],
+        [numpy_helper.from_array(np.array([value], np.int64), name)
+         for name, value in (("starts", 0), ("ends", 512), ("axes", 1))])
+    model = helper.make_model(graph, functions=[relu],
+                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local.fns", 1)])
+    onnx.save(model, str(tmp_path / "encoder.onnx"))
+    runner = open_runner(inspect_encoder(tmp_path / "encoder.onnx"), backend="cpu", precision="fp32", threads=1)
+    mel = np.random.default_rng(1).standard_normal((2, 1, 80, 16)).astype(np.float32)
+    np.testing.assert_array_equal(runner({"mel": mel})[0], np.maximum(mel.reshape(2, -1)[:, :512], 0))

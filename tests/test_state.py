@@ -9,7 +9,7 @@ import redis
 
 from common.config import load_settings
 from common.errors import NotFoundError
-from common.state import ChunkState, JobRecord, JobState, Keys, StateStore, Verdict
+from common.state import ChunkState, JobRecord, JobState, Keys, Segment, StateStore, Verdict
 from common.storage import LocalStorage
 from scheduler.reconcile import Enqueue, reconcile
 from tests.farm import TEST_REDIS_DB
@@ -17,6 +17,7 @@ from tests.farm import TEST_REDIS_DB
 PREFIX = "lipfarm-unit"
 T0 = 1_800_000_000.0
 LEASE = 30.0
+SEG = Segment("jobs/j/chunks/00000-t.mp4", 1000, "ab" * 32)
 
 
 @pytest.fixture()
@@ -55,11 +56,11 @@ def test_commits_complete_the_job_and_ask_for_the_finalizer_once(store):
     for index in range(3):
         c = claim(store, job, index)
         assert c.ok and c.attempt == 1
-        verdicts.append(store.commit(job, index, c.token, frames=25, now=T0 + 1))
+        verdicts.append(store.commit(job, index, c.token, frames=25, segment=SEG, now=T0 + 1))
     assert verdicts == [Verdict.OK, Verdict.OK, Verdict.COMPLETE]
     record = store.job(job)
     assert record.chunks_committed == 3 and record.frames_committed == 75
-    assert store.commit(job, 2, "whatever", frames=25, now=T0 + 2) == Verdict.DUPLICATE
+    assert store.commit(job, 2, "whatever", frames=25, segment=SEG, now=T0 + 2) == Verdict.DUPLICATE
 
 
 def test_only_the_current_attempt_may_commit(store):
@@ -68,10 +69,10 @@ def test_only_the_current_attempt_may_commit(store):
     assert claim(store, job, 0, now=T0 + 1).verdict == Verdict.SKIP  # the lease is live
     second = claim(store, job, 0, now=T0 + LEASE + 1)  # the first attempt's lease expired: taken over
     assert second.ok and second.attempt == 2 and second.token != first.token
-    assert store.commit(job, 0, first.token, frames=25, now=T0 + 40) == Verdict.STALE
+    assert store.commit(job, 0, first.token, frames=25, segment=SEG, now=T0 + 40) == Verdict.STALE
     assert store.beat(job, 0, first.token, now=T0 + 40, lease_s=LEASE, frames_done=5) == Verdict.LOST
-    assert store.commit(job, 0, second.token, frames=25, now=T0 + 41) == Verdict.COMPLETE
-    assert store.commit(job, 0, second.token, frames=25, now=T0 + 42) == Verdict.DUPLICATE
+    assert store.commit(job, 0, second.token, frames=25, segment=SEG, now=T0 + 41) == Verdict.COMPLETE
+    assert store.commit(job, 0, second.token, frames=25, segment=SEG, now=T0 + 42) == Verdict.DUPLICATE
 
 
 def test_concurrent_completing_commits_ask_for_one_finalizer(store):
@@ -82,7 +83,7 @@ def test_concurrent_completing_commits_ask_for_one_finalizer(store):
 
         def commit(i, job=job, tokens=tokens, results=results, barrier=barrier):
             barrier.wait()
-            results.append(store.commit(job, i, tokens[i], frames=25, now=T0 + 1))
+            results.append(store.commit(job, i, tokens[i], frames=25, segment=SEG, now=T0 + 1))
 
         threads = [threading.Thread(target=commit, args=(i,)) for i in range(4)]
         for t in threads:
@@ -110,11 +111,11 @@ def test_a_chunk_out_of_attempts_fails_its_job_with_the_reason(store):
         c = claim(store, job, 0, now=now)
         assert c.ok and c.attempt == attempt
         now += LEASE + 1
-        verdict = store.requeue(job, 0, now=now, reason="lease expired", max_attempts=3)
+        verdict = store.requeue(job, 0, now=now, reason="lease expired", max_attempts=3).verdict
         assert verdict == ("requeued" if attempt < 3 else "failed")
     record = store.job(job)
     assert record.state == JobState.FAILED
-    assert record.reason.startswith("chunk 0 failed: attempt 3: lease expired")
+    assert record.reason.startswith("chunk 0 (frames 0-24) failed: attempt 3: lease expired")
     assert store.chunk(job, 0).state == ChunkState.FAILED
     assert claim(store, job, 1, now=now).verdict == Verdict.SKIP
 
@@ -122,12 +123,13 @@ def test_a_chunk_out_of_attempts_fails_its_job_with_the_reason(store):
 def test_worker_reported_failures(store):
     job = make_job(store, chunks=2)
     c = claim(store, job, 0)
-    assert store.fail(job, 0, c.token, reason="storage down", retryable=True, now=T0 + 1, max_attempts=3) == Verdict.REQUEUED
+    assert store.fail(job, 0, c.token, reason="storage down", retryable=True, now=T0 + 1,
+                      max_attempts=3).verdict == Verdict.REQUEUED
     assert store.chunk(job, 0).reason == "attempt 1: storage down"
     c = claim(store, job, 0, now=T0 + 2)
     assert store.fail(job, 0, c.token, reason="model.onnx: not an ONNX model", retryable=False,
-                      now=T0 + 3, max_attempts=3) == Verdict.FAILED
-    assert store.job(job).reason == "chunk 0 failed: model.onnx: not an ONNX model"
+                      now=T0 + 3, max_attempts=3).verdict == Verdict.FAILED
+    assert store.job(job).reason == "chunk 0 (frames 0-24) failed: model.onnx: not an ONNX model"
 
 
 def test_release_does_not_spend_the_attempt(store):
@@ -137,7 +139,7 @@ def test_release_does_not_spend_the_attempt(store):
     assert store.chunk(job, 0).spent == 0
     again = claim(store, job, 0, now=T0 + 2, worker="w2")
     assert again.attempt == 2 and store.chunk(job, 0).spent == 1
-    assert store.commit(job, 0, again.token, frames=25, now=T0 + 3) == Verdict.COMPLETE
+    assert store.commit(job, 0, again.token, frames=25, segment=SEG, now=T0 + 3) == Verdict.COMPLETE
     log = store.attempts(job, 0)
     assert [(a.attempt, a.worker, a.started_at, a.ended_at, a.outcome) for a in log] == [
         (1, "w1", T0, T0 + 1, "released"), (2, "w2", T0 + 2, T0 + 3, "committed")]
@@ -149,40 +151,89 @@ def test_the_attempt_log_records_takeovers_and_failures(store):
     first = claim(store, job, 0, worker="w1")
     second = claim(store, job, 0, now=T0 + LEASE + 1, worker="w2")  # w1's lease ran out: taken over
     assert store.fail(job, 0, second.token, reason="storage down", retryable=True, now=T0 + 40,
-                      max_attempts=3) == Verdict.REQUEUED
+                      max_attempts=3).verdict == Verdict.REQUEUED
     third = claim(store, job, 0, now=T0 + 41, worker="w1")
     assert store.fail(job, 0, third.token, reason="bad model", retryable=False, now=T0 + 42,
-                      max_attempts=3) == Verdict.FAILED
+                      max_attempts=3).verdict == Verdict.FAILED
     assert first.attempt == 1 and third.attempt == 3
     assert [(a.attempt, a.worker, a.outcome, a.reason) for a in store.attempts(job, 0)] == [
         (1, "w1", "expired", "lease expired: taken over"), (2, "w2", "requeued", "storage down"),
         (3, "w1", "failed", "bad model")]
 
 
-def test_cancel_drops_queued_chunks_and_refuses_commits(store):
+def test_cancel_stops_every_chunk_at_once_and_refuses_commits(store):
     job = make_job(store, chunks=3)
     running = claim(store, job, 0)
     assert store.cancel(job, now=T0 + 1)
     assert store.job(job).state == JobState.CANCELLED
-    assert [c.state for c in store.chunks(job)] == [ChunkState.RUNNING, ChunkState.CANCELLED, ChunkState.CANCELLED]
+    assert [c.state for c in store.chunks(job)] == [ChunkState.CANCELLED] * 3  # nothing left running
+    assert [(a.outcome, a.ended_at) for a in store.attempts(job, 0)] == [("stopped", T0 + 1)]
+    assert store.expired_leases(T0 + 10 * LEASE) == []
     assert not store.is_current(job, 0, running.token)
-    assert store.beat(job, 0, running.token, now=T0 + 2, lease_s=LEASE, frames_done=1) == Verdict.STOPPED
-    assert store.commit(job, 0, running.token, frames=25, now=T0 + 3) == Verdict.REFUSED
+    assert store.beat(job, 0, running.token, now=T0 + 2, lease_s=LEASE, frames_done=1) == Verdict.LOST
+    assert store.commit(job, 0, running.token, frames=25, segment=SEG, now=T0 + 3) == Verdict.STALE
     assert claim(store, job, 1, now=T0 + 3).verdict == Verdict.SKIP
     assert not store.cancel(job, now=T0 + 4)  # already ended
+    assert store.unrecorded_job_ids() == [job]  # its end waits to be recorded in storage
 
 
 def test_job_moves_follow_the_table(store):
     job = make_job(store, chunks=1)
     assert not store.start_planning(job, now=T0)  # rendering -> planning is not a move
-    assert store.start_finalizing(job, now=T0)
-    assert store.finish(job, JobState.DONE, now=T0 + 1, output_location="s3://x")
+    assert store.take_finalizer(job, worker="f", now=T0, lease_s=LEASE).verdict == Verdict.SKIP  # not complete
+    c = claim(store, job, 0)
+    assert store.commit(job, 0, c.token, frames=25, segment=SEG, now=T0) == Verdict.COMPLETE
+    final = store.take_finalizer(job, worker="f", now=T0, lease_s=LEASE)
+    assert final.ok and store.job(job).state == JobState.FINALIZING
+    assert store.finish_done(job, "not-the-token", output_location="s3://x", now=T0 + 1) == Verdict.STALE
+    assert store.finish_done(job, final.token, output_location="s3://x", now=T0 + 1) == Verdict.OK
     assert not store.start_rendering(job, [(0, 25)], output_key="x", now=T0 + 2)
     assert not store.finish(job, JobState.FAILED, now=T0 + 2, reason="too late")
     assert store.job(job).finished_at == T0 + 1 and store.job(job).output_location == "s3://x"
     assert job not in store.active_job_ids()
     with pytest.raises(NotFoundError, match="unknown job 'nope'"):
-        store.finish("nope", JobState.DONE, now=T0)
+        store.finish("nope", JobState.FAILED, now=T0, reason="x")
+
+
+def test_one_finalizer_at_a_time_and_a_dead_one_is_replaced(store):
+    job = make_job(store, chunks=1)
+    c = claim(store, job, 0)
+    store.commit(job, 0, c.token, frames=25, segment=SEG, now=T0)
+    first = store.take_finalizer(job, worker="h:1", worker_started="7", now=T0, lease_s=LEASE)
+    second = store.take_finalizer(job, worker="h:2", now=T0 + 1, lease_s=LEASE)
+    assert first.ok and second.verdict == Verdict.SKIP
+    assert (second.owner, second.owner_started, second.owner_token) == ("h:1", "7", first.token)
+    assert store.beat_finalizer(job, first.token, now=T0 + 20, lease_s=LEASE) == Verdict.OK
+    assert not store.take_finalizer(job, worker="h:2", now=T0 + 40, lease_s=LEASE).ok  # renewed to T0 + 50
+    taken = store.take_finalizer(job, worker="h:2", now=T0 + 41, lease_s=LEASE, take_over=first.token)
+    assert taken.ok  # h:1's process is known dead: taken over before its lease ran out
+    assert store.beat_finalizer(job, first.token, now=T0 + 42, lease_s=LEASE) == Verdict.LOST
+    assert store.finish_done(job, taken.token, output_location="x", now=T0 + 43) == Verdict.OK
+    assert [(a.worker, a.outcome) for a in store.finalize_attempts(job)] == [("h:1", "expired"), ("h:2", "done")]
+
+
+def test_a_reopened_chunk_renders_again_with_a_fresh_count(store):
+    job = make_job(store, chunks=2)
+    for i in range(2):
+        c = claim(store, job, i)
+        store.commit(job, i, c.token, frames=25, segment=SEG, now=T0)
+    final = store.take_finalizer(job, worker="f", now=T0, lease_s=LEASE)
+    assert store.reopen(job, 1, reason="segment failed its check", now=T0 + 1, max_reopens=2) == Verdict.REQUEUED
+    record = store.job(job)
+    assert record.state == JobState.RENDERING and record.chunks_committed == 1 and record.frames_committed == 25
+    assert store.chunk(job, 1).spent == 0 and store.chunk(job, 1).state == ChunkState.QUEUED
+    assert store.finish_done(job, final.token, output_location="x", now=T0 + 2) == Verdict.REFUSED
+    again = claim(store, job, 1, now=T0 + 3)
+    assert again.attempt == 2 and store.commit(job, 1, again.token, frames=25, segment=SEG,
+                                               now=T0 + 4) == Verdict.COMPLETE
+    for n in range(2):  # storage that keeps losing the segment fails the job in the end
+        store.take_finalizer(job, worker="f", now=T0 + 5 + n, lease_s=LEASE)
+        verdict = store.reopen(job, 1, reason="segment failed its check", now=T0 + 5 + n, max_reopens=2)
+        if verdict == Verdict.REQUEUED:
+            c = claim(store, job, 1, now=T0 + 5 + n)
+            store.commit(job, 1, c.token, frames=25, segment=SEG, now=T0 + 5 + n)
+    assert verdict == Verdict.FAILED and store.job(job).state == JobState.FAILED
+    assert "storage keeps losing its segment" in store.job(job).reason
 
 
 class Recorder(Enqueue):
@@ -199,18 +250,39 @@ def test_reconcile_requeues_lost_attempts_and_lost_finalizers(store, tmp_path):
     job = make_job(store, chunks=2)
     lost = claim(store, job, 0)
     done = claim(store, job, 1)
-    assert store.commit(job, 1, done.token, frames=25, now=T0 + 1) == Verdict.OK
+    assert store.commit(job, 1, done.token, frames=25, segment=SEG, now=T0 + 1) == Verdict.OK
     enqueue = Recorder()
     report = reconcile(store=store, storage=storage, settings=settings, now=T0 + 5, enqueue=enqueue)
     assert enqueue.calls == [] and report.requeued == []  # nothing is late yet
     report = reconcile(store=store, storage=storage, settings=settings, now=T0 + LEASE + 1, enqueue=enqueue)
-    assert report.requeued == [f"{job}:0"] and enqueue.calls == [("render", job, 0, "normal", "0-24")]
+    assert report.requeued == [f"{job}:0"] and enqueue.calls == [("render", job, 0, "normal", "0-24", 0.0)]
     assert store.chunk(job, 0).reason == "attempt 1: lease expired: worker lost or stalled"
     again = claim(store, job, 0, now=T0 + 40)
-    assert store.commit(job, 0, lost.token, frames=25, now=T0 + 41) == Verdict.STALE
-    assert store.commit(job, 0, again.token, frames=25, now=T0 + 42) == Verdict.COMPLETE
+    assert store.commit(job, 0, lost.token, frames=25, segment=SEG, now=T0 + 41) == Verdict.STALE
+    assert store.commit(job, 0, again.token, frames=25, segment=SEG, now=T0 + 42) == Verdict.COMPLETE
     enqueue.calls.clear()  # the committer should have enqueued the finalizer; say its message was lost
     reconcile(store=store, storage=storage, settings=settings, now=T0 + 43, enqueue=enqueue)
     assert enqueue.calls == []  # within the grace period: the finalizer may be on its way
     reconcile(store=store, storage=storage, settings=settings, now=T0 + 43 + 2 * LEASE + 1, enqueue=enqueue)
     assert enqueue.calls == [("finalize", job, "normal")]
+
+
+def test_status_shows_a_stuck_job_as_stuck(store):
+    """Defect 10: a dead attempt's frames counted as progress, the estimate stood still, dead workers
+    were listed. Now: live frames only, each running chunk's heartbeat age, expired leases named."""
+    job = make_job(store, chunks=3)
+    live, dead = claim(store, job, 0, worker="h:1"), claim(store, job, 1, worker="h:2")
+    store.beat(job, 0, live.token, now=T0 + 10, lease_s=LEASE, frames_done=10)
+    store.beat(job, 1, dead.token, now=T0 + 10, lease_s=LEASE, frames_done=20)  # h:2 dies after this beat
+    early = store.status(job, now=T0 + 11)
+    assert early.frames_done == 30 and early.workers == ["h:1", "h:2"]
+    store.beat(job, 0, live.token, now=T0 + 40, lease_s=LEASE, frames_done=15)
+    status = store.status(job, now=T0 + 45)  # h:2's lease ran out at T0 + 40
+    assert status.frames_done == 15  # the dead attempt's frames are not progress
+    assert status.workers == ["h:1"]
+    running = {c.index: c for c in status.running}
+    assert running[0].worker == "h:1" and running[0].heartbeat_age_s == 5 and not running[0].lease_expired
+    assert running[1].worker == "h:2" and running[1].heartbeat_age_s == 35 and running[1].lease_expired
+    store.beat(job, 0, live.token, now=T0 + 80, lease_s=LEASE, frames_done=15)  # alive, but no progress
+    later = store.status(job, now=T0 + 85)
+    assert later.frames_done == 15 and later.eta_s > status.eta_s > 0  # nothing progresses: the estimate grows

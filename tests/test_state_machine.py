@@ -14,7 +14,7 @@ import itertools
 import pytest
 import redis
 
-from common.state import CHUNK_MOVES, JOB_MOVES, ChunkState, JobRecord, JobState, Keys, StateStore
+from common.state import CHUNK_MOVES, JOB_MOVES, ChunkState, JobRecord, JobState, Keys, Segment, StateStore
 from tests.farm import TEST_REDIS_DB
 
 PREFIX = "lipfarm-machine"
@@ -23,6 +23,7 @@ LEASE = 30.0
 MAX_ATTEMPTS = 3
 JOB = "sm"
 OWNER = "owner-token"
+SEG = Segment("jobs/sm/chunks/00000-x.mp4", 10, "0" * 64)
 
 
 @pytest.fixture(scope="module")
@@ -48,33 +49,49 @@ def _set_up(store: StateStore, job_state: JobState, chunk_state: ChunkState, *, 
     assert store.start_planning(JOB, now=T0)
     assert store.start_rendering(JOB, [(0, 25)], output_key="out", now=T0)
     keys = store.keys
-    store.redis.hset(keys.job(JOB), "state", job_state.value)
+    committed = chunk_state == ChunkState.COMMITTED
+    store.redis.hset(keys.job(JOB), mapping={"state": job_state.value, "chunks_committed": int(committed),
+                                             "frames_committed": 25 * committed})
     store.redis.hset(keys.chunk(JOB, 0), mapping={"state": chunk_state.value, "attempt": attempt, "spent": attempt,
+                                                  "reopened": attempt - 1, "frames_done": 25 * committed,
                                                   "token": OWNER if chunk_state == ChunkState.RUNNING else ""})
     if chunk_state == ChunkState.RUNNING:
         store.redis.zadd(keys.leases(), {f"{JOB}:0": T0 + (LEASE if lease_live else -1)})
+    if job_state == JobState.FINALIZING:
+        store.redis.hset(keys.job(JOB), "finalizer_token", OWNER)
+        store.redis.zadd(keys.finalize_leases(), {JOB: T0 + (LEASE if lease_live else -1)})
 
 
 VERBS = {
     "claim": lambda s: s.claim(JOB, 0, worker="w2", now=T0, lease_s=LEASE, max_attempts=MAX_ATTEMPTS),
     "beat by owner": lambda s: s.beat(JOB, 0, OWNER, now=T0, lease_s=LEASE, frames_done=3),
     "beat by another": lambda s: s.beat(JOB, 0, "x", now=T0, lease_s=LEASE, frames_done=3),
-    "commit by owner": lambda s: s.commit(JOB, 0, OWNER, frames=25, now=T0),
-    "commit by another": lambda s: s.commit(JOB, 0, "x", frames=25, now=T0),
+    "commit by owner": lambda s: s.commit(JOB, 0, OWNER, frames=25, segment=SEG, now=T0),
+    "commit by another": lambda s: s.commit(JOB, 0, "x", frames=25, segment=SEG, now=T0),
     "requeue": lambda s: s.requeue(JOB, 0, now=T0, reason="lease expired", max_attempts=MAX_ATTEMPTS),
     "retryable failure": lambda s: s.fail(JOB, 0, OWNER, reason="storage down", retryable=True, now=T0,
                                           max_attempts=MAX_ATTEMPTS),
     "final failure": lambda s: s.fail(JOB, 0, OWNER, reason="bad model", retryable=False, now=T0,
                                       max_attempts=MAX_ATTEMPTS),
     "release": lambda s: s.release(JOB, 0, OWNER, reason="worker shut down", now=T0),
+    "reopen": lambda s: s.reopen(JOB, 0, reason="segment failed its check", now=T0, max_reopens=MAX_ATTEMPTS - 1),
+    "take the finalizer": lambda s: s.take_finalizer(JOB, worker="f", now=T0, lease_s=LEASE),
+    "finalizer done": lambda s: s.finish_done(JOB, OWNER, output_location="x", now=T0),
+    "finalizer done, stale": lambda s: s.finish_done(JOB, "x", output_location="x", now=T0),
+    "finalizer reopened": lambda s: s.release_finalizer(JOB, OWNER, outcome="reopened", reason="r", now=T0),
+    "start planning": lambda s: s.start_planning(JOB, now=T0),
+    "start rendering": lambda s: s.start_rendering(JOB, [(0, 25)], output_key="out", now=T0),
+    "fail the job": lambda s: s.finish(JOB, JobState.FAILED, now=T0, reason="bad input"),
     "cancel": lambda s: s.cancel(JOB, now=T0),
+    "resume": lambda s: s.resume(JOB, now=T0),
+    "resume, never planned": lambda s: (s.redis.hset(s.keys.job(JOB), "chunks_total", 0), s.resume(JOB, now=T0)),
 }
 
 
 def _explore(store: StateStore) -> tuple[set, set]:
     """Run every verb from every set-up; returns the chunk and job moves observed (before, after)."""
     chunk_moves, job_moves = set(), set()
-    job_states = [JobState.RENDERING, JobState.FINALIZING, JobState.CANCELLED, JobState.FAILED]
+    job_states = list(JobState)
     for job_state, chunk_state, live, attempt, verb in itertools.product(
             job_states, ChunkState, (True, False), (1, MAX_ATTEMPTS), VERBS):
         _set_up(store, job_state, chunk_state, lease_live=live, attempt=attempt)
@@ -100,10 +117,11 @@ def test_every_script_keeps_to_the_moves_tables(observed):
     chunk_moves, job_moves = observed
     assert _outside(CHUNK_MOVES, chunk_moves) == []
     assert _outside(JOB_MOVES, job_moves) == []
-    # and the table lists nothing no script does (running -> running is a takeover: same state)
-    made = {(a, b) for a, b, _ in chunk_moves}
-    listed = {(a, b) for a, targets in CHUNK_MOVES.items() for b in targets if a != b}
-    assert listed - made == set()
+    # and the tables list nothing no script does (a move to the same state is a takeover)
+    for table, moves in ((CHUNK_MOVES, chunk_moves), (JOB_MOVES, job_moves)):
+        made = {(a, b) for a, b, _ in moves}
+        listed = {(a, b) for a, targets in table.items() for b in targets if a != b}
+        assert listed - made == set()
 
 
 def test_the_check_finds_a_move_the_table_does_not_list(observed):

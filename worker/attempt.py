@@ -3,22 +3,26 @@
 ``run_attempt`` is what the Celery render task calls (and what tests call directly). It owns the
 chunk only while its token is current: a heartbeat thread renews the lease, the render checks
 ownership before every batch and stops if the job was cancelled or the chunk reassigned, and the
-commit is refused to any attempt but the current one. ``classify`` sorts what went wrong:
+commit is refused to any attempt but the current one.
 
-- bad input (a model, avatar or audio that cannot work): the chunk and its job fail at once, with
-  the message as the reason;
-- anything else (storage down, a crash): the attempt fails and the chunk is requeued while it has
-  attempts left, then the job fails with the last reason;
-- the job cancelled or the chunk reassigned: the attempt stops;
-- a worker shutting down releases the chunk (requeued, the attempt not counted).
+- A chunk whose attempt's process died on this host is requeued at once (its pid is gone), not
+  after its lease runs out: a render process killed mid-chunk costs seconds, not a lease.
+- Redis outages shorter than the lease are ridden out: heartbeats and ownership checks that cannot
+  reach Redis do not stop the render, and the commit is retried until the lease would have run out.
+- The segment is hashed, uploaded under a key of its own attempt (retried with backoff), and the
+  commit records its size and hash: the finalizer checks every segment against them.
+- ``classify`` sorts what went wrong: bad input fails the chunk and its job at once; a cached
+  avatar or model that no longer matches its hashes is repaired from storage and the chunk retried
+  (the input is fine, the copy was not); anything else is retried after a delay (``common.retry``), until the
+  chunk is out of attempts.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass
 from enum import Enum
@@ -26,17 +30,26 @@ from pathlib import Path
 from typing import Callable
 
 from common.config import Settings
-from common.errors import CancelledError, InputError, LipfarmError
+from common.endings import record_end
+from common.errors import AvatarError, CancelledError, InputError, LipfarmError, ModelError, ServiceError
+from common.identity import WorkerProcess, is_dead_here
 from common.jobfiles import CommitMarker, JobFiles
+from common.holds import hold_reached
+from common.keepalive import KeepAlive
 from common.plan import Plan
-from common.state import Claim, StateStore, Verdict
+from common.retry import retry_delay_s, with_retries
+from common.state import Claim, Segment, StateStore, Verdict
 from common.storage import Storage
+from common.storage.layout import segment_key
 from common.sysinfo import peak_rss_bytes
 from worker.assets import AssetCache, resolve_chunk
 from worker.render import StageTimes, render_chunk
 from worker.templates import TemplateCache
 
 log = logging.getLogger(__name__)
+
+# enqueue_render(job id, chunk, priority, frames label, delay in s)
+EnqueueRender = Callable[[str, int, str, str, float], None]
 
 
 @dataclass
@@ -48,8 +61,8 @@ class FarmContext:
     storage_at: Callable[[str], Storage]  # a job's storage, from the URL in its record
     cache: AssetCache
     templates: TemplateCache
-    worker_id: str
-    enqueue_render: Callable[[str, int, str], None]
+    process: WorkerProcess
+    enqueue_render: EnqueueRender
     enqueue_finalize: Callable[[str, str], None]
 
 
@@ -63,6 +76,7 @@ class Outcome(str, Enum):
     FAILED = "failed"  # failed, and so did its job
     STOPPED = "stopped"  # the job was cancelled or the chunk reassigned
     STALE = "stale"  # this attempt had lost the chunk by the time it reported
+    UNREPORTED = "unreported"  # Redis stayed out of reach; the lease will run out and the chunk go back
 
 
 @dataclass
@@ -81,26 +95,21 @@ def _plan(storage: Storage, job_id: str) -> Plan:
     return JobFiles(storage, job_id).plan()
 
 
-class Heartbeat:
-    """Renews an attempt's lease from a thread while in its ``with`` block, and tells the render
-    when to stop (``should_stop``, polled before every batch)."""
+class Heartbeat(KeepAlive):
+    """Renews an attempt's lease while in its ``with`` block, reports progress, and tells the
+    render when to stop (``should_stop``, polled before every batch)."""
 
     def __init__(self, ctx: FarmContext, job_id: str, index: int, token: str, frames: int,
                  report: Callable[[int, int], None] | None) -> None:
+        super().__init__(self._renew, interval_s=ctx.settings.heartbeat_interval_s, name=f"{job_id}:{index}")
         self.ctx, self.job_id, self.index, self.token = ctx, job_id, index, token
         self.frames, self.report = frames, report
         self.frames_done = 0
-        self.verdict = Verdict.OK
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="lipfarm-heartbeat", daemon=True)
+        self.renewed_at = time.time()  # the lease runs out lease_s after the last renewal Redis took
 
-    def __enter__(self) -> "Heartbeat":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self._stop.set()
-        self._thread.join()
+    @property
+    def lease_until(self) -> float:
+        return self.renewed_at + self.ctx.settings.lease_s
 
     def progress(self, frames_done: int) -> None:
         self.frames_done = frames_done
@@ -108,42 +117,27 @@ class Heartbeat:
     def should_stop(self) -> bool:
         """A cheap Redis read, so a cancel stops the render at the next batch."""
         self._check_ownership()
-        while self.verdict == Verdict.OK and self._held():
+        while not self.lost and hold_reached(self.ctx.settings, f"{self.job_id}.{self.index}", self.frames_done):
             time.sleep(0.05)
             self._check_ownership()
-        return self.verdict != Verdict.OK
+        return self.lost
 
     def _check_ownership(self) -> None:
-        if self.verdict == Verdict.OK and not self.ctx.store.is_current(self.job_id, self.index, self.token):
-            self.verdict = Verdict.LOST
-
-    def _held(self) -> bool:
-        """Whether a hold file pauses this chunk now (``LIPFARM_HOLD_DIR``; debugging and tests)."""
-        if not self.ctx.settings.hold_dir:
-            return False
-        hold = Path(self.ctx.settings.hold_dir) / f"{self.job_id}.{self.index}.hold"
         try:
-            after = hold.read_text().strip()
-        except OSError:
-            return False
-        return self.frames_done >= int(after or 0)
+            if not self.lost and not self.ctx.store.is_current(self.job_id, self.index, self.token):
+                self.verdict = Verdict.LOST
+        except ServiceError as exc:  # an outage: render on, the commit will know
+            log.warning("chunk %s:%s: ownership check failed, rendering on: %s", self.job_id, self.index, exc)
 
-    def _beat(self) -> None:
-        settings = self.ctx.settings
-        verdict = self.ctx.store.beat(self.job_id, self.index, self.token, now=time.time(),
-                                      lease_s=settings.lease_s, frames_done=self.frames_done,
-                                      peak_rss=peak_rss_bytes())
-        if verdict != Verdict.OK:
-            self.verdict = verdict
+    def _renew(self) -> Verdict:
+        now = time.time()
+        verdict = self.ctx.store.beat(self.job_id, self.index, self.token, now=now, lease_s=self.ctx.settings.lease_s,
+                                      frames_done=self.frames_done, peak_rss=peak_rss_bytes())
+        if verdict == Verdict.OK:
+            self.renewed_at = now
         if self.report is not None:
             self.report(self.frames_done, self.frames)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.ctx.settings.heartbeat_interval_s):
-            try:
-                self._beat()
-            except Exception as exc:  # Redis hiccup: the lease has slack; keep rendering
-                log.warning("heartbeat of %s:%s failed: %s", self.job_id, self.index, exc)
+        return verdict
 
 
 @dataclass(frozen=True)
@@ -154,39 +148,71 @@ class Failure:
     retryable: bool
 
 
-def classify(exc: BaseException) -> Failure:
-    """Bad input fails the job at once; anything else may be retried (see the module docstring)."""
+def classify(exc: BaseException, *, cached_copy_broken: Callable[[BaseException], bool]) -> Failure:
+    """Bad input fails the job at once; a broken cached copy, or anything else, may be retried."""
     reason = str(exc) if isinstance(exc, LipfarmError) else f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, (AvatarError, ModelError)) and _broken_or_unknown(cached_copy_broken, exc):
+        return Failure(f"{reason} (this worker's cached copy was damaged: repaired from storage)", True)
     return Failure(reason, retryable=not isinstance(exc, InputError))
+
+
+def _broken_or_unknown(cached_copy_broken: Callable[[BaseException], bool], exc: BaseException) -> bool:
+    """Whether the cached copy was broken; if the check itself fails (storage down), assume so and retry."""
+    try:
+        return cached_copy_broken(exc)
+    except LipfarmError as check:
+        log.warning("cannot check the cached copy after %s: %s", exc, check)
+        return True
 
 
 def run_attempt(ctx: FarmContext, job_id: str, index: int, *,
                 report: Callable[[int, int], None] | None = None) -> AttemptResult:
     """Claim chunk ``index`` of ``job_id``, render it, upload its segment and commit it."""
-    settings = ctx.settings
-    claim = ctx.store.claim(job_id, index, worker=ctx.worker_id, now=time.time(),
-                            lease_s=settings.lease_s, max_attempts=settings.max_attempts)
+    claim = _claim(ctx, job_id, index)
     if not claim.ok:
         outcome = Outcome.FAILED if claim.verdict == Verdict.FAILED else Outcome.SKIPPED
         return AttemptResult(outcome, claim.detail)
     job = ctx.store.job(job_id)
+    plan: Plan | None = None
     try:
         storage = ctx.storage_at(job.storage_url)
         plan = _plan(storage, job_id)
-        times = _render_and_upload(ctx, storage, plan, index, claim, report)
+        segment, times, lease_until = _render_and_upload(ctx, storage, plan, index, claim, report)
     except (KeyboardInterrupt, SystemExit):
         if ctx.store.release(job_id, index, claim.token, reason="worker shut down", now=time.time()) == Verdict.RELEASED:
-            ctx.enqueue_render(job_id, index, job.priority)
+            ctx.enqueue_render(job_id, index, job.priority, plan.chunks[index].frames_label if plan else "", 0.0)
         raise
-    except CancelledError as exc:
-        return _failed(ctx, job_id, index, job.priority, claim, Failure(str(exc), retryable=True))
     except Exception as exc:
-        return _failed(ctx, job_id, index, job.priority, claim, classify(exc))
-    return _commit(ctx, JobFiles(storage, job_id), plan, index, claim, job.priority, times)
+        failure = Failure(str(exc), retryable=True) if isinstance(exc, CancelledError) else classify(
+            exc, cached_copy_broken=lambda e: plan is not None and ctx.cache.repair_if_damaged(plan, storage, e))
+        return _failed(ctx, job, index, plan.chunks[index].frames_label if plan else "", claim, failure)
+    return _commit(ctx, JobFiles(storage, job_id), plan, index, claim, job.priority, segment, times,
+                   lease_until=lease_until)
+
+
+def _claim(ctx: FarmContext, job_id: str, index: int) -> Claim:
+    """Claim the chunk. If an attempt whose process died on this host holds it (a render process
+    killed mid-chunk, whose message Celery redelivers at once), requeue it now rather than when its
+    lease runs out; the next attempt waits as the retry rule says."""
+    process, settings = ctx.process, ctx.settings
+    claim = ctx.store.claim(job_id, index, worker=process.id, worker_started=process.started, now=time.time(),
+                            lease_s=settings.lease_s, max_attempts=settings.max_attempts)
+    if claim.verdict == Verdict.SKIP and claim.owner and is_dead_here(claim.owner, claim.owner_started):
+        log.warning("chunk %s:%s: its worker %s died; requeueing it", job_id, index, claim.owner)
+        move = ctx.store.requeue(job_id, index, now=time.time(), reason=f"worker process {claim.owner} died",
+                                 max_attempts=settings.max_attempts, dead_token=claim.owner_token)
+        job = ctx.store.job(job_id)
+        if move.verdict == Verdict.REQUEUED:
+            ctx.enqueue_render(job_id, index, job.priority, "", retry_delay_s(move.spent, worker_lost=True))
+        elif move.verdict == Verdict.FAILED:
+            record_end(ctx.store, ctx.storage_at(job.storage_url), job_id)
+        return Claim(move.verdict if move.verdict == Verdict.FAILED else Verdict.SKIP, "its worker died: requeued")
+    return claim
 
 
 def _render_and_upload(ctx: FarmContext, storage: Storage, plan: Plan, index: int, claim: Claim,
-                       report: Callable[[int, int], None] | None) -> StageTimes:
+                       report: Callable[[int, int], None] | None) -> tuple[Segment, StageTimes, float]:
+    """Render the chunk and upload its segment; returns it, the stage times and when the lease ends."""
     chunk = plan.chunks[index]
     started = time.perf_counter()
     with Heartbeat(ctx, plan.job_id, index, claim.token, chunk.frames, report) as beat, \
@@ -197,36 +223,75 @@ def _render_and_upload(ctx: FarmContext, storage: Storage, plan: Plan, index: in
         times = render_chunk(work, threads=ctx.settings.threads_per_process(), templates=ctx.templates,
                              progress=beat.progress, should_stop=beat.should_stop)
         rendered = time.perf_counter()
-        storage.put_file(chunk.segment_key, output)
+        segment = Segment(segment_key(plan.job_id, index, claim.token), output.stat().st_size, _sha256(output))
+        with_retries(lambda: storage.put_file(segment.key, output), f"upload of segment {segment.key}")
+        lease_until = beat.lease_until
     times.extra = {"fetch_s": fetched - started, "render_s": rendered - fetched,
                    "upload_s": time.perf_counter() - rendered}
-    return times
+    return segment, times, lease_until
 
 
-def _failed(ctx: FarmContext, job_id: str, index: int, priority: str, claim: Claim,
-            failure: Failure) -> AttemptResult:
-    verdict = ctx.store.fail(job_id, index, claim.token, reason=failure.reason, retryable=failure.retryable,
-                             now=time.time(), max_attempts=ctx.settings.max_attempts)
-    log.warning("chunk %s:%s attempt %s: %s (%s)", job_id, index, claim.attempt, failure.reason, verdict.value)
-    if verdict == Verdict.REQUEUED:
-        ctx.enqueue_render(job_id, index, priority)
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _until_redis_answers(call: Callable[[], object], *, until: float):
+    """``call()``, retried through a Redis outage until ``until``; None if Redis stayed away."""
+    wait = 0.5
+    while True:
+        try:
+            return call()
+        except ServiceError as exc:
+            if time.time() + wait > until:
+                log.warning("Redis unreachable until the lease would run out: %s", exc)
+                return None
+            time.sleep(wait)
+            wait = min(2 * wait, 4.0)
+
+
+def _failed(ctx: FarmContext, job, index: int, label: str, claim: Claim, failure: Failure) -> AttemptResult:
+    job_id = job.job_id
+    move = _until_redis_answers(lambda: ctx.store.fail(job_id, index, claim.token, reason=failure.reason,
+                                                       retryable=failure.retryable, now=time.time(),
+                                                       max_attempts=ctx.settings.max_attempts),
+                                until=time.time() + ctx.settings.lease_s)
+    if move is None:
+        return AttemptResult(Outcome.UNREPORTED, failure.reason)
+    log.warning("chunk %s:%s attempt %s: %s (%s)", job_id, index, claim.attempt, failure.reason, move.verdict.value)
+    if move.verdict == Verdict.REQUEUED:
+        ctx.enqueue_render(job_id, index, job.priority, label, retry_delay_s(move.spent))
+    elif move.verdict == Verdict.FAILED:
+        record_end(ctx.store, ctx.storage_at(job.storage_url), job_id)
     outcome = {Verdict.REQUEUED: Outcome.REQUEUED, Verdict.FAILED: Outcome.FAILED,
-               Verdict.STOPPED: Outcome.STOPPED}.get(verdict, Outcome.STALE)
+               Verdict.STOPPED: Outcome.STOPPED}.get(move.verdict, Outcome.STALE)
     return AttemptResult(outcome, failure.reason)
 
 
 def _commit(ctx: FarmContext, files: JobFiles, plan: Plan, index: int, claim: Claim, priority: str,
-            times: StageTimes) -> AttemptResult:
+            segment: Segment, times: StageTimes, *, lease_until: float) -> AttemptResult:
     chunk = plan.chunks[index]
     before = time.perf_counter()
-    verdict = ctx.store.commit(plan.job_id, index, claim.token, frames=chunk.frames, now=time.time())
+    verdict = _until_redis_answers(
+        lambda: ctx.store.commit(plan.job_id, index, claim.token, frames=chunk.frames, segment=segment,
+                                 now=time.time()),
+        until=lease_until)
+    if verdict is None:
+        return AttemptResult(Outcome.UNREPORTED, "Redis unreachable at commit", chunk.frames, asdict(times))
     if verdict in (Verdict.OK, Verdict.COMPLETE):
         timing = {**{k: round(v, 4) for k, v in times.extra.items()},
                   "commit_s": round(time.perf_counter() - before, 4), "peak_rss": peak_rss_bytes(),
                   "stages": {k: round(getattr(times, k), 4) for k in
                              ("mel_s", "encoder_s", "unet_s", "prepare_s", "composite_s", "encode_s")}}
-        files.put_commit_marker(CommitMarker(plan.job_id, index, chunk.frames, claim.attempt, ctx.worker_id,
-                                             chunk.segment_key, time.time(), timing))
+        marker = CommitMarker(plan.job_id, index, chunk.frames, claim.attempt, ctx.process.id, segment.key,
+                              segment.size, segment.sha256, time.time(), timing)
+        try:
+            with_retries(lambda: files.put_commit_marker(marker), f"commit marker of chunk {index}")
+        except ServiceError as exc:  # Redis has the commit; only a rebuild would render it again
+            log.warning("chunk %s:%s committed, but its marker is not in storage: %s", plan.job_id, index, exc)
     if verdict == Verdict.COMPLETE:
         ctx.enqueue_finalize(plan.job_id, priority)
     outcome = {Verdict.OK: Outcome.COMMITTED, Verdict.COMPLETE: Outcome.COMMITTED,

@@ -28,7 +28,7 @@ import numpy as np
 from common import defaults
 from common.audio import PcmSource
 from common.avatar import Avatar, pingpong_indices
-from common.errors import CancelledError, InputError
+from common.errors import CancelledError, InputError, ModelError
 from common.features import audio_inputs
 from common.models import EncoderSpec, GeneratorSpec
 from common.options import RenderOptions
@@ -244,6 +244,11 @@ class _StagePipeline:
             (generated,) = self.generator({spec.visual_input: buffer[:len(frames)],
                                            spec.audio_input: self.audio[frames.start:frames.stop]})
             times.unet_s += time.perf_counter() - t
+            if not np.isfinite(generated.sum(dtype=np.float32)):  # one pass; outputs in (0, 1) cannot overflow
+                first = self.work.start_frame + frames.start
+                raise ModelError("the generator's output holds NaN or infinite values", path=spec.path,
+                                 field=f"output '{spec.output_name}'",
+                                 found=f"at frames {first}-{first + len(frames) - 1}")
             self.free.put(buffer)
             t = time.perf_counter()
             self._put(self.done, (prepared, generated))

@@ -10,10 +10,10 @@ import functools
 
 from common import services
 from common.celery_app import TASK_RENDER, app, enqueue_finalize, enqueue_render
-from common.identity import worker_id
+from common.identity import this_process
 from worker.assets import AssetCache
 from worker.attempt import FarmContext, run_attempt
-from worker.templates import TemplateCache
+from worker.templates import process_templates
 
 
 @functools.cache
@@ -21,7 +21,7 @@ def farm_context() -> FarmContext:
     settings = services.settings()
     return FarmContext(settings, services.state_store(), services.storage_at,
                        AssetCache(settings.cache_dir, int(settings.cache_max_gb * 2**30)),
-                       TemplateCache(settings.template_cache_frames), worker_id(),
+                       process_templates(settings.template_cache_frames), this_process(),
                        enqueue_render, enqueue_finalize)
 
 

@@ -7,9 +7,10 @@
 """
 
 from common.state.keys import Keys
-from common.state.records import (CHUNK_MOVES, JOB_MOVES, ChunkRecord, ChunkState, JobRecord, JobState,
-                                  JobStatus, Verdict)
-from common.state.store import Claim, Stall, StalledJob, StateStore
+from common.state.records import (CHUNK_MOVES, JOB_MOVES, AttemptRecord, ChunkRecord, ChunkState, JobRecord,
+                                  JobState, JobStatus, RunningChunk, Verdict)
+from common.state.store import Claim, Lease, Move, Resumed, Segment, Stall, StalledJob, StateStore
 
-__all__ = ["CHUNK_MOVES", "JOB_MOVES", "ChunkRecord", "ChunkState", "Claim", "JobRecord", "JobState",
-           "JobStatus", "Keys", "Stall", "StalledJob", "StateStore", "Verdict"]
+__all__ = ["CHUNK_MOVES", "JOB_MOVES", "AttemptRecord", "ChunkRecord", "ChunkState", "Claim", "JobRecord",
+           "JobState", "JobStatus", "Keys", "Lease", "Move", "Resumed", "RunningChunk", "Segment", "Stall", "StalledJob",
+           "StateStore", "Verdict"]

@@ -31,6 +31,7 @@ class JobState(str, Enum):
 
     @property
     def terminal(self) -> bool:
+        """Ended: nothing more happens to the job unless a user resumes it (failed or cancelled)."""
         return self in (JobState.DONE, JobState.FAILED, JobState.CANCELLED)
 
 
@@ -47,10 +48,12 @@ JOB_MOVES: dict[JobState, frozenset[JobState]] = {
     # planning -> planning: a second planner takes over one that died (planning is idempotent)
     JobState.PLANNING: frozenset({JobState.PLANNING, JobState.RENDERING, JobState.FAILED, JobState.CANCELLED}),
     JobState.RENDERING: frozenset({JobState.FINALIZING, JobState.FAILED, JobState.CANCELLED}),
-    JobState.FINALIZING: frozenset({JobState.DONE, JobState.FAILED, JobState.CANCELLED}),
+    # finalizing -> rendering: the finalizer found a segment that failed its check; it is rendered again
+    JobState.FINALIZING: frozenset({JobState.RENDERING, JobState.DONE, JobState.FAILED, JobState.CANCELLED}),
     JobState.DONE: frozenset(),
-    JobState.FAILED: frozenset(),
-    JobState.CANCELLED: frozenset(),
+    # failed/cancelled -> queued or rendering: resumed by a user (planned again if it never was)
+    JobState.FAILED: frozenset({JobState.QUEUED, JobState.RENDERING}),
+    JobState.CANCELLED: frozenset({JobState.QUEUED, JobState.RENDERING}),
 }
 
 CHUNK_MOVES: dict[ChunkState, frozenset[ChunkState]] = {
@@ -58,9 +61,11 @@ CHUNK_MOVES: dict[ChunkState, frozenset[ChunkState]] = {
     # running -> running: an attempt whose lease expired is taken over by a new one
     ChunkState.RUNNING: frozenset({ChunkState.RUNNING, ChunkState.QUEUED, ChunkState.COMMITTED,
                                    ChunkState.FAILED, ChunkState.CANCELLED}),
-    ChunkState.COMMITTED: frozenset(),
-    ChunkState.FAILED: frozenset(),
-    ChunkState.CANCELLED: frozenset(),
+    # committed -> queued: its segment failed the finalizer's check (missing, wrong size or hash)
+    ChunkState.COMMITTED: frozenset({ChunkState.QUEUED, ChunkState.FAILED}),
+    # failed/cancelled -> queued: its job was resumed
+    ChunkState.FAILED: frozenset({ChunkState.QUEUED}),
+    ChunkState.CANCELLED: frozenset({ChunkState.QUEUED}),
 }
 
 
@@ -106,6 +111,8 @@ class JobRecord:
     output_location: str = ""
     reason: str = ""
     finalize_enqueued_at: float | None = None
+    finalize_attempt: int = 0
+    finalizer: str = ""  # the worker finalizing it now
     rebuilt_at: float | None = None
     version: int = JOB_RECORD_VERSION
 
@@ -155,7 +162,9 @@ class ChunkRecord:
     stop_frame: int
     attempt: int = 0  # the current (or last) attempt's number
     spent: int = 0  # attempts charged against the limit
+    reopened: int = 0  # times its committed segment failed the finalizer's check
     worker: str = ""
+    worker_started: str = ""  # the worker process's start time (tells a reused pid from the worker)
     token: str = ""
     reason: str = ""
     frames_done: int = 0
@@ -164,17 +173,25 @@ class ChunkRecord:
     beat_at: float | None = None
     committed_at: float | None = None
     updated_at: float | None = None
+    segment_key: str = ""
+    segment_size: int = 0
+    segment_sha256: str = ""
+    lease_until: float | None = None  # the running attempt's lease deadline
 
     @classmethod
-    def from_hash(cls, index: int, data: dict[str, str]) -> "ChunkRecord":
-        return cls(index=index, state=ChunkState(data["state"]),
-                   start_frame=int(data.get("start_frame") or 0), stop_frame=int(data.get("stop_frame") or 0),
-                   attempt=int(data.get("attempt") or 0), spent=int(data.get("spent") or 0),
-                   worker=data.get("worker", ""),
-                   token=data.get("token", ""), reason=data.get("reason", ""),
-                   frames_done=int(data.get("frames_done") or 0), peak_rss=int(data.get("peak_rss") or 0),
-                   started_at=_number(data.get("started_at")), beat_at=_number(data.get("beat_at")),
-                   committed_at=_number(data.get("committed_at")), updated_at=_number(data.get("updated_at")))
+    def from_hash(cls, index: int, data: dict[str, str], *, lease_until: float | None = None) -> "ChunkRecord":
+        values: dict = {"index": index, "state": ChunkState(data["state"]), "lease_until": lease_until}
+        for spec in fields(cls):
+            raw = data.get(spec.name)
+            if spec.name in values or raw is None:
+                continue
+            if spec.type == "int":
+                values[spec.name] = int(raw or 0)
+            elif spec.type == "float | None":
+                values[spec.name] = _number(raw)
+            else:
+                values[spec.name] = raw
+        return cls(**values)
 
     @property
     def frames(self) -> int:
@@ -209,9 +226,27 @@ class AttemptRecord:
         return [attempts[n] for n in sorted(attempts)]
 
 
+@dataclass(frozen=True)
+class RunningChunk:
+    """A chunk being rendered, as a user following a job sees it."""
+
+    index: int
+    frames: str  # "250-499"
+    worker: str
+    attempt: int
+    frames_done: int
+    heartbeat_age_s: float
+    lease_expired: bool  # its worker stopped beating: it will be taken back
+
+
 @dataclass
 class JobStatus:
-    """What a user asks about a job: state, frames, chunks by state, time, output."""
+    """What a user asks about a job: state, frames, chunks by state, time, output.
+
+    Frames of running chunks count only while their lease is alive: an attempt whose worker died
+    shows as an expired running chunk, not as progress. The estimate is the frames left at the rate
+    of the job so far, so it grows while nothing progresses.
+    """
 
     job_id: str
     state: JobState
@@ -228,15 +263,20 @@ class JobStatus:
     eta_s: float | None
     output_key: str
     output_location: str
-    workers: list[str] = field(default_factory=list)
+    workers: list[str] = field(default_factory=list)  # the workers rendering it now
+    running: list[RunningChunk] = field(default_factory=list)
 
     @classmethod
     def of(cls, job: JobRecord, chunks: list[ChunkRecord], *, now: float) -> "JobStatus":
         counts: dict[str, int] = {}
         for chunk in chunks:
             counts[chunk.state.value] = counts.get(chunk.state.value, 0) + 1
-        in_flight = sum(c.frames_done for c in chunks if c.state == ChunkState.RUNNING)
-        frames_done = min(job.frames_total, job.frames_committed + in_flight)
+        running = [RunningChunk(c.index, c.frames_label, c.worker, c.attempt, c.frames_done,
+                                round(now - (c.beat_at or c.started_at or now), 3),
+                                c.lease_until is not None and c.lease_until <= now)
+                   for c in chunks if c.state == ChunkState.RUNNING]
+        live = [r for r in running if not r.lease_expired]
+        frames_done = min(job.frames_total, job.frames_committed + sum(r.frames_done for r in live))
         eta = None
         started = job.rendering_at
         if job.state == JobState.RENDERING and started and frames_done > 0 and now > started:
@@ -246,9 +286,9 @@ class JobStatus:
                    finished_at=job.finished_at, frames_total=job.frames_total, frames_done=frames_done,
                    chunks=counts, elapsed_s=(job.finished_at or now) - job.created_at, eta_s=eta,
                    output_key=job.output_key, output_location=job.output_location,
-                   workers=sorted({c.worker for c in chunks if c.worker}))
+                   workers=sorted({r.worker for r in live}), running=running)
 
     def to_dict(self) -> dict:
-        data = dict(self.__dict__)
+        data = asdict(self)
         data["state"] = self.state.value
         return data

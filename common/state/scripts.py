@@ -3,101 +3,140 @@
 Redis runs a script without interleaving other commands, so a check ("does this token still own the
 chunk?") and the write it guards cannot be separated by another client. ``common.state.store``
 calls them; nothing else does. Field names are those of ``common.state.records``.
+
+Every script gets the same KEYS, so the helpers below can reach what they need:
+
+    KEYS[1] job hash        KEYS[2] chunk hash (or '' for job scripts)   KEYS[3] chunk leases
+    KEYS[4] active jobs     KEYS[5] attempt log of the chunk or the finalizer
+    KEYS[6] ended jobs not yet recorded in storage (the outbox)          KEYS[7] finalizer leases
+
+and ARGV[1] = job id, ARGV[2] = chunk index (or 'finalize'), ARGV[3] = now, ARGV[4] = the key
+prefix of the job's chunks and attempt logs (``<prefix>:chunk:<job>:``, ``<prefix>:attempts:<job>:``
+joined by a space). Ending a job touches all of its chunks, whose keys come from that prefix:
+a single Redis server is assumed (no cluster).
+
+A chunk's ``attempt`` numbers its attempts (1, 2, ...; never reused) and ``spent`` counts those
+charged against the attempt limit (a worker shutting down hands its charge back; a chunk whose
+committed segment is lost starts a fresh count). Each attempt's start and end go to an attempt
+log, a list of JSON events: who rendered what, when, and how each attempt ended.
 """
 
-# Every chunk script: KEYS = chunk, job, leases, active, attempt log;
-# ARGV[1] = job id, ARGV[2] = chunk index, ARGV[3] = now.
-#
-# A chunk's ``attempt`` numbers its attempts (1, 2, ...; never reused) and ``spent`` counts those
-# charged against the attempt limit (a worker shutting down hands its charge back). Each attempt's
-# start and end go to the chunk's attempt log, a list of JSON events: what tests and ``status``
-# read to know who rendered what, when, and how each attempt ended.
 PRELUDE = """
-local chunk, job, leases, active, log = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local job, chunk, leases, active, log, unrecorded, final_leases = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
 local job_id, index, now = ARGV[1], ARGV[2], ARGV[3]
+local chunk_prefix, log_prefix = string.match(ARGV[4], '^(%S+) (%S+)$')
 local member = job_id .. ':' .. index
-local function log_event(event, reason, worker)
-  local attempt = tonumber(redis.call('HGET', chunk, 'attempt') or '0')
-  redis.call('RPUSH', log, cjson.encode({attempt = attempt, event = event, at = tonumber(now),
-    worker = worker or redis.call('HGET', chunk, 'worker') or '', reason = reason or ''}))
+
+local function event(log_key, attempt, name, reason, worker)
+  redis.call('RPUSH', log_key, cjson.encode({attempt = tonumber(attempt) or 0, event = name,
+    at = tonumber(now), worker = worker or '', reason = reason or ''}))
 end
-local function fail_job(reason)
+local function log_event(name, reason, worker)
+  event(log, redis.call('HGET', chunk, 'attempt'), name, reason, worker or redis.call('HGET', chunk, 'worker'))
+end
+
+-- Stop a chunk of an ended job: queued ones are dropped, a running attempt ends (its commit will
+-- be refused and its heartbeat told to stop).
+local function stop_chunk_at(key, log_key, i, reason)
+  local state = redis.call('HGET', key, 'state')
+  if state == 'running' then
+    event(log_key, redis.call('HGET', key, 'attempt'), 'stopped', reason, redis.call('HGET', key, 'worker'))
+    redis.call('ZREM', leases, job_id .. ':' .. i)
+  end
+  if state == 'running' or state == 'queued' then
+    redis.call('HSET', key, 'state', 'cancelled', 'reason', reason, 'updated_at', now, 'token', '')
+  end
+end
+
+-- End a job (failed or cancelled) with everything it has in flight: one atomic step, so an ended
+-- job never has a running or queued chunk, and it goes to the outbox of ends to record in storage.
+local function end_job(state, reason)
   local js = redis.call('HGET', job, 'state')
-  if js == 'done' or js == 'failed' or js == 'cancelled' then return end
-  redis.call('HSET', job, 'state', 'failed', 'reason', reason, 'updated_at', now, 'finished_at', now)
+  if js == 'done' or js == 'failed' or js == 'cancelled' then return false end
+  redis.call('HSET', job, 'state', state, 'reason', reason, 'updated_at', now, 'finished_at', now)
   redis.call('SREM', active, job_id)
+  redis.call('SADD', unrecorded, job_id)
+  if redis.call('ZSCORE', final_leases, job_id) then
+    event(log_prefix .. 'finalize', redis.call('HGET', job, 'finalize_attempt'), state, reason,
+          redis.call('HGET', job, 'finalizer'))
+    redis.call('ZREM', final_leases, job_id)
+  end
+  local total = tonumber(redis.call('HGET', job, 'chunks_total') or '0')
+  for i = 0, total - 1 do
+    stop_chunk_at(chunk_prefix .. i, log_prefix .. i, i, 'job ' .. state)
+  end
+  return true
 end
+
 local function fail_chunk(reason)
   if redis.call('HGET', chunk, 'state') == 'running' then log_event('failed', reason) end
   redis.call('HSET', chunk, 'state', 'failed', 'reason', reason, 'updated_at', now, 'token', '')
   redis.call('ZREM', leases, member)
-  fail_job('chunk ' .. index .. ' failed: ' .. reason)
+  end_job('failed', 'chunk ' .. index .. ' (frames ' .. redis.call('HGET', chunk, 'start_frame') .. '-' ..
+          (tonumber(redis.call('HGET', chunk, 'stop_frame')) - 1) .. ') failed: ' .. reason)
 end
-local function stop_chunk(reason)
-  if redis.call('HGET', chunk, 'state') == 'running' then log_event('stopped', reason) end
-  redis.call('HSET', chunk, 'state', 'cancelled', 'reason', reason, 'updated_at', now, 'token', '')
-  redis.call('ZREM', leases, member)
-end
+
 local function owned_by(token)
   return redis.call('HGET', chunk, 'state') == 'running' and redis.call('HGET', chunk, 'token') == token
 end
 """
 
-# ARGV[4] worker, [5] token, [6] lease deadline, [7] max attempts
+# ARGV[5] worker, [6] token, [7] lease deadline, [8] max attempts, [9] worker's process start
 CLAIM = PRELUDE + """
 local js = redis.call('HGET', job, 'state')
 local state = redis.call('HGET', chunk, 'state')
 if not state then return {'skip', 'no such chunk'} end
-if js ~= 'rendering' then
-  if state == 'queued' and (js == 'cancelled' or js == 'failed') then stop_chunk('job ' .. js) end
-  return {'skip', 'job is ' .. tostring(js)}
-end
+if js ~= 'rendering' then return {'skip', 'job is ' .. tostring(js)} end
 if state == 'running' then
   local lease = tonumber(redis.call('ZSCORE', leases, member) or '0')
-  if lease > tonumber(now) then return {'skip', 'running in another attempt'} end
+  if lease > tonumber(now) then
+    return {'skip', 'running in another attempt', redis.call('HGET', chunk, 'worker') or '',
+            redis.call('HGET', chunk, 'worker_started') or '', redis.call('HGET', chunk, 'token') or ''}
+  end
   log_event('expired', 'lease expired: taken over')
-  redis.call('HSET', chunk, 'state', 'queued')  -- the dead attempt is over; this claim starts the next
+  redis.call('HSET', chunk, 'state', 'queued')  -- that attempt is over; this claim starts the next
 elseif state ~= 'queued' then
   return {'skip', 'chunk is ' .. state}
 end
 local spent = tonumber(redis.call('HGET', chunk, 'spent') or '0')
-local max_attempts = tonumber(ARGV[7])
+local max_attempts = tonumber(ARGV[8])
 if spent >= max_attempts then
-  local last = redis.call('HGET', chunk, 'reason') or ''
-  fail_chunk('out of attempts (' .. spent .. ' of ' .. max_attempts .. '); last: ' .. last)
+  fail_chunk('out of attempts (' .. spent .. ' of ' .. max_attempts .. '); last: ' ..
+             (redis.call('HGET', chunk, 'reason') or ''))
   return {'failed', 'out of attempts'}
 end
 local attempt = tonumber(redis.call('HGET', chunk, 'attempt') or '0') + 1
-redis.call('HSET', chunk, 'state', 'running', 'attempt', attempt, 'spent', spent + 1, 'token', ARGV[5],
-           'worker', ARGV[4], 'started_at', now, 'updated_at', now, 'beat_at', now, 'frames_done', 0)
-log_event('started', '', ARGV[4])
-redis.call('ZADD', leases, ARGV[6], member)
+redis.call('HSET', chunk, 'state', 'running', 'attempt', attempt, 'spent', spent + 1, 'token', ARGV[6],
+           'worker', ARGV[5], 'worker_started', ARGV[9], 'started_at', now, 'updated_at', now,
+           'beat_at', now, 'frames_done', 0)
+redis.call('ZADD', leases, ARGV[7], member)
+log_event('started', '', ARGV[5])
 if not redis.call('HGET', job, 'rendering_at') then redis.call('HSET', job, 'rendering_at', now) end
 return {'ok', tostring(attempt)}
 """
 
-# ARGV[4] token, [5] lease deadline, [6] frames done, [7] peak rss bytes
+# ARGV[5] token, [6] lease deadline, [7] frames done, [8] peak rss bytes
 BEAT = PRELUDE + """
-if not owned_by(ARGV[4]) then return 'lost' end
+if not owned_by(ARGV[5]) then return 'lost' end
 if redis.call('HGET', job, 'state') ~= 'rendering' then return 'stopped' end
-redis.call('ZADD', leases, ARGV[5], member)
-redis.call('HSET', chunk, 'frames_done', ARGV[6], 'beat_at', now, 'peak_rss', ARGV[7])
+redis.call('ZADD', leases, ARGV[6], member)
+redis.call('HSET', chunk, 'frames_done', ARGV[7], 'beat_at', now, 'peak_rss', ARGV[8])
 return 'ok'
 """
 
-# ARGV[4] token, [5] frames
+# ARGV[5] token, [6] frames, [7] segment key, [8] segment size, [9] segment sha256
 COMMIT = PRELUDE + """
 local state = redis.call('HGET', chunk, 'state')
 if state == 'committed' then return {'duplicate'} end
-if not owned_by(ARGV[4]) then return {'stale', tostring(state)} end
+if not owned_by(ARGV[5]) then return {'stale', tostring(state)} end
 local js = redis.call('HGET', job, 'state')
-if js ~= 'rendering' then stop_chunk('job ' .. tostring(js)) return {'refused', 'job is ' .. tostring(js)} end
-redis.call('HSET', chunk, 'state', 'committed', 'committed_at', now, 'updated_at', now,
-           'frames_done', ARGV[5], 'reason', '', 'token', '')
-log_event('committed')
+if js ~= 'rendering' then return {'refused', 'job is ' .. tostring(js)} end
+redis.call('HSET', chunk, 'state', 'committed', 'committed_at', now, 'updated_at', now, 'frames_done', ARGV[6],
+           'reason', '', 'token', '', 'segment_key', ARGV[7], 'segment_size', ARGV[8], 'segment_sha256', ARGV[9])
 redis.call('ZREM', leases, member)
+log_event('committed')
 local done = redis.call('HINCRBY', job, 'chunks_committed', 1)
-redis.call('HINCRBY', job, 'frames_committed', ARGV[5])
+redis.call('HINCRBY', job, 'frames_committed', ARGV[6])
 redis.call('HSET', job, 'updated_at', now)
 if done == tonumber(redis.call('HGET', job, 'chunks_total')) and redis.call('HSETNX', job, 'finalize_enqueued_at', now) == 1 then
   return {'complete'}
@@ -105,67 +144,190 @@ end
 return {'ok'}
 """
 
-# ARGV[4] reason, [5] max attempts
+# ARGV[5] reason, [6] max attempts, [7] the token of an attempt whose process is known dead ('': the
+# lease must have expired)
 REQUEUE = PRELUDE + """
+local dead = ARGV[7] ~= '' and redis.call('HGET', chunk, 'token') == ARGV[7]
 local lease = redis.call('ZSCORE', leases, member)
-if lease and tonumber(lease) > tonumber(now) then return {'skip', 'lease renewed'} end
-redis.call('ZREM', leases, member)
-if redis.call('HGET', chunk, 'state') ~= 'running' then return {'skip', 'not running'} end
+if lease and tonumber(lease) > tonumber(now) and not dead then return {'skip', 'lease renewed'} end
+if redis.call('HGET', chunk, 'state') ~= 'running' then redis.call('ZREM', leases, member) return {'skip', 'not running'} end
 local js = redis.call('HGET', job, 'state')
-if js ~= 'rendering' then stop_chunk('job ' .. tostring(js)) return {'skip', 'job is ' .. tostring(js)} end
-local attempt = tonumber(redis.call('HGET', chunk, 'attempt') or '0')
-local spent = tonumber(redis.call('HGET', chunk, 'spent') or '0')
-local reason = 'attempt ' .. attempt .. ': ' .. ARGV[4]
-if spent >= tonumber(ARGV[5]) then fail_chunk(reason .. ' (out of attempts)') return {'failed', reason} end
-log_event('requeued', ARGV[4])
-redis.call('HSET', chunk, 'state', 'queued', 'reason', reason, 'updated_at', now, 'token', '')
-return {'requeued', reason}
-"""
-
-# ARGV[4] token, [5] reason, [6] retryable 1/0, [7] max attempts
-FAIL = PRELUDE + """
-if not owned_by(ARGV[4]) then return {'stale'} end
+if js ~= 'rendering' then return {'skip', 'job is ' .. tostring(js)} end
 redis.call('ZREM', leases, member)
-local js = redis.call('HGET', job, 'state')
-if js ~= 'rendering' then stop_chunk('job ' .. tostring(js)) return {'stopped'} end
-local attempt = tonumber(redis.call('HGET', chunk, 'attempt') or '0')
+local attempt = redis.call('HGET', chunk, 'attempt')
 local spent = tonumber(redis.call('HGET', chunk, 'spent') or '0')
 local reason = 'attempt ' .. attempt .. ': ' .. ARGV[5]
-if ARGV[6] == '1' and spent < tonumber(ARGV[7]) then
-  log_event('requeued', ARGV[5])
-  redis.call('HSET', chunk, 'state', 'queued', 'reason', reason, 'updated_at', now, 'token', '')
-  return {'requeued'}
+if spent >= tonumber(ARGV[6]) then fail_chunk(reason .. ' (out of attempts)') return {'failed', reason} end
+log_event('requeued', ARGV[5])
+redis.call('HSET', chunk, 'state', 'queued', 'reason', reason, 'updated_at', now, 'token', '')
+return {'requeued', reason, tostring(spent)}
+"""
+
+# ARGV[5] token, [6] reason, [7] retryable 1/0, [8] max attempts
+FAIL = PRELUDE + """
+if not owned_by(ARGV[5]) then return {'stale'} end
+local js = redis.call('HGET', job, 'state')
+if js ~= 'rendering' then return {'stopped'} end
+redis.call('ZREM', leases, member)
+local attempt = redis.call('HGET', chunk, 'attempt')
+local spent = tonumber(redis.call('HGET', chunk, 'spent') or '0')
+if ARGV[7] == '1' and spent < tonumber(ARGV[8]) then
+  log_event('requeued', ARGV[6])
+  redis.call('HSET', chunk, 'state', 'queued', 'reason', 'attempt ' .. attempt .. ': ' .. ARGV[6],
+             'updated_at', now, 'token', '')
+  return {'requeued', '', tostring(spent)}
 end
-fail_chunk(ARGV[5])
+fail_chunk(ARGV[6])
 return {'failed'}
 """
 
-# ARGV[4] token, [5] reason
+# ARGV[5] token, [6] reason
 RELEASE = PRELUDE + """
-if not owned_by(ARGV[4]) then return {'stale'} end
-redis.call('ZREM', leases, member)
+if not owned_by(ARGV[5]) then return {'stale'} end
 local js = redis.call('HGET', job, 'state')
-if js ~= 'rendering' then stop_chunk('job ' .. tostring(js)) return {'stopped'} end
-log_event('released', ARGV[5])
+if js ~= 'rendering' then return {'stopped'} end
+redis.call('ZREM', leases, member)
+log_event('released', ARGV[6])
 redis.call('HINCRBY', chunk, 'spent', -1)
-redis.call('HSET', chunk, 'state', 'queued', 'reason', ARGV[5], 'updated_at', now, 'token', '')
+redis.call('HSET', chunk, 'state', 'queued', 'reason', ARGV[6], 'updated_at', now, 'token', '')
 return {'released'}
 """
 
-# KEYS = job, active; ARGV = job id, now, target state, allowed from (comma list), reason, extra k/v...
-JOB_MOVE = """
-local job, active = KEYS[1], KEYS[2]
+# A committed chunk whose segment failed its check (missing, wrong size or hash) goes back to the
+# queue with a fresh attempt count, and its job back to rendering; a chunk reopened more than
+# ARGV[6] times fails its job (storage that keeps losing segments is not worth retrying forever).
+# ARGV[5] reason, [6] max reopenings
+REOPEN = PRELUDE + """
+if redis.call('HGET', chunk, 'state') ~= 'committed' then return {'skip', 'not committed'} end
+local js = redis.call('HGET', job, 'state')
+if js ~= 'rendering' and js ~= 'finalizing' then return {'skip', 'job is ' .. tostring(js)} end
+local reopened = redis.call('HINCRBY', chunk, 'reopened', 1)
+local frames = tonumber(redis.call('HGET', chunk, 'frames_done') or '0')
+redis.call('HINCRBY', job, 'chunks_committed', -1)
+redis.call('HINCRBY', job, 'frames_committed', -frames)
+redis.call('HDEL', job, 'finalize_enqueued_at')
+if js == 'finalizing' then
+  redis.call('HSET', job, 'state', 'rendering', 'updated_at', now)
+  redis.call('ZREM', final_leases, job_id)
+end
+log_event('reopened', ARGV[5])
+redis.call('HSET', chunk, 'state', 'queued', 'spent', 0, 'reason', ARGV[5], 'updated_at', now, 'token', '',
+           'frames_done', 0, 'segment_key', '', 'segment_size', '', 'segment_sha256', '')
+if reopened > tonumber(ARGV[6]) then
+  fail_chunk(ARGV[5] .. ' (' .. reopened .. ' times: storage keeps losing its segment)')
+  return {'failed'}
+end
+return {'requeued'}
+"""
+
+# --- the finalizer: a lease with a token, like a chunk attempt --------------------------------------
+
+# ARGV[5] worker, [6] token, [7] lease deadline, [8] worker's process start, [9] the token of a
+# finalizer whose process is known dead ('' if none)
+TAKE_FINALIZE = PRELUDE + """
+local js = redis.call('HGET', job, 'state')
+if js == 'rendering' then
+  if redis.call('HGET', job, 'chunks_committed') ~= redis.call('HGET', job, 'chunks_total') then
+    return {'skip', 'not every chunk is committed'}
+  end
+elseif js ~= 'finalizing' then
+  return {'skip', 'job is ' .. tostring(js)}
+end
+local lease = redis.call('ZSCORE', final_leases, job_id)
+if lease then
+  local dead = ARGV[9] ~= '' and redis.call('HGET', job, 'finalizer_token') == ARGV[9]
+  if tonumber(lease) > tonumber(now) and not dead then
+    return {'skip', 'another finalizer holds the job', redis.call('HGET', job, 'finalizer') or '',
+            redis.call('HGET', job, 'finalizer_started') or '', redis.call('HGET', job, 'finalizer_token') or ''}
+  end
+  event(log, redis.call('HGET', job, 'finalize_attempt'), 'expired',
+        dead and 'its worker process died: taken over' or 'lease expired: taken over',
+        redis.call('HGET', job, 'finalizer'))
+end
+local attempt = redis.call('HINCRBY', job, 'finalize_attempt', 1)
+redis.call('HSET', job, 'state', 'finalizing', 'updated_at', now, 'finalizer', ARGV[5], 'finalizer_token', ARGV[6],
+           'finalizer_started', ARGV[8])
+redis.call('ZADD', final_leases, ARGV[7], job_id)
+event(log, attempt, 'started', '', ARGV[5])
+return {'ok', tostring(attempt)}
+"""
+
+# ARGV[5] token, [6] lease deadline
+BEAT_FINALIZE = PRELUDE + """
+if redis.call('HGET', job, 'state') ~= 'finalizing' or redis.call('HGET', job, 'finalizer_token') ~= ARGV[5] then
+  return 'lost'
+end
+redis.call('ZADD', final_leases, ARGV[6], job_id)
+return 'ok'
+"""
+
+# ARGV[5] token, [6] output location
+FINISH_DONE = PRELUDE + """
+local js = redis.call('HGET', job, 'state')
+if js ~= 'finalizing' then return {'refused', 'job is ' .. tostring(js)} end
+if redis.call('HGET', job, 'finalizer_token') ~= ARGV[5] then return {'stale'} end
+redis.call('HSET', job, 'state', 'done', 'output_location', ARGV[6], 'updated_at', now, 'finished_at', now,
+           'reason', '')
+redis.call('ZREM', final_leases, job_id)
+redis.call('SREM', active, job_id)
+redis.call('SADD', unrecorded, job_id)
+event(log, redis.call('HGET', job, 'finalize_attempt'), 'done', '', redis.call('HGET', job, 'finalizer'))
+return {'ok'}
+"""
+
+# A finalizer gives the job up: it found chunks to render again (ARGV[6] = 'reopened') or it is
+# shutting down ('released'). ARGV[5] token, [7] reason
+RELEASE_FINALIZE = PRELUDE + """
+if redis.call('HGET', job, 'finalizer_token') ~= ARGV[5] then return {'stale'} end
+redis.call('ZREM', final_leases, job_id)
+redis.call('HSET', job, 'finalizer_token', '')
+event(log, redis.call('HGET', job, 'finalize_attempt'), ARGV[6], ARGV[7], redis.call('HGET', job, 'finalizer'))
+return {'ok'}
+"""
+
+# --- job moves --------------------------------------------------------------------------------------
+
+# A failed or cancelled job goes on: its chunks that are not committed are queued again with a fresh
+# attempt count, and it goes back to rendering (or to queued, to be planned, if it never was).
+RESUME = PRELUDE + """
+local js = redis.call('HGET', job, 'state')
+if not js then return {'missing'} end
+if js ~= 'failed' and js ~= 'cancelled' then return {'refused', js} end
+redis.call('HSET', job, 'reason', '', 'updated_at', now)
+redis.call('HDEL', job, 'finished_at', 'finalize_enqueued_at')
+redis.call('SADD', active, job_id)
+redis.call('SREM', unrecorded, job_id)
+local total = tonumber(redis.call('HGET', job, 'chunks_total') or '0')
+if total == 0 then
+  redis.call('HSET', job, 'state', 'queued')
+  return {'replan'}
+end
+local queued = {'ok'}
+for i = 0, total - 1 do
+  local key = chunk_prefix .. i
+  if redis.call('HGET', key, 'state') ~= 'committed' then
+    redis.call('HSET', key, 'state', 'queued', 'spent', 0, 'token', '', 'reason', 'job resumed', 'updated_at', now)
+    table.insert(queued, tostring(i))
+  end
+end
+redis.call('HSET', job, 'state', 'rendering')
+return queued
+"""
+
+# ARGV[5] target state, [6] states it may come from (comma list), [7] reason, [8...] field/value pairs
+JOB_MOVE = PRELUDE + """
 local state = redis.call('HGET', job, 'state')
 if not state then return {'missing'} end
 local ok = false
-for s in string.gmatch(ARGV[4], '[^,]+') do if s == state then ok = true end end
+for s in string.gmatch(ARGV[6], '[^,]+') do if s == state then ok = true end end
 if not ok then return {'refused', state} end
-redis.call('HSET', job, 'state', ARGV[3], 'updated_at', ARGV[2])
-if ARGV[5] ~= '' then redis.call('HSET', job, 'reason', ARGV[5]) end
-for i = 6, #ARGV, 2 do redis.call('HSET', job, ARGV[i], ARGV[i + 1]) end
-if ARGV[3] == 'done' or ARGV[3] == 'failed' or ARGV[3] == 'cancelled' then
-  redis.call('HSET', job, 'finished_at', ARGV[2])
-  redis.call('SREM', active, ARGV[1])
+local target = ARGV[5]
+if target == 'failed' or target == 'cancelled' then
+  end_job(target, ARGV[7])
+  return {'ok', state}
 end
+redis.call('HSET', job, 'state', target, 'updated_at', now)
+if ARGV[7] ~= '' then redis.call('HSET', job, 'reason', ARGV[7]) end
+for i = 8, #ARGV, 2 do redis.call('HSET', job, ARGV[i], ARGV[i + 1]) end
 return {'ok', state}
 """

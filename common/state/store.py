@@ -1,59 +1,108 @@
 """``StateStore``: the one door to lipfarm's state in Redis. Nothing else reads or writes its keys.
 
-Every chunk move is one Lua script (``common.state.scripts``), so each is a single atomic step
-with its checks:
+Every move is one Lua script (``common.state.scripts``), a single atomic step with its checks:
 
-- ``claim``: queued -> running. A new attempt gets a fresh ownership token and a lease (a deadline
-  in the ``leases`` sorted set). An attempt whose lease expired may be taken over.
-- ``beat``: extends the lease, records frames done and peak memory; answers LOST to an attempt
-  that no longer owns its chunk and STOPPED when the job is no longer rendering.
-- ``commit``: running -> committed, only with the current token; idempotent; the commit that
-  completes the job (and only that one) answers COMPLETE: its caller queues the finalizer.
-- ``requeue``: an expired lease goes back to queued (the reconciler), or fails the chunk, and its
-  job, when the chunk is out of attempts.
-- ``fail``: the attempt reports an error: retryable ones requeue while attempts remain, others
-  fail the chunk and the job with the reason.
-- ``release``: a worker shutting down gives its chunk back without spending the attempt.
+- chunks: ``claim`` (queued -> running, with an ownership token and a lease; an expired attempt, or
+  one whose process is known dead, is taken over), ``beat`` (renew the lease, report progress),
+  ``commit`` (only the current token; idempotent; the commit that completes the job answers
+  COMPLETE and its caller queues the finalizer), ``requeue`` (an expired or dead attempt goes
+  back), ``fail`` (retryable errors requeue while attempts remain, others fail the chunk and its
+  job), ``release`` (a worker shutting down hands the chunk back), ``reopen`` (a committed chunk
+  whose segment failed its check is rendered again);
+- the finalizer holds a lease with a token too: ``take_finalizer``, ``beat_finalizer``,
+  ``finish_done``, ``release_finalizer``;
+- jobs: ``start_planning``, ``start_rendering``, ``finish`` (failed), ``cancel``. A job that ends
+  ends with all its chunks in one step, and goes to an outbox of ends that storage has not
+  recorded yet (``unrecorded_job_ids``), so no end is lost between Redis and storage.
 
-Job moves are checked against ``JOB_MOVES`` by one script; the verbs below (``start_planning``,
-``start_rendering``, ``finish``, ``cancel``, ...) are the only ways to make them, each writing
-the fields its move needs. Time is always a parameter (``now``), so tests never sleep; reads have
-no side effects.
+A Redis that cannot be reached raises ``ServiceError`` naming it, from every verb: callers that
+must ride out an outage catch one kind of error. Time is always a parameter (``now``), so tests
+never sleep; reads have no side effects.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 import redis
 
 from common.errors import NotFoundError, ServiceError
 from common.state import scripts
+from common.state.connection import mask_url, redis_failure, redis_tls_options, url_without_tls_params
 from common.state.keys import Keys
-from common.state.records import (JOB_MOVES, AttemptRecord, ChunkRecord, ChunkState, JobRecord, JobState, JobStatus,
-                                  Verdict)
+from common.state.records import (JOB_MOVES, AttemptRecord, ChunkRecord, ChunkState, JobRecord, JobState,
+                                  JobStatus, Verdict)
+
+SCRIPTS = ("claim", "beat", "commit", "requeue", "fail", "release", "reopen", "take_finalize",
+           "beat_finalize", "finish_done", "release_finalize", "job_move", "resume")
 
 
 @dataclass(frozen=True)
 class Claim:
+    """The answer to a claim (of a chunk or of a job's finalizer)."""
+
     verdict: Verdict  # OK, SKIP or FAILED
     detail: str = ""
     token: str = ""
     attempt: int = 0
+    owner: str = ""  # on SKIP because another attempt runs: its worker, process start, token
+    owner_started: str = ""
+    owner_token: str = ""
 
     @property
     def ok(self) -> bool:
         return self.verdict == Verdict.OK
 
 
+@dataclass(frozen=True)
+class Move:
+    """The answer to a chunk move that may requeue: the verdict, and the attempts spent so far
+    (the caller delays the next attempt by them)."""
+
+    verdict: Verdict
+    detail: str = ""
+    spent: int = 0
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """The answer to resuming a job: the chunks queued again, or that it must be planned again."""
+
+    verdict: Verdict
+    queued: list[int] = field(default_factory=list)
+    replan: bool = False
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A chunk's rendered segment as its commit records it."""
+
+    key: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A running attempt (of a chunk, or a job's finalizer) and who holds it."""
+
+    job_id: str
+    index: int | None  # None: the finalizer
+    worker: str
+    worker_started: str
+    token: str
+
+
 class Stall(str, Enum):
     """Why a job is not moving on its own."""
 
     FINALIZER_NOT_QUEUED = "finalizer not queued"  # all chunks committed, the finalize message lost
-    FINALIZER_DIED = "finalizer died"  # left finalizing, nobody holds its finalize lease
+    FINALIZER_DIED = "finalizer died"  # finalizing, and nobody holds its finalize lease
     PLAN_LOST = "plan lost"  # queued or planning for too long: the plan message or its planner lost
 
 
@@ -67,60 +116,109 @@ def _text(value) -> str:
     return repr(value) if isinstance(value, float) else str(value)
 
 
+def _guarded(method):
+    """Redis errors out of ``method`` become one ``ServiceError`` naming the server."""
+
+    @functools.wraps(method)
+    def guarded(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, redis.ReadOnlyError) as exc:
+            raise ServiceError(f"cannot reach Redis at {self.where} ({exc.__class__.__name__}: {exc})") from None
+
+    return guarded
+
+
 class StateStore:
     """Job and chunk records in Redis (see the module docstring)."""
 
-    def __init__(self, client: redis.Redis, keys: Keys) -> None:
+    def __init__(self, client: redis.Redis, keys: Keys, *, where: str = "") -> None:
         self.redis = client
         self.keys = keys
-        self._scripts = {name: client.register_script(getattr(scripts, name.upper())) for name in (
-            "claim", "beat", "commit", "requeue", "fail", "release", "job_move")}
+        kwargs = client.connection_pool.connection_kwargs
+        self.where = where or f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}/{kwargs.get('db', 0)}"
+        self._scripts = {name: client.register_script(getattr(scripts, name.upper())) for name in SCRIPTS}
 
     @classmethod
-    def connect(cls, url: str, prefix: str) -> "StateStore":
-        """Connect and ping, or ``ServiceError`` naming the URL (fails fast, never hangs)."""
-        client = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=10,
-                                      health_check_interval=30, decode_responses=True)
+    def connect(cls, url: str, prefix: str, *, tls_ca_file: str = "") -> "StateStore":
+        """Connect (``redis://``, or ``rediss://`` over TLS) and ping, or ``ServiceError`` saying why in
+        one line (unreachable, credentials refused, TLS failed), the password masked. Fails fast."""
+        client = redis.Redis.from_url(url_without_tls_params(url), socket_connect_timeout=3, socket_timeout=10,
+                                      health_check_interval=30, decode_responses=True,
+                                      **redis_tls_options(url, tls_ca_file))
         try:
             client.ping()
         except redis.RedisError as exc:
-            raise ServiceError(f"cannot reach Redis at {url} ({exc.__class__.__name__}: {exc})") from None
-        return cls(client, Keys(prefix))
+            raise ServiceError(redis_failure(url, exc)) from None
+        return cls(client, Keys(prefix), where=mask_url(url))
+
+    # --- calling the scripts ----------------------------------------------------------------------
+
+    def _call(self, name: str, job_id: str, index, now: float, *args) -> list[str]:
+        keys = self.keys
+        chunk = keys.chunk(job_id, index) if isinstance(index, int) else ""
+        log = keys.attempts(job_id, index if isinstance(index, int) else "finalize")
+        prefixes = f"{keys.chunk(job_id, '')} {keys.attempts(job_id, '')}"
+        result = self._scripts[name](
+            keys=[keys.job(job_id), chunk, keys.leases(), keys.active(), log, keys.unrecorded(),
+                  keys.finalize_leases()],
+            args=[job_id, index if isinstance(index, int) else "finalize", repr(now), prefixes, *args])
+        return [result] if isinstance(result, str) else [str(part) for part in result]
+
+    @staticmethod
+    def _claim(result: list[str], token: str) -> Claim:
+        if result[0] == Verdict.OK:
+            return Claim(Verdict.OK, token=token, attempt=int(result[1]))
+        owner = result[2:5] if len(result) >= 5 else ["", "", ""]
+        return Claim(Verdict(result[0]), result[1] if len(result) > 1 else "", owner=owner[0],
+                     owner_started=owner[1], owner_token=owner[2])
 
     # --- chunk moves ------------------------------------------------------------------------------
 
-    def _chunk_call(self, name: str, job_id: str, index: int, now: float, *args) -> list[str]:
-        keys = [self.keys.chunk(job_id, index), self.keys.job(job_id), self.keys.leases(), self.keys.active(),
-                self.keys.attempts(job_id, index)]
-        result = self._scripts[name](keys=keys, args=[job_id, index, repr(now), *args])
-        return [result] if isinstance(result, str) else [str(part) for part in result]
-
+    @_guarded
     def claim(self, job_id: str, index: int, *, worker: str, now: float, lease_s: float,
-              max_attempts: int) -> Claim:
+              max_attempts: int, worker_started: str = "") -> Claim:
+        """Claim a chunk: a new attempt, or a SKIP naming the attempt that holds it."""
         token = secrets.token_hex(8)
-        result = self._chunk_call("claim", job_id, index, now, worker, token, repr(now + lease_s), max_attempts)
-        if result[0] == Verdict.OK:
-            return Claim(Verdict.OK, token=token, attempt=int(result[1]))
-        return Claim(Verdict(result[0]), result[1] if len(result) > 1 else "")
+        return self._claim(self._call("claim", job_id, index, now, worker, token, repr(now + lease_s),
+                                      max_attempts, worker_started), token)
 
+    @_guarded
     def beat(self, job_id: str, index: int, token: str, *, now: float, lease_s: float,
              frames_done: int, peak_rss: int = 0) -> Verdict:
-        return Verdict(self._chunk_call("beat", job_id, index, now, token, repr(now + lease_s), frames_done,
-                                        peak_rss)[0])
+        return Verdict(self._call("beat", job_id, index, now, token, repr(now + lease_s), frames_done, peak_rss)[0])
 
-    def commit(self, job_id: str, index: int, token: str, *, frames: int, now: float) -> Verdict:
-        return Verdict(self._chunk_call("commit", job_id, index, now, token, frames)[0])
+    @_guarded
+    def commit(self, job_id: str, index: int, token: str, *, frames: int, segment: Segment, now: float) -> Verdict:
+        return Verdict(self._call("commit", job_id, index, now, token, frames, segment.key, segment.size,
+                                  segment.sha256)[0])
 
-    def requeue(self, job_id: str, index: int, *, now: float, reason: str, max_attempts: int) -> Verdict:
-        return Verdict(self._chunk_call("requeue", job_id, index, now, reason, max_attempts)[0])
+    @_guarded
+    def requeue(self, job_id: str, index: int, *, now: float, reason: str, max_attempts: int,
+                dead_token: str = "") -> Move:
+        """Requeue an attempt whose lease expired, or (``dead_token``) whose process is known dead."""
+        return self._move(self._call("requeue", job_id, index, now, reason, max_attempts, dead_token))
 
+    @_guarded
     def fail(self, job_id: str, index: int, token: str, *, reason: str, retryable: bool, now: float,
-             max_attempts: int) -> Verdict:
-        return Verdict(self._chunk_call("fail", job_id, index, now, token, reason, int(retryable), max_attempts)[0])
+             max_attempts: int) -> Move:
+        return self._move(self._call("fail", job_id, index, now, token, reason, int(retryable), max_attempts))
 
+    @_guarded
     def release(self, job_id: str, index: int, token: str, *, reason: str, now: float) -> Verdict:
-        return Verdict(self._chunk_call("release", job_id, index, now, token, reason)[0])
+        return Verdict(self._call("release", job_id, index, now, token, reason)[0])
 
+    @_guarded
+    def reopen(self, job_id: str, index: int, *, reason: str, now: float, max_reopens: int) -> Verdict:
+        """A committed chunk whose segment failed its check goes back to the queue (see the script)."""
+        return Verdict(self._call("reopen", job_id, index, now, reason, max_reopens)[0])
+
+    @staticmethod
+    def _move(result: list[str]) -> Move:
+        return Move(Verdict(result[0]), result[1] if len(result) > 1 else "",
+                    int(result[2]) if len(result) > 2 and result[2] else 0)
+
+    @_guarded
     def is_current(self, job_id: str, index: int, token: str) -> bool:
         """Whether ``token`` still owns a running chunk of a rendering job (a cheap read)."""
         with self.redis.pipeline(transaction=False) as pipe:
@@ -129,59 +227,96 @@ class StateStore:
             (state, owner), job_state = pipe.execute()
         return state == ChunkState.RUNNING and owner == token and job_state == JobState.RENDERING
 
+    # --- the finalizer ----------------------------------------------------------------------------
+
+    @_guarded
+    def take_finalizer(self, job_id: str, *, worker: str, now: float, lease_s: float,
+                       worker_started: str = "", take_over: str = "") -> Claim:
+        """Become the job's one finalizer (a lease with a token, renewed by ``beat_finalizer``)."""
+        token = secrets.token_hex(8)
+        return self._claim(self._call("take_finalize", job_id, None, now, worker, token, repr(now + lease_s),
+                                      worker_started, take_over), token)
+
+    @_guarded
+    def beat_finalizer(self, job_id: str, token: str, *, now: float, lease_s: float) -> Verdict:
+        return Verdict(self._call("beat_finalize", job_id, None, now, token, repr(now + lease_s))[0])
+
+    @_guarded
+    def finish_done(self, job_id: str, token: str, *, output_location: str, now: float) -> Verdict:
+        """The finalizer publishes: the job is done (refused if it was cancelled meanwhile)."""
+        return Verdict(self._call("finish_done", job_id, None, now, token, output_location)[0])
+
+    @_guarded
+    def release_finalizer(self, job_id: str, token: str, *, outcome: str, reason: str, now: float) -> Verdict:
+        """Give up the finalize lease: ``outcome`` is 'reopened' (chunks to render again) or 'released'."""
+        return Verdict(self._call("release_finalize", job_id, None, now, token, outcome, reason)[0])
+
+    @_guarded
+    def expire_finalizer(self, job_id: str, token: str) -> None:
+        """The finalizer holding ``token`` is known dead: let the next finalizer take over at once."""
+        if self.redis.hget(self.keys.job(job_id), "finalizer_token") == token:
+            self.redis.zadd(self.keys.finalize_leases(), {job_id: 0}, xx=True)
+
+    @_guarded
+    def finalize_attempts(self, job_id: str) -> list[AttemptRecord]:
+        return self._attempt_log(self.keys.attempts(job_id, "finalize"))
+
     # --- job moves --------------------------------------------------------------------------------
 
+    @_guarded
     def create_job(self, record: JobRecord) -> None:
         with self.redis.pipeline() as pipe:
             pipe.hset(self.keys.job(record.job_id), mapping=record.to_hash())
             pipe.zadd(self.keys.jobs(), {record.job_id: record.created_at})
-            pipe.sadd(self.keys.active(), record.job_id)
+            if not record.state.terminal:
+                pipe.sadd(self.keys.active(), record.job_id)
             pipe.execute()
 
-    def _move(self, job_id: str, to: JobState, *, now: float, reason: str = "",
-              fields: dict | None = None) -> bool:
+    def _job_move(self, job_id: str, to: JobState, *, now: float, reason: str = "",
+                  fields: dict | None = None) -> bool:
         """Move a job along ``JOB_MOVES``; False if its current state does not allow the move."""
         allowed = ",".join(s.value for s, targets in JOB_MOVES.items() if to in targets)
         extra = [_text(x) for pair in (fields or {}).items() for x in pair]
-        result = self._scripts["job_move"](keys=[self.keys.job(job_id), self.keys.active()],
-                                           args=[job_id, repr(now), to.value, allowed, reason, *extra])
+        result = self._call("job_move", job_id, None, now, to.value, allowed, reason, *extra)
         if result[0] == "missing":
             raise NotFoundError(f"unknown job '{job_id}'")
         return result[0] == Verdict.OK
 
+    @_guarded
     def start_planning(self, job_id: str, *, now: float) -> bool:
-        return self._move(job_id, JobState.PLANNING, now=now)
+        return self._job_move(job_id, JobState.PLANNING, now=now)
 
+    @_guarded
     def start_rendering(self, job_id: str, frame_ranges: list[tuple[int, int]], *, output_key: str,
                         now: float) -> bool:
         """Create the planned chunks (existing ones are kept: planning may run twice) and move to
         rendering; False if the job moved on meanwhile (cancelled)."""
         self._add_chunks(job_id, frame_ranges, now=now)
-        return self._move(job_id, JobState.RENDERING, now=now, fields={"output_key": output_key})
+        return self._job_move(job_id, JobState.RENDERING, now=now, fields={"output_key": output_key})
 
-    def start_finalizing(self, job_id: str, *, now: float) -> bool:
-        """Move a rendering job to finalizing; True also if it is finalizing already (a retry)."""
-        return self.job(job_id).state == JobState.FINALIZING or self._move(job_id, JobState.FINALIZING, now=now)
+    @_guarded
+    def finish(self, job_id: str, state: JobState, *, now: float, reason: str) -> bool:
+        """End a job that has not ended as failed, with the reason (its chunks stop with it)."""
+        if state != JobState.FAILED:
+            raise ValueError(f"finish() ends a job as failed, not {state.value}: see finish_done and cancel")
+        return self._job_move(job_id, state, now=now, reason=reason)
 
-    def finish(self, job_id: str, state: JobState, *, now: float, reason: str = "",
-               output_location: str = "") -> bool:
-        """End a job as done (with its output's location) or failed (with the reason)."""
-        if state not in (JobState.DONE, JobState.FAILED):
-            raise ValueError(f"finish() ends a job as done or failed, not {state.value}")
-        fields = {"output_location": output_location} if output_location else None
-        return self._move(job_id, state, now=now, reason=reason, fields=fields)
+    @_guarded
+    def resume(self, job_id: str, *, now: float) -> Resumed:
+        """Resume a failed or cancelled job (see the script); REFUSED names the state it is in."""
+        result = self._call("resume", job_id, None, now)
+        if result[0] == "missing":
+            raise NotFoundError(f"unknown job '{job_id}'")
+        if result[0] == "replan":
+            return Resumed(Verdict.OK, replan=True)
+        if result[0] == Verdict.REFUSED:
+            return Resumed(Verdict.REFUSED, detail=result[1])
+        return Resumed(Verdict.OK, queued=[int(i) for i in result[1:]])
 
+    @_guarded
     def cancel(self, job_id: str, *, now: float, reason: str = "cancelled by user") -> bool:
-        """Cancel a job that has not finished; its queued chunks are dropped. False if it had."""
-        if not self._move(job_id, JobState.CANCELLED, now=now, reason=reason):
-            return False
-        queued = [c.index for c in self.chunks(job_id) if c.state == ChunkState.QUEUED]
-        with self.redis.pipeline() as pipe:
-            for index in queued:
-                pipe.hset(self.keys.chunk(job_id, index),
-                          mapping={"state": ChunkState.CANCELLED.value, "reason": reason, "updated_at": repr(now)})
-            pipe.execute()
-        return True
+        """Cancel a job that has not ended; its chunks stop with it. False if it had ended."""
+        return self._job_move(job_id, JobState.CANCELLED, now=now, reason=reason)
 
     def _add_chunks(self, job_id: str, frame_ranges: list[tuple[int, int]], *, now: float) -> None:
         with self.redis.pipeline() as pipe:
@@ -197,20 +332,105 @@ class StateStore:
             pipe.hsetnx(self.keys.job(job_id), "frames_committed", 0)
             pipe.execute()
 
-    # --- the finalizer ----------------------------------------------------------------------------
-
-    def take_finalize_lease(self, job_id: str, *, worker: str, lease_s: float) -> bool:
-        """One finalizer per job: True if ``worker`` now holds the job's finalize lease."""
-        return bool(self.redis.set(self.keys.finalize_lease(job_id), worker, nx=True, ex=int(lease_s)))
-
-    def release_finalize_lease(self, job_id: str) -> None:
-        self.redis.delete(self.keys.finalize_lease(job_id))
-
+    @_guarded
     def mark_finalizer_enqueued(self, job_id: str, *, now: float) -> None:
         self.redis.hset(self.keys.job(job_id), "finalize_enqueued_at", repr(now))
 
+    # --- recording ends in storage -----------------------------------------------------------------
+
+    @_guarded
+    def unrecorded_job_ids(self) -> list[str]:
+        """Jobs that ended in Redis and whose end storage has not recorded yet (the outbox)."""
+        return sorted(self.redis.smembers(self.keys.unrecorded()))
+
+    @_guarded
+    def mark_recorded(self, job_id: str) -> None:
+        self.redis.srem(self.keys.unrecorded(), job_id)
+
+    @_guarded
+    def snapshot(self, job_id: str) -> dict:
+        """Everything about an ended job, to record in storage: its record, chunks and attempt logs."""
+        job = self.job(job_id)
+        chunks = self._raw_chunks(job_id, job.chunks_total)
+        logs = [self.redis.lrange(self.keys.attempts(job_id, i), 0, -1) for i in range(job.chunks_total)]
+        final = self.redis.lrange(self.keys.attempts(job_id, "finalize"), 0, -1)
+        return {"job": self.redis.hgetall(self.keys.job(job_id)), "chunks": chunks,
+                "attempts": [[json.loads(e) for e in log] for log in logs],
+                "finalize_attempts": [json.loads(e) for e in final]}
+
+    @_guarded
+    def restore_snapshot(self, snapshot: dict) -> None:
+        """Recreate an ended job exactly as ``snapshot`` recorded it (a rebuild after Redis lost it)."""
+        record = JobRecord.from_hash(snapshot["job"])
+        job_id = record.job_id
+        with self.redis.pipeline() as pipe:
+            pipe.hset(self.keys.job(job_id), mapping=snapshot["job"])
+            pipe.zadd(self.keys.jobs(), {job_id: record.created_at})
+            for index, chunk in enumerate(snapshot["chunks"]):
+                if chunk:
+                    pipe.hset(self.keys.chunk(job_id, index), mapping=chunk)
+            for index, log in enumerate(snapshot["attempts"]):
+                if log:
+                    pipe.rpush(self.keys.attempts(job_id, index), *[json.dumps(e) for e in log])
+            if snapshot["finalize_attempts"]:
+                pipe.rpush(self.keys.attempts(job_id, "finalize"),
+                           *[json.dumps(e) for e in snapshot["finalize_attempts"]])
+            pipe.execute()
+
     # --- recovery ---------------------------------------------------------------------------------
 
+    @_guarded
+    def generation(self) -> str | None:
+        """The marker the last rebuild left; None means Redis lost its data since (or never had it)."""
+        return self.redis.get(self.keys.generation())
+
+    @_guarded
+    def set_generation(self, *, now: float) -> None:
+        self.redis.set(self.keys.generation(), repr(now))
+
+    @_guarded
+    def take_rebuild_lock(self, owner: str, *, ttl_s: float) -> bool:
+        """One rebuild from storage at a time: two would restore the same job over each other."""
+        return bool(self.redis.set(self.keys.rebuild_lock(), owner, nx=True, ex=max(1, int(ttl_s))))
+
+    @_guarded
+    def release_rebuild_lock(self, owner: str) -> None:
+        if self.redis.get(self.keys.rebuild_lock()) == owner:
+            self.redis.delete(self.keys.rebuild_lock())
+
+    @_guarded
+    def take_reconcile_turn(self, owner: str, *, interval_s: float) -> bool:
+        """Whether ``owner`` runs this interval's recovery pass: the first to ask in each interval does."""
+        return bool(self.redis.set(self.keys.reconcile_turn(), owner, nx=True, px=max(1, int(interval_s * 1000))))
+
+    @_guarded
+    def leases(self) -> list[Lease]:
+        """Every running attempt, of chunks and of finalizers, with who holds it."""
+        found = []
+        with self.redis.pipeline(transaction=False) as pipe:
+            members = self.redis.zrange(self.keys.leases(), 0, -1)
+            finalizing = self.redis.zrange(self.keys.finalize_leases(), 0, -1)
+            parsed = [Keys.parse_lease_member(m) for m in members]
+            for job_id, index in parsed:
+                pipe.hmget(self.keys.chunk(job_id, index), "worker", "worker_started", "token")
+            for job_id in finalizing:
+                pipe.hmget(self.keys.job(job_id), "finalizer", "finalizer_started", "finalizer_token")
+            owners = pipe.execute()
+        for (job_id, index), (worker, started, token) in zip(parsed + [(j, None) for j in finalizing], owners):
+            if worker and token:
+                found.append(Lease(job_id, index, worker, started or "", token))
+        return found
+
+    @_guarded
+    def expired_leases(self, now: float) -> list[tuple[str, int]]:
+        members = self.redis.zrangebyscore(self.keys.leases(), "-inf", repr(now))
+        return [Keys.parse_lease_member(m) for m in members]
+
+    @_guarded
+    def expired_finalizers(self, now: float) -> list[str]:
+        return list(self.redis.zrangebyscore(self.keys.finalize_leases(), "-inf", repr(now)))
+
+    @_guarded
     def stalled_jobs(self, *, now: float, grace_s: float) -> list[StalledJob]:
         """Active jobs that will not move on by themselves (see ``Stall``), ``grace_s`` after their
         last change, so a message on its way is not taken for a lost one."""
@@ -232,77 +452,105 @@ class StateStore:
             if complete and (not enqueued or now - enqueued > grace_s):
                 return Stall.FINALIZER_NOT_QUEUED
         elif job.state == JobState.FINALIZING:
-            if not self.redis.exists(self.keys.finalize_lease(job.job_id)) and now - job.updated_at > grace_s:
+            held = self.redis.zscore(self.keys.finalize_leases(), job.job_id)
+            if held is None and now - job.updated_at > grace_s:
                 return Stall.FINALIZER_DIED
         elif job.state in (JobState.QUEUED, JobState.PLANNING) and now - job.updated_at > grace_s:
             return Stall.PLAN_LOST
         return None
 
+    @_guarded
+    def waiting_chunks(self, *, now: float, grace_s: float) -> list[tuple[JobRecord, ChunkRecord]]:
+        """Queued chunks of rendering jobs, queued more than ``grace_s`` ago: if no render message
+        is waiting in the broker, theirs was lost (``grace_s`` must exceed the longest retry delay)."""
+        found = []
+        for job_id in self.active_job_ids():
+            job = self.job(job_id)
+            if job.state != JobState.RENDERING:
+                continue
+            for chunk in self.chunks(job_id, job.chunks_total):
+                if chunk.state == ChunkState.QUEUED and now - (chunk.updated_at or now) > grace_s:
+                    found.append((job, chunk))
+        return found
+
+    @_guarded
     def restore_job(self, record: JobRecord, frame_ranges: list[tuple[int, int]], *,
-                    committed: dict[int, int], now: float) -> None:
-        """Recreate a job lost from Redis from what storage records: ``record`` (queued), its planned
-        chunks with those in ``committed`` (index -> frames) marked committed, moved to rendering."""
+                    committed: dict[int, dict], now: float) -> None:
+        """Recreate an unfinished job lost from Redis from what storage records: ``record`` (queued),
+        its planned chunks with those in ``committed`` (index -> commit marker fields: frames,
+        attempt, worker, committed_at, segment) marked committed, moved to rendering."""
         self.create_job(record)
         if not frame_ranges:
             return
         self._add_chunks(record.job_id, frame_ranges, now=now)
         with self.redis.pipeline() as pipe:
-            for index, frames in committed.items():
-                pipe.hset(self.keys.chunk(record.job_id, index),
-                          mapping={"state": ChunkState.COMMITTED.value, "frames_done": frames,
-                                   "reason": "restored from its commit marker"})
+            for index, marker in committed.items():
+                pipe.hset(self.keys.chunk(record.job_id, index), mapping={
+                    "state": ChunkState.COMMITTED.value, "frames_done": marker["frames"],
+                    "attempt": marker["attempt"], "worker": marker["worker"],
+                    "committed_at": repr(marker["committed_at"]), "segment_key": marker["segment_key"],
+                    "segment_size": marker["segment_size"], "segment_sha256": marker["segment_sha256"],
+                    "reason": "restored from its commit marker"})
             pipe.hset(self.keys.job(record.job_id), mapping={
-                "chunks_committed": len(committed), "frames_committed": sum(committed.values())})
+                "chunks_committed": len(committed), "frames_committed": sum(m["frames"] for m in committed.values())})
             pipe.execute()
-        self._move(record.job_id, JobState.PLANNING, now=now)
-        self._move(record.job_id, JobState.RENDERING, now=now, fields={"output_key": record.output_key})
-
-    def restore_done_job(self, record: JobRecord, *, output_location: str, now: float) -> None:
-        """Recreate a job lost from Redis whose output storage holds: done."""
-        self.create_job(record)
-        for state in (JobState.PLANNING, JobState.RENDERING, JobState.FINALIZING):
-            self._move(record.job_id, state, now=now)
-        self._move(record.job_id, JobState.DONE, now=now, fields={"output_location": output_location})
+        self._job_move(record.job_id, JobState.PLANNING, now=now)
+        self._job_move(record.job_id, JobState.RENDERING, now=now, fields={"output_key": record.output_key})
 
     # --- reads ------------------------------------------------------------------------------------
 
+    @_guarded
     def exists(self, job_id: str) -> bool:
         return bool(self.redis.exists(self.keys.job(job_id)))
 
+    @_guarded
     def job(self, job_id: str) -> JobRecord:
         record = self.redis.hgetall(self.keys.job(job_id))
         if not record:
             raise NotFoundError(f"unknown job '{job_id}'")
         return JobRecord.from_hash(record)
 
-    def chunks(self, job_id: str, count: int | None = None) -> list[ChunkRecord]:
-        """The job's chunk records, in order (the first ``count``, or all it has)."""
-        count = self.job(job_id).chunks_total if count is None else count
+    def _raw_chunks(self, job_id: str, count: int) -> list[dict]:
         with self.redis.pipeline(transaction=False) as pipe:
             for index in range(count):
                 pipe.hgetall(self.keys.chunk(job_id, index))
-            return [ChunkRecord.from_hash(i, c) for i, c in enumerate(pipe.execute()) if c]
+            return pipe.execute()
 
+    @_guarded
+    def chunks(self, job_id: str, count: int | None = None) -> list[ChunkRecord]:
+        """The job's chunk records, in order (the first ``count``, or all it has)."""
+        count = self.job(job_id).chunks_total if count is None else count
+        raw = self._raw_chunks(job_id, count)
+        deadlines = self.redis.zmscore(self.keys.leases(), [f"{job_id}:{i}" for i in range(count)]) if count else []
+        return [ChunkRecord.from_hash(i, c, lease_until=deadline)
+                for i, (c, deadline) in enumerate(zip(raw, deadlines)) if c]
+
+    @_guarded
     def chunk(self, job_id: str, index: int) -> ChunkRecord:
         data = self.redis.hgetall(self.keys.chunk(job_id, index))
         if not data:
             raise NotFoundError(f"job '{job_id}' has no chunk {index}")
-        return ChunkRecord.from_hash(index, data)
+        return ChunkRecord.from_hash(index, data, lease_until=self.redis.zscore(self.keys.leases(),
+                                                                                  f"{job_id}:{index}"))
 
+    @_guarded
     def attempts(self, job_id: str, index: int) -> list[AttemptRecord]:
         """Every attempt at a chunk, in order: who ran it, when it started and ended, how."""
-        return AttemptRecord.from_log(json.loads(e) for e in self.redis.lrange(self.keys.attempts(job_id, index), 0, -1))
+        return self._attempt_log(self.keys.attempts(job_id, index))
 
+    def _attempt_log(self, key: str) -> list[AttemptRecord]:
+        return AttemptRecord.from_log(json.loads(e) for e in self.redis.lrange(key, 0, -1))
+
+    @_guarded
     def job_ids(self, limit: int = 20) -> list[str]:
         return list(self.redis.zrevrange(self.keys.jobs(), 0, limit - 1))
 
+    @_guarded
     def active_job_ids(self) -> list[str]:
         return sorted(self.redis.smembers(self.keys.active()))
 
-    def expired_leases(self, now: float) -> list[tuple[str, int]]:
-        members = self.redis.zrangebyscore(self.keys.leases(), "-inf", repr(now))
-        return [Keys.parse_lease_member(m) for m in members]
-
+    @_guarded
     def status(self, job_id: str, *, now: float) -> JobStatus:
         job = self.job(job_id)
         return JobStatus.of(job, self.chunks(job_id, job.chunks_total), now=now)
+

@@ -8,10 +8,11 @@
     jobs/<job id>/input/<file name>        the uploaded audio, as given
     jobs/<job id>/input/audio_16k.f32      the audio decoded to 16 kHz mono float32 (features)
     jobs/<job id>/plan.json                the plan: the source of truth workers render from
-    jobs/<job id>/chunks/<n>.mp4           chunk n's H.264 segment
-    jobs/<job id>/chunks/<n>.json          chunk n's commit marker
+    jobs/<job id>/chunks/<n>-<attempt>.mp4 chunk n's H.264 segment, one per attempt (a late attempt
+                                           never overwrites the segment another attempt committed)
+    jobs/<job id>/chunks/<n>.json          chunk n's commit marker: which segment, its size and hash
     jobs/<job id>/output.mp4               the published result
-    jobs/<job id>/ended.json               a job that ended without an output (failed, cancelled)
+    jobs/<job id>/ended.json               how the job ended (done, failed, cancelled): its records
 
 Every id that becomes part of a key is checked here, so no job id, hash or file name can address
 anything outside its own place (``..``, ``/``, hidden names).
@@ -63,8 +64,13 @@ def plan_key(job_id: str) -> str:
     return job_prefix(job_id) + "plan.json"
 
 
-def segment_key(job_id: str, index: int) -> str:
-    return job_prefix(job_id) + f"chunks/{index:05d}.mp4"
+def segment_key(job_id: str, index: int, attempt: str) -> str:
+    """The segment of one attempt at chunk ``index`` (``attempt`` is its token, or "local")."""
+    return job_prefix(job_id) + f"chunks/{index:05d}-{checked_part(attempt, 'attempt')}.mp4"
+
+
+def chunks_prefix(job_id: str) -> str:
+    return job_prefix(job_id) + "chunks/"
 
 
 def commit_key(job_id: str, index: int) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -30,7 +31,7 @@ class LocalStorage(Storage):
         return path
 
     def put_file(self, key: str, path: Path) -> None:
-        with replaced_atomically(self._path(key)) as temp:
+        with self._writing(key) as target, replaced_atomically(target) as temp:
             shutil.copyfile(path, temp)
 
     def get_file(self, key: str, path: Path) -> None:
@@ -39,8 +40,16 @@ class LocalStorage(Storage):
             shutil.copyfile(source, temp)
 
     def put_bytes(self, key: str, data: bytes) -> None:
-        with replaced_atomically(self._path(key)) as temp:
+        with self._writing(key) as target, replaced_atomically(target) as temp:
             temp.write_bytes(data)
+
+    @contextmanager
+    def _writing(self, key: str) -> Iterator[Path]:
+        """The path of ``key``, with a write error named by the key (not a temporary file's name)."""
+        try:
+            yield self._path(key)
+        except OSError as exc:
+            raise ServiceError(f"cannot write '{key}' to {self.url}: {exc.strerror or exc}") from None
 
     def get_bytes(self, key: str) -> bytes:
         return self._existing(key).read_bytes()

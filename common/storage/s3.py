@@ -70,8 +70,11 @@ class S3Storage(Storage):
             if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403",
                         "InvalidToken", "ExpiredToken"):
                 return ServiceError(f"S3 refused the credentials for {self._where} ({code})")
-            return ServiceError(f"S3 error on {self._where}: {code or exc}")
-        return ServiceError(f"S3 error on {self._where}: {exc}")
+            return ServiceError(f"S3 error on {self._object(key)}: {code or exc}")
+        return ServiceError(f"S3 error on {self._object(key)}: {exc}")
+
+    def _object(self, key: str | None) -> str:
+        return f"'{key}' in {self._where}" if key else self._where
 
     def _call(self, key: str | None, method, *args, **kwargs):
         from botocore.exceptions import BotoCoreError, ClientError

@@ -12,7 +12,8 @@ def add_commands(commands) -> None:
     bench = commands.add_parser("bench", help="measure inference and end-to-end speed on the demo")
     bench.add_argument("--json", required=True, help="where to write the figures")
     bench.add_argument("--precisions", default="fp32",
-                       help="comma-separated runs: fp32,bf16,fp16, or backend:precision (openvino:fp32)")
+                       help="comma-separated runs: fp32,bf16,fp16, or backend:precision (openvino:fp32); "
+                            "empty: no local runs (only --farm, --memory or --recovery)")
     bench.add_argument("--backend", help="backend for all runs (default: the setting, auto)")
     bench.add_argument("--threads", type=int, default=0, help="inference threads (default: all cores)")
     bench.add_argument("--batch-frames", type=int, default=defaults.UNET_BATCH_FRAMES,
@@ -28,6 +29,8 @@ def add_commands(commands) -> None:
     bench.add_argument("--farm-redis-db", type=int, default=15,
                        help="an unused Redis database on the broker's server for --farm")
     bench.add_argument("--memory", action="store_true", help="also measure peak memory, 1-min vs 30-min job")
+    bench.add_argument("--recovery", action="store_true",
+                       help="also measure how long recoveries take at the default settings (real workers killed)")
     bench.set_defaults(func=cmd_bench)
 
 
@@ -36,11 +39,11 @@ def cmd_bench(args, settings: Settings) -> int:
 
     threads = args.threads or settings.threads_per_process(1)
     configs = []
-    for item in args.precisions.split(","):  # "fp32", or "backend:precision" such as "openvino:fp32"
+    for item in filter(None, args.precisions.split(",")):  # "fp32", or "backend:precision" ("openvino:fp32")
         backend, _, precision = item.strip().rpartition(":")
         configs.append(BenchConfig(backend or args.backend or settings.backend, precision, threads,
                                    args.batch_frames))
-    report = run_bench(settings, configs=configs, repeat=args.repeat)
+    report = run_bench(settings, configs=configs, repeat=args.repeat) if configs else {"runs": []}
     for run in report["runs"]:
         extra = f", PSNR vs fp32 {run['psnr_vs_fp32_db']} dB" if "psnr_vs_fp32_db" in run else ""
         print(f"{run['backend']}/{run['precision']}: inference {run['inference_fps']:.2f} frames/s, "
@@ -52,6 +55,11 @@ def cmd_bench(args, settings: Settings) -> int:
 
         report["memory"] = run_memory_bench(settings, threads=threads)
         print(f"memory: peak RSS ratio 30 min / 1 min: {report['memory']['ratio']}")
+    if args.recovery:
+        from benchmarks.recovery import run_recovery_bench
+
+        report["recovery"] = run_recovery_bench(settings, redis_db=args.farm_redis_db)
+        print(f"recovery: {report['recovery']}")
     write_report(report, Path(args.json))
     print(f"wrote {args.json}")
     if args.chart:

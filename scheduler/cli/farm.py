@@ -9,7 +9,6 @@ import sys
 import time
 
 from common.config import Settings
-from common.storage import open_storage
 
 
 def add_commands(commands) -> None:
@@ -17,7 +16,6 @@ def add_commands(commands) -> None:
     worker.add_argument("--concurrency", type=int, default=0,
                         help="render processes (default: LIPFARM_WORKER_CONCURRENCY, 1)")
     worker.add_argument("--queues", default="jobs,render,finalize", help="queues to take work from")
-    worker.add_argument("--beat", action="store_true", help="also run the reconcile schedule")
     worker.add_argument("--hostname", help="Celery node name (default lipfarm-<pid>@<host>)")
     worker.add_argument("--loglevel", default="INFO")
     worker.set_defaults(func=cmd_worker)
@@ -27,10 +25,11 @@ def add_commands(commands) -> None:
     flower.add_argument("--port", type=int, default=5555)
     flower.set_defaults(func=cmd_flower)
 
-    recon = commands.add_parser("reconcile", help="requeue lost chunks and finalizers")
-    recon.add_argument("--loop", action="store_true", help="run every LIPFARM_RECONCILE_INTERVAL_S")
+    recon = commands.add_parser("reconcile", help="recover lost work now (workers also do it on their own)")
+    recon.add_argument("--loop", action="store_true",
+                       help="run every LIPFARM_RECONCILE_INTERVAL_S, riding out outages, until stopped")
     recon.add_argument("--rebuild", action="store_true",
-                       help="first restore unfinished jobs missing from Redis from storage")
+                       help="rebuild from storage on the first pass even if Redis seems to have its data")
     recon.set_defaults(func=cmd_reconcile)
 
 
@@ -45,8 +44,6 @@ def cmd_worker(args, settings: Settings) -> int:
     argv = ["worker", f"--concurrency={concurrency}", "--pool=prefork", f"--queues={args.queues}",
             f"--loglevel={args.loglevel}", "--task-events",
             f"--hostname={args.hostname or f'lipfarm-{os.getpid()}@{socket.gethostname()}'}"]
-    if args.beat:
-        argv.append("--beat")
     app.worker_main(argv)
     return 0
 
@@ -64,19 +61,23 @@ def cmd_flower(args, settings: Settings) -> int:
 
 
 def cmd_reconcile(args, settings: Settings) -> int:
-    from common.celery_app import enqueue_finalize, enqueue_plan, enqueue_render
-    from scheduler.reconcile import Enqueue, reconcile
-    from scheduler.submit import connect_farm
+    from scheduler.reconcile import reconcile, run_forever
+    from scheduler.tasks import celery_enqueue, connect_recovery
 
-    store = connect_farm(settings)
-    storage_at = functools.lru_cache(maxsize=8)(lambda url: open_storage(url, settings))
-    enqueue = Enqueue(enqueue_plan, enqueue_render, enqueue_finalize)
-    rebuild = args.rebuild
-    while True:
-        report = reconcile(store=store, storage=storage_at(settings.storage_url), settings=settings,
-                           now=time.time(), enqueue=enqueue, rebuild=rebuild, storage_at=storage_at)
-        rebuild = False
-        print(", ".join(f"{k} {len(v)}" for k, v in report.__dict__.items()), flush=True)
-        if not args.loop:
-            return 0
-        time.sleep(settings.reconcile_interval_s)
+    enqueue = celery_enqueue()
+    if args.loop:
+        print(f"reconciling every {settings.reconcile_interval_s:g} s (Ctrl-C stops)", flush=True)
+        run_forever(functools.partial(connect_recovery, settings), settings, enqueue, rebuild_first=args.rebuild,
+                    on_pass=_print_report)
+        return 0
+    store, storage_at = connect_recovery(settings)
+    _print_report(reconcile(store=store, storage=storage_at(settings.storage_url), settings=settings,
+                            now=time.time(), enqueue=enqueue, rebuild=args.rebuild, storage_at=storage_at),
+                  always=True)
+    return 0
+
+
+def _print_report(report, *, always: bool = False) -> None:
+    done = {kind: items for kind, items in report.__dict__.items() if items}
+    if done or always:
+        print(", ".join(f"{kind} {len(items)}" for kind, items in done.items()) or "nothing to recover", flush=True)

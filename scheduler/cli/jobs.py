@@ -1,4 +1,8 @@
-"""``lipfarm submit|status|jobs|cancel``: jobs on the farm."""
+"""``lipfarm submit|status|jobs|cancel``: jobs on the farm.
+
+A job id typed by a user is checked (``checked_part``) before anything else happens: it becomes part
+of Redis keys and storage keys, so ``../x`` or ``a/b`` must be refused (exit 2), not looked up.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from pathlib import Path
 from common import defaults
 from common.config import Settings
 from common.storage import open_storage
+from common.storage.layout import checked_part
 from scheduler.cli.options import add_model_flags, add_option_flags, models_from_args, options_from_args
 
 
@@ -37,6 +42,10 @@ def add_commands(commands) -> None:
     cancel.add_argument("job")
     cancel.set_defaults(func=cmd_cancel)
 
+    resume = commands.add_parser("resume", help="go on with a failed or cancelled job (committed chunks are kept)")
+    resume.add_argument("job")
+    resume.set_defaults(func=cmd_resume)
+
 
 def cmd_submit(args, settings: Settings) -> int:
     from scheduler.submit import submit_job
@@ -63,6 +72,7 @@ def duration_text(seconds: float | None) -> str:
 def cmd_status(args, settings: Settings) -> int:
     from scheduler.submit import connect_farm
 
+    checked_part(args.job, "job id")
     status = connect_farm(settings).status(args.job, now=time.time())
     if args.json:
         print(json.dumps(status.to_dict(), indent=2))
@@ -72,10 +82,16 @@ def cmd_status(args, settings: Settings) -> int:
     print(f"job {status.job_id}: {status.state.value}")
     print(f"  avatar {status.avatar}, audio {status.audio}, priority {status.priority}")
     print(f"  frames {status.frames_done} / {status.frames_total}{share}; chunks: {chunks}")
-    left = f", about {duration_text(status.eta_s)} left" if status.eta_s is not None else ""
+    left = f", about {duration_text(status.eta_s)} left at the pace so far" if status.eta_s is not None else ""
     print(f"  elapsed {duration_text(status.elapsed_s)}{left}")
-    if status.workers:
-        print(f"  workers: {', '.join(status.workers)}")
+    for chunk in status.running:
+        where = f"chunk {chunk.index} (frames {chunk.frames}) on {chunk.worker}, attempt {chunk.attempt}"
+        if chunk.lease_expired:
+            print(f"  stalled: {where}: no heartbeat for {duration_text(chunk.heartbeat_age_s)}, "
+                  "its lease has run out and it will be taken back")
+        else:
+            print(f"  running: {where}: {chunk.frames_done} frames, "
+                  f"heartbeat {duration_text(chunk.heartbeat_age_s)} ago")
     if status.output_location:
         print(f"  output: {status.output_location}")
     if status.reason and status.state.terminal and status.state.value != "done":
@@ -103,6 +119,7 @@ def cmd_jobs(args, settings: Settings) -> int:
 def cmd_cancel(args, settings: Settings) -> int:
     from scheduler.submit import JobHandle, connect_farm
 
+    checked_part(args.job, "job id")
     store = connect_farm(settings)
     handle = JobHandle(args.job, store, open_storage(store.job(args.job).storage_url, settings))
     state = handle.status().state.value
@@ -110,4 +127,15 @@ def cmd_cancel(args, settings: Settings) -> int:
         print(f"job {args.job} cancelled (was {state}); running chunks stop at their next batch")
         return 0
     print(f"job {args.job} already ended: {state}")
+    return 0
+
+
+def cmd_resume(args, settings: Settings) -> int:
+    from scheduler.submit import JobHandle, connect_farm
+
+    checked_part(args.job, "job id")
+    store = connect_farm(settings)
+    handle = JobHandle(args.job, store, open_storage(store.job(args.job).storage_url, settings))
+    queued = handle.resume()
+    print(f"job {args.job} resumed: {queued} chunks queued again" if queued else f"job {args.job} resumed")
     return 0

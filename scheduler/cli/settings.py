@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import fields
 
 from common.config import Settings, settings_markdown
+from common.state.connection import mask_url
 
 
 def add_commands(commands) -> None:
@@ -18,5 +19,14 @@ def cmd_config(args, settings: Settings) -> int:
         print(settings_markdown())
         return 0
     for spec in fields(Settings):
-        print(f"{spec.name} = {getattr(settings, spec.name)}")
+        print(f"{spec.name} = {_shown(spec.name, getattr(settings, spec.name))}")
     return 0
+
+
+def _shown(name: str, value) -> str:
+    """A setting as printed: URLs with their passwords masked, secret keys hidden."""
+    if name.endswith("secret_key"):
+        return "***" if value else ""
+    if name.endswith("_url"):
+        return mask_url(str(value))
+    return str(value)
