@@ -76,6 +76,7 @@ class Submission:
     options: RenderOptions
     priority: str
     submitted_at: float
+    webhook_url: str = ""  # told (POST, signed) when the job ends
     version: int = SUBMISSION_VERSION
 
     def to_json(self) -> str:
