@@ -14,13 +14,26 @@ the file without following external data and refuses any tensor stored outside t
 any operator outside the standard ONNX domains and the model's own functions (``com.microsoft``'s
 ``EPContext`` names a file to load; custom operators need shared libraries, which lipfarm never
 registers, so such a model could not run anyway). Every refusal names the file and the tensor or node.
+
+Checking a model reads and hashes the whole file and parses its graph (a third of a second for the
+demo models), and one render asks at several places (the command, the plan, each chunk), so
+``inspect_encoder`` and ``inspect_generator`` keep their answers per process, keyed by the file's
+identity (real path, device, inode, size, mtime_ns, ctime_ns): a file replaced or rewritten is
+checked again. A file changed (mtime or ctime) less than ``SETTLE_S`` ago is checked every time,
+since a second change within the file system's timestamp granularity could leave its stat unchanged.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import os
+import stat
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import onnx
 
@@ -74,17 +87,46 @@ STANDARD_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml"})
 
 def load_model(path: str | Path) -> onnx.ModelProto:
     """Parse an ONNX file and check it is self-contained, or raise ``ModelError`` saying why not."""
+    return _parse_model(path, _read_model_file(path))
+
+
+def _read_model_file(path: str | Path) -> bytes:
     path = Path(path)
     if not path.is_file():
         raise ModelError("model file not found", path=path)
     try:
-        model = onnx.load(str(path), load_external_data=False)
+        return path.read_bytes()
+    except OSError as exc:
+        raise ModelError(f"not an ONNX model ({type(exc).__name__})", path=path) from None
+
+
+def _parse_model(path: str | Path, data: bytes) -> onnx.ModelProto:
+    """``onnx.load(path, load_external_data=False)`` of the file's bytes, checked."""
+    path = Path(path)
+    fmt = onnx.serialization.registry.get_format_from_file_extension(path.suffix) or "protobuf"
+    try:
+        model = onnx.load_model_from_string(data, format=fmt)
     except Exception as exc:  # onnx raises DecodeError, ValueError or OSError for non-ONNX bytes
         raise ModelError(f"not an ONNX model ({type(exc).__name__})", path=path) from None
     if not model.graph.node:
         raise ModelError("not an ONNX model (no graph nodes)", path=path)
     check_self_contained(model, path)
     return model
+
+
+def _load_and_hash(path: str | Path) -> tuple[onnx.ModelProto, str]:
+    """``load_model(path)`` and the file's SHA-256, from one read of it: the hash is computed in a
+    second thread while the graph is parsed (hashlib lets go of the GIL on large buffers)."""
+    data = _read_model_file(path)
+    digest: list[str] = []
+    hasher = threading.Thread(target=lambda: digest.append(hashlib.sha256(data).hexdigest()),
+                              name="lipfarm-model-sha256", daemon=True)
+    hasher.start()
+    try:
+        model = _parse_model(path, data)
+    finally:
+        hasher.join()
+    return model, digest[0]
 
 
 def check_self_contained(model: onnx.ModelProto, path: str | Path) -> None:
@@ -165,9 +207,67 @@ def _check_float(path, what: str, value: onnx.ValueInfoProto) -> None:
         raise ModelError("must be float32", path=path, field=what, expected="FLOAT", found=found)
 
 
+# --- Each version of a model file is checked once per process ---------------------------------------
+
+SETTLE_S = 2.0  # a file changed more recently than this is not cached (timestamp granularity)
+_CACHE_ENTRIES = 32
+_Spec = TypeVar("_Spec", EncoderSpec, GeneratorSpec)
+_specs: dict[tuple, EncoderSpec | GeneratorSpec] = {}  # (kind, file identity) -> spec, oldest first
+_specs_lock = threading.Lock()
+
+
+def file_identity(path: str | Path) -> tuple | None:
+    """What identifies a version of the regular file at ``path`` without reading it, or None: not a
+    regular file, or changed too recently for its stat to tell a later change apart."""
+    try:
+        info = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    changed = max(info.st_mtime, info.st_ctime)  # ctime: any write or rename, and no one can set it back
+    if not stat.S_ISREG(info.st_mode) or abs(time.time() - changed) < SETTLE_S:
+        return None
+    return (os.path.realpath(path), info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+
+
+def _checked_once(kind: str, path: str | Path, inspect: Callable[[str | Path], _Spec]) -> _Spec:
+    """``inspect(path)``, answered from this process's cache while the file is unchanged. Refusals
+    are not cached (each call raises afresh, naming the path it was given)."""
+    identity = file_identity(path)
+    if identity is None:
+        return inspect(path)
+    key = (kind, identity)
+    with _specs_lock:
+        spec = _specs.get(key)
+        if spec is not None:
+            _specs[key] = _specs.pop(key)  # most recently used last
+    if spec is None:
+        spec = inspect(path)
+        if file_identity(path) == identity:  # unchanged while it was read: the answer is its content's
+            with _specs_lock:
+                _specs[key] = spec
+                while len(_specs) > _CACHE_ENTRIES:
+                    del _specs[next(iter(_specs))]
+    return spec if spec.path == str(path) else dataclasses.replace(spec, path=str(path))
+
+
+def forget_checked_models() -> None:
+    """Drop every cached check (for tests, and for callers that must re-read models)."""
+    with _specs_lock:
+        _specs.clear()
+
+
 def inspect_encoder(path: str | Path) -> EncoderSpec:
-    """Read and check an audio encoder model."""
-    model = load_model(path)
+    """Read and check an audio encoder model (once per version of the file in this process)."""
+    return _checked_once("encoder", path, _inspect_encoder)
+
+
+def inspect_generator(path: str | Path) -> GeneratorSpec:
+    """Read and check a UNet generator model (once per version of the file in this process)."""
+    return _checked_once("generator", path, _inspect_generator)
+
+
+def _inspect_encoder(path: str | Path) -> EncoderSpec:
+    model, sha256 = _load_and_hash(path)
     inputs, outputs = _graph_inputs(model), list(model.graph.output)
     if len(inputs) != 1 or len(outputs) != 1:
         raise ModelError("an audio encoder has one input and one output", path=path,
@@ -180,7 +280,7 @@ def inspect_encoder(path: str | Path) -> EncoderSpec:
         raise ModelError("shape does not fit the SyncTalk_2D contract", path=path,
                          field=f"output '{out.name}'", expected=f"[B, {defaults.EMBEDDING_SIZE}]",
                          found=_show(out_dims))
-    return EncoderSpec(str(path), file_sha256(path), inp.name, out.name, fixed)
+    return EncoderSpec(str(path), sha256, inp.name, out.name, fixed)
 
 
 def _split_generator_inputs(path, inputs) -> tuple[onnx.ValueInfoProto, onnx.ValueInfoProto]:
@@ -201,9 +301,9 @@ def _split_generator_inputs(path, inputs) -> tuple[onnx.ValueInfoProto, onnx.Val
     return visual[0], audio[0]
 
 
-def inspect_generator(path: str | Path) -> GeneratorSpec:
-    """Read and check a UNet generator model; the ROI size comes from its visual input."""
-    model = load_model(path)
+def _inspect_generator(path: str | Path) -> GeneratorSpec:
+    """The ROI size comes from the visual input."""
+    model, sha256 = _load_and_hash(path)
     visual, audio = _split_generator_inputs(path, _graph_inputs(model))
     outputs = list(model.graph.output)
     if len(outputs) != 1:
@@ -220,7 +320,7 @@ def inspect_generator(path: str | Path) -> GeneratorSpec:
     fixed = _check_shape(path, f"input '{visual.name}'", dims, (6, roi, roi))
     fixed |= _check_shape(path, f"input '{audio.name}'", _dims(audio), GENERATOR_AUDIO_INPUT)
     _check_shape(path, f"output '{outputs[0].name}'", _dims(outputs[0]), (3, roi, roi))
-    return GeneratorSpec(str(path), file_sha256(path), visual.name, audio.name,
+    return GeneratorSpec(str(path), sha256, visual.name, audio.name,
                          outputs[0].name, roi, fixed)
 
 

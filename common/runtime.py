@@ -10,24 +10,57 @@ Three backends, one ``Runner`` interface (``runner(feeds) -> outputs``):
 
 Sessions are heavy and not fork-safe, so they are made lazily in the process that uses them and
 kept per process, keyed by model content hash, backend, precision and thread count.
+
+Across processes, what the backends spend making a session is kept on disk (``RuntimeCache``,
+under ``<cache_dir>/runtime/`` by default): for ``cpu``, ONNX Runtime's optimised graph (written
+once through ``optimized_model_filepath``, then loaded with graph optimisation off: the same graph,
+bit-identical outputs, about a third of the time to make the session); for ``openvino``, each
+compiled static-shape model, exported and imported. Entries are keyed by the model's content hash,
+whether it was exported with batch 1, backend, precision, the library's version and this machine's
+CPU (model and flags: the optimised graphs are laid out for its vector width); OpenVINO's also by
+the thread count, the batch and the rest of the compile configuration. (ONNX Runtime's graph does
+not depend on the thread count.) A cache hit parses no ONNX at all: the input and output names and
+the batch decision (``free_batch`` and ``_probe``, made when the entry was built) are stored with it.
+CUDA sessions are not cached here (TensorRT keeps its own engine cache).
+
+Every entry is written by atomic rename, payload first, then a small JSON record holding the
+payload's SHA-256 and its own; it is used only if the record parses, names the same key, and both
+match their hashes. Anything else (a damaged, truncated, stale or foreign file) is dropped, and the
+session is built from the model again and stored afresh: a bad cache costs time, never a render.
+A cache that cannot be written (read-only, full) is skipped with a warning. The folder must be as
+trusted as the models: its hashes catch damage, not tampering. At most ``CACHE_MAX_ENTRIES``
+entries (each about the model's size) are kept per backend, least recently used first out.
+
+Where the cache lives: the ``cache_dir`` argument of ``open_runner``; by default the folder named by
+``LIPFARM_RUNTIME_CACHE_DIR`` (``off`` disables caching), else ``<LIPFARM_CACHE_DIR>/runtime``.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import logging
 import os
+import platform
+import tempfile
+import time
 from dataclasses import dataclass
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
-import onnx
 
 from common import defaults
 from common.errors import InputError, ModelError
-from common.models import free_batch, load_model
 
 log = logging.getLogger(__name__)
+
+CACHE_DIR_ENV = "LIPFARM_RUNTIME_CACHE_DIR"
+CACHE_FORMAT = 1
+CACHE_MAX_ENTRIES = 64  # per backend folder
+_STALE_TEMP_S = 24 * 3600  # a hidden temporary this old was left by a writer that died
+_FROM_SETTINGS: Any = object()  # open_runner's default cache_dir: see default_cache_dir
 
 BACKENDS = ("auto", "cpu", "openvino", "cuda")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -86,7 +119,8 @@ class Runner:
     """A loaded model: ``runner(feeds)`` returns its outputs as float32 arrays in output order.
 
     ``max_batch`` is 1 for models whose batch dimension could not be freed; larger batches are then
-    run one sample at a time.
+    run one sample at a time. ``cache`` says where the session came from: ``hit`` (the runtime
+    cache), ``stored`` (built from the model, and now in the cache) or ``off`` (built, not cached).
     """
 
     input_names: tuple[str, ...]
@@ -95,6 +129,7 @@ class Runner:
     max_batch: int | None = None
     backend: str = "cpu"
     precision: str = "fp32"
+    cache: str = "off"
 
     def __call__(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         batch = len(next(iter(feeds.values())))
@@ -104,6 +139,324 @@ class Runner:
         parts = [self.run_batch({k: v[i:i + step] for k, v in feeds.items()})
                  for i in range(0, batch, step)]
         return [np.concatenate([p[j] for p in parts]) for j in range(len(parts[0]))]
+
+
+# --- The runtime cache: what making a session costs, kept across processes ---------------------------
+
+
+def default_cache_dir() -> Path | None:
+    """The runtime cache folder when the caller names none (module docstring), or None for no cache."""
+    raw = os.environ.get(CACHE_DIR_ENV, "").strip()
+    if raw:
+        return None if raw.lower() in ("off", "none", "0") else Path(raw).expanduser()
+    try:
+        from common.config import load_settings
+
+        return load_settings().cache_dir / "runtime"
+    except Exception as exc:  # a malformed setting elsewhere must not stop a render: run uncached
+        log.warning("runtime cache off: cannot read the settings (%s)", exc)
+        return None
+
+
+@functools.cache
+def machine_fingerprint() -> dict[str, str]:
+    """What a cached optimised graph or compiled model depends on in this machine: the CPU's
+    architecture, model and instruction-set flags (their hash; the list is long)."""
+    model = flags = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                name, _, value = line.partition(":")
+                name = name.strip()
+                if name == "model name" and not model:
+                    model = value.strip()
+                elif name in ("flags", "Features") and not flags:
+                    flags = " ".join(sorted(value.split()))
+                if model and flags:
+                    break
+    except OSError:
+        pass
+    return {"arch": platform.machine(), "cpu": model or platform.processor(),
+            "cpu_flags": hashlib.sha256(flags.encode()).hexdigest()[:16]}
+
+
+def _library(backend: str) -> str:
+    if backend == "openvino":
+        import openvino as ov
+
+        return f"openvino {ov.get_version()}"
+    import onnxruntime as ort
+
+    return f"onnxruntime {ort.__version__}"
+
+
+class RuntimeCache:
+    """Entries under ``root/<kind>/``: ``<key>.json`` (the record) and, for most, a payload file
+    ``<key><suffix>`` beside it. ``key`` is a hash of the entry's key parts (a JSON-able dict), which
+    the record repeats in full and which must match on reading. See the module docstring."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    @staticmethod
+    def key(parts: dict) -> str:
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:40]
+
+    def paths(self, kind: str, parts: dict, suffix: str = "") -> tuple[Path, Path]:
+        """The record's path and the payload's."""
+        name = self.key(parts)
+        return self.root / kind / f"{name}.json", self.root / kind / f"{name}{suffix}"
+
+    def load(self, kind: str, parts: dict, *, suffix: str | None = None,
+             read: bool = False) -> tuple[dict, Path | bytes | None] | None:
+        """The record and payload of an intact entry (the payload's path, or its bytes with ``read``),
+        or None: no entry, or a bad one, which is removed."""
+        record_path, payload_path = self.paths(kind, parts, suffix or "")
+        try:
+            record = json.loads(record_path.read_bytes())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            return self._bad(kind, parts, suffix, f"unreadable record ({exc})")
+        if not isinstance(record, dict) or record.get("format") != CACHE_FORMAT or record.get("key") != parts:
+            return self._bad(kind, parts, suffix, "stale or foreign record")
+        if record.pop("record_sha256", None) != _record_digest(record):
+            return self._bad(kind, parts, suffix, "record does not match its hash")
+        payload: Path | bytes | None = None
+        if suffix is not None:
+            try:
+                if read:
+                    payload = payload_path.read_bytes()
+                    digest = hashlib.sha256(payload).hexdigest()
+                else:
+                    with open(payload_path, "rb") as handle:
+                        digest = hashlib.file_digest(handle, "sha256").hexdigest()
+                    payload = payload_path
+            except OSError as exc:
+                return self._bad(kind, parts, suffix, f"unreadable payload ({exc})")
+            if digest != record.get("payload_sha256"):
+                return self._bad(kind, parts, suffix, "payload does not match its hash")
+        try:
+            os.utime(record_path)  # least recently used goes first
+        except OSError:
+            pass
+        return record, payload
+
+    def store(self, kind: str, parts: dict, record: dict, *, payload: Path | bytes | None = None,
+              suffix: str = "") -> bool:
+        """Write an entry (a payload file given by path is moved in). Never raises: a cache that
+        cannot be written only costs the next process the build."""
+        from common.fileio import write_bytes_atomically
+
+        record_path, payload_path = self.paths(kind, parts, suffix)
+        try:
+            record = {"format": CACHE_FORMAT, "key": parts, **record}
+            if isinstance(payload, bytes):
+                write_bytes_atomically(payload_path, payload)
+                record["payload_sha256"] = hashlib.sha256(payload).hexdigest()
+            elif payload is not None:
+                with open(payload, "rb") as handle:
+                    record["payload_sha256"] = hashlib.file_digest(handle, "sha256").hexdigest()
+                os.replace(payload, payload_path)
+            record["record_sha256"] = _record_digest(record)
+            write_bytes_atomically(record_path, json.dumps(record, indent=1, sort_keys=True).encode())
+        except OSError as exc:
+            log.warning("runtime cache: cannot write %s (%s)", record_path, exc)
+            return False
+        self._prune(record_path.parent)
+        return True
+
+    def drop(self, kind: str, parts: dict, suffix: str | None = None) -> None:
+        for path in self.paths(kind, parts, suffix or ""):
+            try:
+                path.unlink(missing_ok=True)
+            except OSError:
+                pass
+
+    def scratch(self, kind: str, suffix: str) -> Path:
+        """A new empty hidden file in ``kind``'s folder, for a payload written by a library."""
+        folder = self.root / kind
+        folder.mkdir(parents=True, exist_ok=True)
+        handle, name = tempfile.mkstemp(prefix=".build-", suffix=suffix, dir=folder)
+        os.close(handle)
+        return Path(name)
+
+    def _bad(self, kind: str, parts: dict, suffix: str | None, why: str) -> None:
+        log.warning("runtime cache: %s entry %s: %s; rebuilding it", kind, self.key(parts), why)
+        self.drop(kind, parts, suffix)
+        return None
+
+    def _prune(self, folder: Path) -> None:
+        try:
+            records = sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime)
+            for record in records[:max(0, len(records) - CACHE_MAX_ENTRIES)]:
+                for path in folder.glob(f"{record.stem}*"):
+                    path.unlink(missing_ok=True)
+            now = time.time()
+            for temp in folder.glob(".*"):
+                if now - temp.stat().st_mtime > _STALE_TEMP_S:
+                    temp.unlink(missing_ok=True)
+        except OSError:  # another process pruning at the same time
+            pass
+
+
+def _record_digest(record: dict) -> str:
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+
+
+class _CacheSlot:
+    """One runner's place in the runtime cache: the key parts of its entries, and its status."""
+
+    def __init__(self, cache: RuntimeCache, path: str, sha256: str, backend: str, precision: str,
+                 threads: int, fixed_batch: bool) -> None:
+        self.cache, self.path, self.sha256 = cache, path, sha256
+        self.backend, self.precision, self.threads = backend, precision, threads
+        self.kind = "openvino" if backend == "openvino" else "onnxruntime"
+        self.parts = {"model_sha256": sha256, "fixed_batch": fixed_batch, "backend": backend,
+                      "precision": precision, "library": _library(backend), "machine": machine_fingerprint()}
+        if backend == "cpu":
+            self.parts["graph_optimization"] = "all"  # ORT's default level, as sessions made from the model get
+        else:
+            self.parts["threads"] = threads
+        self._source_checked: bool | None = None
+        self.scratch_path: Path | None = None
+
+    def source_matches(self) -> bool:
+        """Whether the model file still holds the content its hash names (checked before storing
+        anything under that hash)."""
+        if self._source_checked is None:
+            from common.models import file_sha256
+
+            try:
+                self._source_checked = file_sha256(self.path) == self.sha256
+            except OSError:
+                self._source_checked = False
+            if not self._source_checked:
+                log.warning("%s changed since it was inspected: its session is not cached", self.path)
+        return self._source_checked
+
+    def load(self) -> Runner | None:
+        """The runner from an intact entry, or None. ONNX Runtime: one entry per model, the optimised
+        graph as payload. OpenVINO: a record per model (names, batch decision), and one exported blob
+        per compiled shape, each imported when its batch size first comes (``_BlobStore``)."""
+        if self.backend == "cpu":
+            return self._load_ort()
+        found = self.cache.load(self.kind, self.parts)
+        if found is None:
+            return None
+        record = found[0]
+        try:
+            inputs, outputs = tuple(record["inputs"]), tuple(record["outputs"])
+            max_batch, freed = record["max_batch"], bool(record["freed"])
+        except (KeyError, TypeError):
+            self.cache._bad(self.kind, self.parts, None, "incomplete record")
+            return None
+        loader = functools.partial(_model_bytes, self.path, freed)
+        _, run = _openvino(loader, self.threads, self.precision, blobs=self.blobs(freed))
+        return Runner(inputs, outputs, run, max_batch, self.backend, self.precision, "hit")
+
+    def _load_ort(self) -> Runner | None:
+        found = self.cache.load(self.kind, self.parts, suffix=".onnx")
+        if found is None:
+            return None
+        record, payload = found
+        try:
+            inputs, outputs, max_batch = tuple(record["inputs"]), tuple(record["outputs"]), record["max_batch"]
+            _, run = _ort_cpu(str(payload), self.threads, optimised=True)
+        except Exception as exc:  # a record without its fields, or a graph this runtime refuses
+            self.cache._bad(self.kind, self.parts, ".onnx", f"cannot be loaded ({exc})")
+            return None
+        return Runner(inputs, outputs, run, max_batch, self.backend, self.precision, "hit")
+
+    def new_scratch(self) -> str | None:
+        """A fresh file for ONNX Runtime to write the optimised graph into (None: not writable)."""
+        self.discard_scratch()
+        try:
+            self.scratch_path = self.cache.scratch(self.kind, ".onnx")
+        except OSError as exc:
+            log.warning("runtime cache: cannot write in %s (%s)", self.cache.root, exc)
+            return None
+        return str(self.scratch_path)
+
+    def _scratch_written(self) -> bool:
+        try:
+            return self.scratch_path is not None and self.scratch_path.stat().st_size > 0
+        except OSError:
+            return False
+
+    def discard_scratch(self) -> None:
+        if self.scratch_path is not None:
+            try:
+                self.scratch_path.unlink(missing_ok=True)
+            except OSError:
+                pass
+            self.scratch_path = None
+
+    def blobs(self, freed: bool) -> _BlobStore:
+        return _BlobStore(self, {**self.parts, "freed": freed})
+
+    def commit(self, runner: Runner, *, freed: bool) -> Runner:
+        """Store what was built for ``runner`` (the model's content checked first)."""
+        record = {"inputs": list(runner.input_names), "outputs": list(runner.output_names),
+                  "max_batch": runner.max_batch, "freed": freed, "source": self.path}
+        stored = False
+        if self.source_matches():
+            if self.backend == "cpu":
+                if self._scratch_written():
+                    stored = self.cache.store(self.kind, self.parts, record, payload=self.scratch_path,
+                                              suffix=".onnx")
+            else:
+                stored = self.cache.store(self.kind, self.parts, record)
+        self.discard_scratch()
+        runner.cache = "stored" if stored else "off"
+        return runner
+
+
+class _BlobStore:
+    """Exported OpenVINO compiled models of one runner, by batch and compile configuration."""
+
+    def __init__(self, slot: _CacheSlot, parts: dict) -> None:
+        self.slot, self.parts = slot, parts
+        self.hits = self.stores = 0
+
+    def _parts(self, batch: int, config: dict) -> dict:
+        return {**self.parts, "batch": batch, "config": {k: str(v) for k, v in sorted(config.items())}}
+
+    def load(self, core, batch: int, config: dict):
+        parts = self._parts(batch, config)
+        found = self.slot.cache.load("openvino", parts, suffix=".blob", read=True)
+        if found is None:
+            return None
+        try:
+            compiled = core.import_model(found[1], "CPU", config)
+        except Exception as exc:
+            self.slot.cache._bad("openvino", parts, ".blob", f"cannot be imported ({exc})")
+            return None
+        self.hits += 1
+        return compiled
+
+    def store(self, batch: int, config: dict, compiled) -> None:
+        if not self.slot.source_matches():
+            return
+        try:
+            data = compiled.export_model()
+            data = data.getvalue() if hasattr(data, "getvalue") else bytes(data)
+        except Exception as exc:  # a plugin that cannot export: compile each time
+            log.info("OpenVINO cannot export this compiled model (%s): not cached", exc)
+            return
+        if self.slot.cache.store("openvino", self._parts(batch, config), {"source": self.slot.path},
+                                 payload=data, suffix=".blob"):
+            self.stores += 1
+
+
+def _model_bytes(path: str, freed: bool) -> bytes:
+    from common.models import free_batch, load_model
+
+    model = load_model(path)
+    return (free_batch(model) if freed else model).SerializeToString()
+
+
+# --- The backends ---------------------------------------------------------------------------------------
 
 
 def _ort_options(threads: int):
@@ -119,25 +472,41 @@ def _ort_options(threads: int):
     return options
 
 
-def _ort_cpu(model_bytes: bytes, threads: int):
+def _ort_cpu(model: bytes | str, threads: int, *, save_to: str | None = None, optimised: bool = False):
+    """A CPU session of ``model`` (bytes, or the path of a graph ONNX Runtime optimised already,
+    with ``optimised``); ``save_to`` also writes its optimised graph there."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(model_bytes, _ort_options(threads), providers=["CPUExecutionProvider"])
+    options = _ort_options(threads)
+    if optimised:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if save_to is not None:
+        options.optimized_model_filepath = save_to
+    session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     return session, lambda feeds: session.run(names, feeds)
 
 
-def _openvino(model_bytes: bytes, threads: int, precision: str):
+def _openvino(model_bytes: bytes | Callable[[], bytes], threads: int, precision: str, *,
+              blobs: _BlobStore | None = None):
+    """An OpenVINO runner of the model (its bytes, or a function returning them, called only if
+    some batch size must be compiled rather than imported from ``blobs``)."""
     import openvino as ov
 
     if precision == "bf16" and not cpu_has_native_bf16():
         log.warning("this CPU has no AMX or AVX-512 BF16: OpenVINO emulates bf16, slower than fp32")
     core = ov.Core()
-    model = core.read_model(model=model_bytes, weights=b"")
+    if callable(model_bytes):
+        read = model_bytes
+
+        def model():
+            return core.read_model(model=read(), weights=b"")
+    else:
+        model = core.read_model(model=model_bytes, weights=b"")
     config = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
               "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY",
               "NUM_STREAMS": 1}
-    runner = _StaticShapeRunner(core, model, config)
+    runner = _StaticShapeRunner(core, model, config, blobs=blobs)
     return runner, runner.run
 
 
@@ -148,23 +517,41 @@ class _StaticShapeRunner:
     the demo UNet in bf16, 62 frames/s at batch 1 against 45 with a dynamic batch of 4), and
     compiling takes a fraction of a second. A chunk sees two or three batch sizes (the full one,
     the last, partial one; the encoder's), so a few compiled models are kept, least recently used
-    first out.
+    first out. With ``blobs``, a batch size compiled once on this machine is imported instead
+    (no model read, no compile), and each new compilation is exported there.
     """
 
-    def __init__(self, core, model, config: dict) -> None:
+    def __init__(self, core, model, config: dict, *, blobs: _BlobStore | None = None) -> None:
         self.core = core
-        self.model = model
+        self._model = model  # an ov.Model, or a function reading it on first need
         self.config = config
+        self.blobs = blobs
         self._compiled: dict[int, tuple] = {}
+
+    @property
+    def model(self):
+        if callable(self._model):
+            self._model = self._model()
+        return self._model
+
+    def _compile(self, batch: int):
+        if self.blobs is not None:
+            compiled = self.blobs.load(self.core, batch, self.config)
+            if compiled is not None:
+                return compiled
+        model = self.model.clone()
+        model.reshape({inp.get_any_name(): [batch] + [d.get_length() for d in list(inp.get_partial_shape())[1:]]
+                       for inp in model.inputs})
+        compiled = self.core.compile_model(model, "CPU", self.config)
+        if self.blobs is not None:
+            self.blobs.store(batch, self.config, compiled)
+        return compiled
 
     def _request(self, batch: int):
         if batch in self._compiled:
             self._compiled[batch] = self._compiled.pop(batch)  # most recently used last
             return self._compiled[batch]
-        model = self.model.clone()
-        model.reshape({inp.get_any_name(): [batch] + [d.get_length() for d in list(inp.get_partial_shape())[1:]]
-                       for inp in model.inputs})
-        compiled = self.core.compile_model(model, "CPU", self.config)
+        compiled = self._compile(batch)
         if len(self._compiled) >= defaults.OPENVINO_COMPILED_MODELS:
             del self._compiled[next(iter(self._compiled))]
         self._compiled[batch] = (compiled.create_infer_request(), compiled.outputs)
@@ -179,6 +566,7 @@ class _StaticShapeRunner:
 def _cuda(model_bytes: bytes, threads: int, precision: str):
     from common.fp16 import to_float16
 
+    import onnx
     import onnxruntime as ort
 
     providers = []
@@ -236,16 +624,24 @@ class BoundRunner:
         return [np.asarray(out) for out in binding.copy_outputs_to_cpu()]
 
 
-def _build(model: onnx.ModelProto, backend: str, precision: str, threads: int):
+def _build(model, backend: str, precision: str, threads: int, slot: _CacheSlot | None, *, freed: bool):
+    """A session of the ``onnx.ModelProto`` ``model``, writing what ``slot`` can keep as it goes."""
     data = model.SerializeToString()
     if backend == "openvino":
-        return _openvino(data, threads, precision)
+        return _openvino(data, threads, precision, blobs=None if slot is None else slot.blobs(freed))
     if backend == "cuda":
         return _cuda(data, threads, precision)
+    save_to = None if slot is None else slot.new_scratch()
+    if save_to is not None:
+        try:
+            return _ort_cpu(data, threads, save_to=save_to)
+        except Exception as exc:  # writing the optimised graph failed (a model over 2 GB, say): build without
+            slot.discard_scratch()
+            log.info("%s: optimised graph not cached (%s)", slot.path, exc)
     return _ort_cpu(data, threads)
 
 
-def _probe(run, model: onnx.ModelProto, batch: int) -> None:
+def _probe(run, model, batch: int) -> None:
     """Run zeros of the given batch through a model, to see that it accepts that batch."""
     feeds = {}
     weights = {init.name for init in model.graph.initializer}
@@ -257,9 +653,33 @@ def _probe(run, model: onnx.ModelProto, batch: int) -> None:
     run(feeds)
 
 
-@functools.lru_cache(maxsize=8)
-def _cached_runner(path: str, sha256: str, backend: str, precision: str, threads: int,
-                   fixed_batch: bool) -> Runner:
+def load_runner(path: str, sha256: str, *, backend: str, precision: str, threads: int, fixed_batch: bool,
+                cache_dir: str | Path | None = None) -> Runner:
+    """A new ``Runner`` of the model file at ``path`` (content hash ``sha256``), from the runtime
+    cache in ``cache_dir`` where it holds an intact entry, else built from the model (and stored)."""
+    started = time.perf_counter()
+    slot = None
+    if cache_dir is not None and backend in ("cpu", "openvino"):
+        slot = _CacheSlot(RuntimeCache(cache_dir), path, sha256, backend, precision, threads, fixed_batch)
+        runner = slot.load()
+        if runner is not None:
+            log.info("%s: %s session from the runtime cache in %.3f s", path, backend,
+                     time.perf_counter() - started)
+            return runner
+    try:
+        runner = _build_runner(path, backend, precision, threads, fixed_batch, slot)
+    finally:
+        if slot is not None:
+            slot.discard_scratch()
+    log.info("%s: %s session built in %.3f s (cache: %s)", path, backend, time.perf_counter() - started,
+             runner.cache)
+    return runner
+
+
+def _build_runner(path: str, backend: str, precision: str, threads: int, fixed_batch: bool,
+                  slot: _CacheSlot | None) -> Runner:
+    from common.models import free_batch, load_model
+
     model = load_model(path)
     inputs = tuple(i.name for i in model.graph.input if i.name not in
                    {init.name for init in model.graph.initializer})
@@ -267,21 +687,35 @@ def _cached_runner(path: str, sha256: str, backend: str, precision: str, threads
     if fixed_batch:
         try:
             freed = free_batch(model)
-            _, run = _build(freed, backend, precision, threads)
+            _, run = _build(freed, backend, precision, threads, slot, freed=True)
             _probe(run, freed, 2)
-            return Runner(inputs, outputs, run, None, backend, precision)
+            runner = Runner(inputs, outputs, run, None, backend, precision)
+            return runner if slot is None else slot.commit(runner, freed=True)
         except Exception as exc:  # a graph that hard-codes batch 1 (a Reshape, say) stays at 1
             log.info("%s: runs one sample at a time (batch cannot be freed: %s)", path, exc)
     try:
-        _, run = _build(model, backend, precision, threads)
+        _, run = _build(model, backend, precision, threads, slot, freed=False)
     except Exception as exc:
         raise ModelError(f"cannot be loaded by the {backend} backend ({exc})", path=path) from None
-    return Runner(inputs, outputs, run, 1 if fixed_batch else None, backend, precision)
+    runner = Runner(inputs, outputs, run, 1 if fixed_batch else None, backend, precision)
+    return runner if slot is None else slot.commit(runner, freed=False)
 
 
-def open_runner(spec, *, backend: str, precision: str, threads: int) -> Runner:
-    """A ``Runner`` for an ``EncoderSpec`` or ``GeneratorSpec``, cached in this process."""
-    return _cached_runner(spec.path, spec.sha256, backend, precision, threads, spec.fixed_batch)
+@functools.lru_cache(maxsize=8)
+def _cached_runner(path: str, sha256: str, backend: str, precision: str, threads: int,
+                   fixed_batch: bool, cache_dir: str | None) -> Runner:
+    return load_runner(path, sha256, backend=backend, precision=precision, threads=threads,
+                       fixed_batch=fixed_batch, cache_dir=cache_dir)
+
+
+def open_runner(spec, *, backend: str, precision: str, threads: int,
+                cache_dir: str | Path | None = _FROM_SETTINGS) -> Runner:
+    """A ``Runner`` for an ``EncoderSpec`` or ``GeneratorSpec``, cached in this process and, through
+    the runtime cache in ``cache_dir`` (default: ``default_cache_dir()``; None: none), across processes."""
+    if cache_dir is _FROM_SETTINGS:
+        cache_dir = default_cache_dir()
+    return _cached_runner(spec.path, spec.sha256, backend, precision, threads, spec.fixed_batch,
+                          None if cache_dir is None else str(cache_dir))
 
 
 def run_encoder(runner: Runner, spec) -> Callable[[np.ndarray], np.ndarray]:
@@ -292,4 +726,3 @@ def run_encoder(runner: Runner, spec) -> Callable[[np.ndarray], np.ndarray]:
         return out.reshape(len(windows), -1)
 
     return encode
-

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import time
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -332,3 +335,271 @@ def test_functions_the_model_defines_itself_are_accepted(tmp_path):
     runner = open_runner(inspect_encoder(tmp_path / "encoder.onnx"), backend="cpu", precision="fp32", threads=1)
     mel = np.random.default_rng(1).standard_normal((2, 1, 80, 16)).astype(np.float32)
     np.testing.assert_array_equal(runner({"mel": mel})[0], np.maximum(mel.reshape(2, -1)[:, :512], 0))
+
+
+# --- The runtime cache: sessions kept across processes, never trusted blindly ---------------------------
+
+
+def _runner(spec, cache_dir, *, backend="cpu", precision="fp32", threads=1):
+    from common.runtime import load_runner
+
+    return load_runner(spec.path, spec.sha256, backend=backend, precision=precision, threads=threads,
+                       fixed_batch=spec.fixed_batch, cache_dir=cache_dir)
+
+
+def _demo_feeds(spec, batch: int, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    if hasattr(spec, "input_name"):
+        return {spec.input_name: rng.uniform(-4, 4, (batch, 1, 80, 16)).astype(np.float32)}
+    return {spec.visual_input: rng.random((batch, 6, spec.roi_px, spec.roi_px), dtype=np.float32),
+            spec.audio_input: rng.random((batch, 32, 16, 16), dtype=np.float32)}
+
+
+def _entries(cache_dir, kind="onnxruntime", suffix=".json"):
+    return sorted((cache_dir / kind).glob(f"*{suffix}"))
+
+
+@pytest.mark.parametrize("which", ["encoder", "generator"])
+def test_runtime_cache_gives_bit_identical_outputs(demo, tmp_path, which):
+    spec = inspect_encoder(demo.encoder) if which == "encoder" else inspect_generator(demo.generator)
+    feeds = _demo_feeds(spec, 3, seed=7)
+    (reference,) = _runner(spec, None)(feeds)
+    built, loaded = _runner(spec, tmp_path), _runner(spec, tmp_path)
+    assert (built.cache, loaded.cache) == ("stored", "hit")
+    assert loaded.input_names == built.input_names and loaded.output_names == built.output_names
+    for runner in (built, loaded):
+        np.testing.assert_array_equal(runner(feeds)[0], reference)
+    (single,) = loaded({k: v[:1] for k, v in feeds.items()})  # the cached graph keeps a free batch
+    np.testing.assert_array_equal(single, _runner(spec, None)({k: v[:1] for k, v in feeds.items()})[0])
+
+
+@pytest.mark.parametrize("damage", ["garbage payload", "one byte changed", "truncated payload", "garbage record",
+                                    "record of another key", "payload missing"])
+def test_a_damaged_cache_entry_is_rebuilt_and_the_session_is_right(demo, tmp_path, damage):
+    spec = inspect_encoder(demo.encoder)
+    feeds = _demo_feeds(spec, 4, seed=8)
+    (reference,) = _runner(spec, None)(feeds)
+    assert _runner(spec, tmp_path).cache == "stored"
+    (record,), (payload,) = _entries(tmp_path), _entries(tmp_path, suffix=".onnx")
+    if damage == "garbage payload":
+        payload.write_bytes(b"\x00garbage, not a graph" * 4096)
+    elif damage == "one byte changed":  # still parses: only the hash tells
+        data = bytearray(payload.read_bytes())
+        data[len(data) // 2] ^= 0x40
+        payload.write_bytes(bytes(data))
+    elif damage == "truncated payload":
+        payload.write_bytes(payload.read_bytes()[:1000])
+    elif damage == "garbage record":
+        record.write_bytes(b"{not json")
+    elif damage == "record of another key":
+        import json
+
+        data = json.loads(record.read_text())
+        data["key"]["library"] = "onnxruntime 0.0.1"
+        record.write_text(json.dumps(data))
+    else:
+        payload.unlink()
+    rebuilt = _runner(spec, tmp_path)
+    assert rebuilt.cache == "stored"
+    np.testing.assert_array_equal(rebuilt(feeds)[0], reference)
+    again = _runner(spec, tmp_path)
+    assert again.cache == "hit" and len(_entries(tmp_path)) == 1
+    np.testing.assert_array_equal(again(feeds)[0], reference)
+
+
+def test_runtime_cache_entries_are_keyed_by_model_and_precision(demo, tmp_path):
+    from common.runtime import RuntimeCache, _CacheSlot
+
+    encoder, generator = inspect_encoder(demo.encoder), inspect_generator(demo.generator)
+    assert _runner(encoder, tmp_path).cache == "stored"
+    assert _runner(generator, tmp_path).cache == "stored"  # another model: its own entry
+    assert len(_entries(tmp_path)) == 2 and len(_entries(tmp_path, suffix=".onnx")) == 2
+    assert _runner(encoder, tmp_path).cache == _runner(generator, tmp_path).cache == "hit"
+    # OpenVINO: fp32 and bf16 compile to different models, each with its own record and blobs.
+    windows = _demo_feeds(encoder, 3, seed=9)
+    outputs = {}
+    for precision in ("fp32", "bf16"):
+        runner = _runner(encoder, tmp_path, backend="openvino", precision=precision)
+        assert runner.cache == "stored"
+        outputs[precision] = runner(windows)[0]
+    assert len(_entries(tmp_path, "openvino")) == 4 and len(_entries(tmp_path, "openvino", ".blob")) == 2
+    for precision in ("fp32", "bf16"):
+        runner = _runner(encoder, tmp_path, backend="openvino", precision=precision)
+        assert runner.cache == "hit"
+        np.testing.assert_array_equal(runner(windows)[0], outputs[precision])
+        assert runner.run_batch.__self__.blobs.hits == 1  # imported, not compiled
+    assert len(_entries(tmp_path, "openvino", ".blob")) == 2
+    # Every part of the key changes the entry: model, precision, threads (OpenVINO), machine, library.
+    cache = RuntimeCache(tmp_path)
+
+    def key(**changes):
+        args = dict(path=encoder.path, sha256=encoder.sha256, backend="openvino", precision="fp32", threads=1,
+                    fixed_batch=False)
+        args.update(changes)
+        slot = _CacheSlot(cache, **args)
+        return cache.key(slot.parts)
+
+    base = key()
+    assert len({base, key(sha256=generator.sha256), key(precision="bf16"), key(threads=2),
+                key(fixed_batch=True), key(backend="cpu")}) == 6
+    parts = _CacheSlot(cache, encoder.path, encoder.sha256, "cpu", "fp32", 1, False).parts
+    assert cache.key({**parts, "library": "onnxruntime 0.0.1"}) != cache.key(parts)
+    assert cache.key({**parts, "machine": {**parts["machine"], "cpu_flags": "0"}}) != cache.key(parts)
+
+
+def test_runtime_cache_keeps_the_batch_decisions(demo, tmp_path):
+    spec = inspect_encoder(_fixed_batch_copy(demo.encoder, tmp_path / "enc_b1.onnx"))
+    windows = np.random.default_rng(10).uniform(-4, 4, (5, 1, 80, 16)).astype(np.float32)
+    (reference,) = _runner(spec, None)({"mel": windows})
+    for expected in ("stored", "hit"):
+        runner = _runner(spec, tmp_path / "cache")
+        assert (runner.cache, runner.max_batch) == (expected, None)  # batch freed, probed once
+        np.testing.assert_array_equal(runner({"mel": windows})[0], reference)
+    w = numpy_helper.from_array(np.random.default_rng(1).standard_normal((1280, 512)).astype(np.float32), "w")
+    shape = numpy_helper.from_array(np.array([1, 1280], np.int64), "shape")
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["mel", "shape"], ["flat"]), helper.make_node("MatMul", ["flat", "w"], ["emb"])],
+        "b1", [helper.make_tensor_value_info("mel", TensorProto.FLOAT, [1, 1, 80, 16])],
+        [helper.make_tensor_value_info("emb", TensorProto.FLOAT, [1, 512])], [w, shape])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "b1.onnx")
+    spec = inspect_encoder(tmp_path / "b1.onnx")
+    for expected in ("stored", "hit"):
+        runner = _runner(spec, tmp_path / "cache")
+        assert (runner.cache, runner.max_batch) == (expected, 1)  # hard-coded batch 1: one at a time
+        assert runner({"mel": windows})[0].shape == (5, 512)
+
+
+def test_an_unwritable_runtime_cache_only_costs_time(demo, tmp_path):
+    spec = inspect_encoder(demo.encoder)
+    feeds = _demo_feeds(spec, 2, seed=11)
+    (reference,) = _runner(spec, None)(feeds)
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    for backend in ("cpu", "openvino"):
+        runner = _runner(spec, blocked / "runtime", backend=backend)
+        assert runner.cache == "off"
+        if backend == "cpu":
+            np.testing.assert_array_equal(runner(feeds)[0], reference)
+        else:
+            assert runner(feeds)[0].shape == reference.shape
+
+
+def test_a_damaged_openvino_blob_is_compiled_again(demo, tmp_path):
+    spec = inspect_encoder(demo.encoder)
+    windows = _demo_feeds(spec, 3, seed=12)
+    (reference,) = _runner(spec, None, backend="openvino")(windows)
+    _runner(spec, tmp_path, backend="openvino")(windows)
+    (blob,) = _entries(tmp_path, "openvino", ".blob")
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2:len(data) // 2 + 64] = bytes(64)  # OpenVINO itself would import this silently
+    blob.write_bytes(bytes(data))
+    runner = _runner(spec, tmp_path, backend="openvino")
+    np.testing.assert_array_equal(runner(windows)[0], reference)
+    assert runner.run_batch.__self__.blobs.hits == 0 and runner.run_batch.__self__.blobs.stores == 1
+
+
+def test_open_runner_finds_the_runtime_cache_in_the_settings(demo, home, monkeypatch, tmp_path):
+    from common.runtime import CACHE_DIR_ENV, default_cache_dir
+
+    monkeypatch.delenv(CACHE_DIR_ENV, raising=False)
+    monkeypatch.delenv("LIPFARM_CACHE_DIR", raising=False)
+    assert default_cache_dir() == home / "cache" / "runtime"
+    monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path / "elsewhere"))
+    assert default_cache_dir() == tmp_path / "elsewhere"
+    monkeypatch.setenv(CACHE_DIR_ENV, "off")
+    assert default_cache_dir() is None
+    monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path / "elsewhere"))
+    spec = inspect_encoder(demo.encoder)
+    runner = open_runner(spec, backend="cpu", precision="fp32", threads=1)
+    assert runner.cache in ("stored", "hit") and _entries(tmp_path / "elsewhere")
+    assert open_runner(spec, backend="cpu", precision="fp32", threads=1, cache_dir=None).cache == "off"
+
+
+# --- Each version of a model file is checked once per process ------------------------------------------
+
+
+@pytest.fixture
+def counted_checks(monkeypatch):
+    """Checks cached from the first second (no settling), and a list of the files actually read."""
+    from common import models
+
+    models.forget_checked_models()
+    monkeypatch.setattr(models, "SETTLE_S", 0.0)
+    read = []
+    real = models._load_and_hash
+
+    def counting(path):
+        read.append(str(path))
+        return real(path)
+
+    monkeypatch.setattr(models, "_load_and_hash", counting)
+    yield read
+    models.forget_checked_models()
+
+
+def test_a_model_is_checked_once_while_its_file_is_unchanged(demo, tmp_path, monkeypatch, counted_checks):
+    import shutil
+
+    from common.models import file_sha256
+
+    path = tmp_path / "encoder.onnx"
+    shutil.copyfile(demo.encoder, path)
+    first = inspect_encoder(path)
+    assert first.sha256 == file_sha256(path) == inspect_encoder(demo.encoder).sha256
+    monkeypatch.chdir(tmp_path)
+    again, relative = inspect_encoder(str(path)), inspect_encoder("encoder.onnx")
+    assert counted_checks == [str(path), str(demo.encoder)]  # one check per file
+    assert (again.path, relative.path) == (str(path), "encoder.onnx")  # each caller's own spelling
+    assert again == first and relative.sha256 == first.sha256
+
+    # the same file checked as a generator is a different question (and a refusal)
+    with pytest.raises(ModelError, match="two inputs"):
+        inspect_generator(path)
+    with pytest.raises(ModelError, match="two inputs"):
+        inspect_generator(path)
+    assert counted_checks[2:] == [str(path), str(path)]  # refusals are not kept
+
+
+def test_a_changed_model_file_is_checked_again(tmp_path, counted_checks):
+    path = tiny_model(tmp_path / "e.onnx", {"mel": ["B", 1, 80, 16]}, {"emb": ["B", 512]})
+    before = inspect_encoder(path)
+    # rewritten in place, same size (another output name of the same length), mtime set back
+    stat = path.stat()
+    tiny_model(path, {"mel": ["B", 1, 80, 16]}, {"out": ["B", 512]})
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size
+    after = inspect_encoder(path)
+    assert (before.output_name, after.output_name) == ("emb", "out") and before.sha256 != after.sha256
+    # replaced by another file
+    other = tiny_model(tmp_path / "other.onnx", {"mel": ["B", 1, 80, 16]}, {"new": ["B", 512]})
+    os.replace(other, path)
+    assert inspect_encoder(path).output_name == "new"
+    # replaced by something that is not a model: refused, not answered from the cache
+    path.write_text("not a model any more")
+    with pytest.raises(ModelError, match="not an ONNX model"):
+        inspect_encoder(path)
+    path.unlink()
+    with pytest.raises(ModelError, match="model file not found"):
+        inspect_encoder(path)
+    assert len(counted_checks) == 5
+
+
+def test_a_model_file_changed_just_now_is_checked_every_time(tmp_path, monkeypatch, counted_checks):
+    from common import models
+
+    monkeypatch.setattr(models, "SETTLE_S", 60.0)  # its timestamps may not yet tell a second change
+    path = tiny_model(tmp_path / "e.onnx", {"mel": ["B", 1, 80, 16]}, {"emb": ["B", 512]})
+    inspect_encoder(path), inspect_encoder(path)
+    assert len(counted_checks) == 2
+    old = time.time() - 3600
+    os.utime(path, (old, old))  # an old mtime, but the ctime is now: still too recent
+    inspect_encoder(path)
+    assert len(counted_checks) == 3
+
+
+def test_model_hash_and_parse_come_from_one_read(demo, tmp_path):
+    from common.models import _load_and_hash, file_sha256, load_model
+
+    model, digest = _load_and_hash(demo.generator)
+    assert digest == file_sha256(demo.generator)
+    assert model == load_model(demo.generator) == onnx.load(str(demo.generator), load_external_data=False)

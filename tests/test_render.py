@@ -149,3 +149,83 @@ def test_other_containers_render_with_their_own_audio(settings, demo, demo_avata
         input_s = float(stream.duration * stream.time_base)
     assert info["audio_rate"] == 44100 and abs(info["audio_s"] - input_s) <= 1 / 25
     assert info["frames"] == frame_count(load_16k(path).size)
+
+
+def test_a_render_checks_each_model_once(settings, demo, demo_avatar, short_audio, tmp_path, monkeypatch):
+    from common import models
+
+    models.forget_checked_models()
+    monkeypatch.setattr(models, "SETTLE_S", 0.0)  # the demo models may have been written a moment ago
+    read = []
+    real = models._load_and_hash
+    monkeypatch.setattr(models, "_load_and_hash", lambda path: read.append(str(path)) or real(path))
+    render_local(avatar=demo_avatar, audio=short_audio, out=tmp_path / "once.mp4", encoder=demo.encoder,
+                 generator=demo.generator, options=RenderOptions(chunk_frames=25), settings=settings,
+                 show_progress=False)
+    # the command, the plan and each of the 4 chunks ask; each file is read and parsed once
+    assert sorted(read) == sorted([str(demo.encoder), str(demo.generator)])
+    models.forget_checked_models()
+
+
+def test_the_first_unet_batch_waits_for_one_block_of_features(settings, demo, demo_avatar, tmp_path,
+                                                              speech_16k, monkeypatch):
+    """Inference starts once the first 64 encoder windows are done; later ones come as batches
+    reach them, each once; the video is the same as a render in chunks, which asks for other ranges."""
+    import worker.render
+
+    audio = tmp_path / "clip.wav"
+    write_wav(audio, speech_16k[:int(6.0 * 16000)])  # 481 mel frames, 147 windows, 149 frames
+    calls = []
+    real_open = worker.render.open_runner
+
+    def watched(spec, **kwargs):
+        runner = real_open(spec, **kwargs)
+        kind = "unet" if hasattr(spec, "roi_px") else "encoder"
+
+        def run(feeds):
+            calls.append((kind, len(next(iter(feeds.values())))))
+            return runner(feeds)
+
+        return run
+
+    monkeypatch.setattr(worker.render, "open_runner", watched)
+    result = render_local(avatar=demo_avatar, audio=audio, out=tmp_path / "progressive.mp4",
+                          encoder=demo.encoder, generator=demo.generator,
+                          options=RenderOptions(chunk_frames=250), settings=settings, show_progress=False)
+    assert result.frames == 149
+    assert calls[:2] == [("encoder", 64), ("unet", 1)]
+    assert [c for c in calls if c[0] == "encoder"] == [("encoder", 64), ("encoder", 64), ("encoder", 19)]
+    assert sum(n for kind, n in calls if kind == "unet") == 149
+    # frame 58 is the first to read window 64: the second batch is encoded just before it
+    assert calls.index(("encoder", 64), 1) == 1 + 58  # after the first encoder call and frames 0-57
+    monkeypatch.undo()
+    upfront = render_local(avatar=demo_avatar, audio=audio, out=tmp_path / "upfront.mp4", encoder=demo.encoder,
+                           generator=demo.generator, options=RenderOptions(chunk_frames=50), settings=settings,
+                           show_progress=False)
+    a, b = video_frames(result.output, "yuv420p"), video_frames(upfront.output, "yuv420p")
+    assert len(a) == len(b) == 149
+    for i in range(len(a)):
+        np.testing.assert_array_equal(a[i], b[i], err_msg=f"frame {i}")
+
+
+def test_a_unet_session_that_cannot_open_fails_the_render(settings, demo, demo_avatar, short_audio, tmp_path,
+                                                          monkeypatch):
+    """The UNet's session opens in a thread of its own; its error is the render's."""
+    import worker.render
+    from common.errors import ModelError
+    from common.models import GeneratorSpec
+
+    real_open = worker.render.open_runner
+
+    def failing(spec, **kwargs):
+        if isinstance(spec, GeneratorSpec):
+            raise ModelError("cannot be loaded by the cpu backend (test)", path=spec.path)
+        return real_open(spec, **kwargs)
+
+    monkeypatch.setattr(worker.render, "open_runner", failing)
+    out = tmp_path / "never.mp4"
+    with pytest.raises(ModelError, match=r"unet_328.onnx: cannot be loaded by the cpu backend \(test\)"):
+        render_local(avatar=demo_avatar, audio=short_audio, out=out, encoder=demo.encoder,
+                     generator=demo.generator, options=RenderOptions(chunk_frames=25), settings=settings,
+                     show_progress=False)
+    assert not out.exists()

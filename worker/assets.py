@@ -22,7 +22,7 @@ from common.audio import FilePcm, PcmSource, StoragePcm
 from common.avatar import MANIFEST, Avatar, load_avatar
 from common.errors import AvatarError, ServiceError
 from common.fileio import folder_replaced_atomically, replaced_atomically
-from common.models import EncoderSpec, GeneratorSpec, file_sha256, inspect_encoder, inspect_generator
+from common.models import file_sha256, inspect_encoder, inspect_generator
 from common.plan import AssetRef, Chunk, Plan
 from common.storage import Storage
 from worker.render import ChunkWork
@@ -159,21 +159,6 @@ def _touch(path: Path) -> None:
     os.utime(path, (now, now))
 
 
-@functools.lru_cache(maxsize=16)
-def _encoder_spec(path: str, mtime_ns: int, size: int) -> EncoderSpec:
-    return inspect_encoder(path)
-
-
-@functools.lru_cache(maxsize=16)
-def _generator_spec(path: str, mtime_ns: int, size: int) -> GeneratorSpec:
-    return inspect_generator(path)
-
-
-def _stat_key(path: Path) -> tuple[str, int, int]:
-    stat = path.stat()
-    return str(path), stat.st_mtime_ns, stat.st_size
-
-
 @functools.lru_cache(maxsize=4)
 def _avatar(path: str, manifest_mtime_ns: int) -> Avatar:
     return load_avatar(path)
@@ -193,5 +178,5 @@ def resolve_chunk(plan: Plan, chunk: Chunk, *, storage: Storage, cache: AssetCac
     pcm: PcmSource = (FilePcm(pcm_path) if pcm_path else
                       StoragePcm(storage, plan.audio.pcm_key, plan.audio.n_samples))
     avatar = _avatar(str(avatar_dir), (avatar_dir / MANIFEST).stat().st_mtime_ns)
-    return ChunkWork(avatar, _encoder_spec(*_stat_key(encoder)), _generator_spec(*_stat_key(generator)),
-                     pcm, chunk.start_frame, chunk.stop_frame, plan.options, output)
+    # inspect_* check each version of a model file once per process (common.models)
+    return ChunkWork(avatar, inspect_encoder(encoder), inspect_generator(generator), pcm, chunk.start_frame, chunk.stop_frame, plan.options, output)

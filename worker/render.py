@@ -8,8 +8,10 @@ Celery render task and the benchmark. Three stages overlap, joined by bounded qu
     composite thread   generated ROI -> composited frame -> YUV region -> x264
 
 Inference never waits for the others while they keep up, and the queues bound memory to a few
-batches whatever the chunk's length. Audio features for the whole chunk come first: the encoder
-costs about 2% of the UNet, and computing them up front keeps the stages simple.
+batches whatever the chunk's length. Audio features are computed by the calling thread as the
+batches reach them (``AudioFeatures``: 64 encoder windows at a time, each once), just before it
+waits for each batch's visual inputs: the first UNet batch waits for one block of features, not
+the whole chunk's, and that block is computed while the prepare thread makes the first templates.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from common import defaults
 from common.audio import PcmSource
 from common.avatar import Avatar, pingpong_indices
 from common.errors import CancelledError, InputError, ModelError
-from common.features import audio_inputs
+from common.features import AudioFeatures
 from common.models import EncoderSpec, GeneratorSpec
 from common.options import RenderOptions
 from common.runtime import open_runner, resolve_backend, run_encoder
@@ -104,23 +106,55 @@ def render_chunk(work: ChunkWork, *, threads: int, templates: TemplateCache,
     runner_args = dict(backend=backend, precision=options.precision, threads=threads)
     times = StageTimes(frames=work.stop_frame - work.start_frame, backend=backend)
 
-    encoder = run_encoder(open_runner(work.encoder, **runner_args), work.encoder)
-
     def timed_encoder(windows: np.ndarray) -> np.ndarray:
         t = time.perf_counter()
         out = encoder(windows)
         times.encoder_s += time.perf_counter() - t
         return out
 
-    t = time.perf_counter()
-    audio = audio_inputs(work.pcm, timed_encoder, start=work.start_frame, stop=work.stop_frame)
-    times.mel_s = time.perf_counter() - t - times.encoder_s
+    features = AudioFeatures(work.pcm, timed_encoder)
+    if work.stop_frame > features.n_frames:
+        raise ValueError(f"frame range [{work.start_frame}, {work.stop_frame}) is outside [0, {features.n_frames})")
 
-    generator = open_runner(work.generator, **runner_args)
+    def audio(frames: range) -> np.ndarray:
+        """The UNet audio inputs of chunk frames ``frames``; their mel and encoder blocks as needed."""
+        t, spent = time.perf_counter(), times.encoder_s
+        out = features(work.start_frame + frames.start, work.start_frame + frames.stop)
+        times.mel_s += time.perf_counter() - t - (times.encoder_s - spent)
+        return out
+
+    # The UNet's session is opened in a thread of its own: the first UNet batch needs it only after
+    # the encoder's session and the first block of audio features, made meanwhile in this thread.
+    generator = _Opening(lambda: open_runner(work.generator, **runner_args))
+    encoder = run_encoder(open_runner(work.encoder, **runner_args), work.encoder)
     _StagePipeline(work, generator, audio, times, templates, batch=options.unet_batch(backend)).run(
         progress, should_stop)
     times.wall_s = time.perf_counter() - started
     return times
+
+
+class _Opening:
+    """A runner being opened in a thread of its own: ``result()`` waits for it (or re-raises its
+    error). Sessions are cached per process, so after a process's first chunk this returns at once."""
+
+    def __init__(self, open_: Callable[[], object]) -> None:
+        self._runner = None
+        self._error: BaseException | None = None
+
+        def run() -> None:
+            try:
+                self._runner = open_()
+            except BaseException as exc:
+                self._error = exc
+
+        self._thread = threading.Thread(target=run, name="lipfarm-open-session", daemon=True)
+        self._thread.start()
+
+    def result(self):
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._runner
 
 
 class _Stopped(Exception):
@@ -144,7 +178,7 @@ class _StagePipeline:
     carries generated batches to compositing; ``None`` on a queue means "no more".
     """
 
-    def __init__(self, work: ChunkWork, generator, audio: np.ndarray, times: StageTimes,
+    def __init__(self, work: ChunkWork, generator, audio: Callable[[range], np.ndarray], times: StageTimes,
                  templates: TemplateCache, *, batch: int) -> None:
         self.work, self.generator, self.audio, self.times, self.templates = work, generator, audio, times, templates
         spec = work.generator
@@ -231,18 +265,21 @@ class _StagePipeline:
 
     def _infer(self, progress: Callable[[int], None] | None, should_stop: Callable[[], bool] | None) -> None:
         spec, times = self.work.generator, self.times
-        while True:
+        for expected in self.batches:
+            audio = self.audio(expected)  # meanwhile the prepare thread works on this batch's templates
+            if isinstance(self.generator, _Opening):
+                self.generator = self.generator.result()
             t = time.perf_counter()
             item = self._get(self.ready)
             times.starved_s += time.perf_counter() - t
-            if item is None:
-                break
             if should_stop is not None and should_stop():
                 raise CancelledError("render stopped: the job was cancelled or the chunk reassigned")
             frames, buffer, prepared = item
+            if frames != expected:
+                raise RuntimeError(f"prepared frames {frames} arrived for batch {expected}")
             t = time.perf_counter()
             (generated,) = self.generator({spec.visual_input: buffer[:len(frames)],
-                                           spec.audio_input: self.audio[frames.start:frames.stop]})
+                                           spec.audio_input: audio})
             times.unet_s += time.perf_counter() - t
             if not np.isfinite(generated.sum(dtype=np.float32)):  # one pass; outputs in (0, 1) cannot overflow
                 first = self.work.start_frame + frames.start
