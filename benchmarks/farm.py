@@ -87,7 +87,7 @@ def repeated_speech(source: Path, path: Path, seconds: float) -> Path:
 def _run_job(settings: Settings, demo, audio: Path, chunk_frames: int) -> tuple[float, object]:
     started = time.perf_counter()
     handle = submit_job(settings, avatar=demo.avatar_name, audio=audio, encoder=demo.encoder,
-                        generator=demo.generator, options=RenderOptions(chunk_frames=chunk_frames))
+                        generator=demo.generator, options=RenderOptions(chunk_frames=chunk_frames, fast_start=False))
     status = handle.wait(timeout_s=3600)
     return time.perf_counter() - started, status
 

@@ -32,13 +32,16 @@ from common.config import Settings, load_settings
 from common.errors import ServiceError
 from common.state.connection import mask_url, redis_tls_options, url_without_tls_params
 
-# Redis has no message priorities: kombu keeps one list per priority step and reads them in order.
-PRIORITIES = dict(zip(defaults.PRIORITIES, (0, 3, 6)))
-PRIORITY_STEPS = [0, 3, 6, 9]
+# Redis has no message priorities: kombu keeps one list per priority step and reads them in order
+# (a lower step first; a message's step is the largest one at or below its priority). Each job
+# priority has two steps: its front, for a fast start's first chunks, then its own.
+PRIORITIES = dict(zip(defaults.PRIORITIES, (1, 4, 7)))
+PRIORITY_STEPS = [0, 1, 3, 4, 6, 7, 9]
 QUEUES = ("jobs", "render", "finalize")
 TASK_PLAN = "lipfarm.plan_job"
 TASK_RENDER = "lipfarm.render_chunk"
 TASK_FINALIZE = "lipfarm.finalize_job"
+TASK_WEBHOOK = "lipfarm.deliver_webhook"  # on the jobs queue: small, and never behind chunk renders
 
 
 # --- The application --------------------------------------------------------------------------------
@@ -84,7 +87,7 @@ def configure(app: Celery, settings: Settings) -> Celery:
         task_queues=[Queue(name) for name in QUEUES],
         task_default_queue="jobs",
         task_routes={TASK_PLAN: {"queue": "jobs"}, TASK_RENDER: {"queue": "render"},
-                     TASK_FINALIZE: {"queue": "finalize"}},
+                     TASK_FINALIZE: {"queue": "finalize"}, TASK_WEBHOOK: {"queue": "jobs"}},
         task_default_priority=PRIORITIES[defaults.PRIORITY],
         result_expires=24 * 3600,
         worker_max_tasks_per_child=None,
@@ -111,11 +114,13 @@ def enqueue_plan(job_id: str, priority: str) -> None:
                                   priority=PRIORITIES[priority], retry=False), f"queue the plan of job {job_id}")
 
 
-def enqueue_render(job_id: str, index: int, priority: str, frames: str = "", delay_s: float = 0.0) -> None:
-    """One render task, taken no sooner than ``delay_s`` from now (a retry's backoff); ``frames``
-    ("0-249") is only shown (Flower), the plan is the truth."""
+def enqueue_render(job_id: str, index: int, priority: str, frames: str = "", delay_s: float = 0.0, *,
+                   first: bool = False) -> None:
+    """One render task, taken no sooner than ``delay_s`` from now (a retry's backoff), at the front of
+    its priority if ``first`` (a fast start's first chunks); ``frames`` ("0-249") is only shown
+    (Flower), the plan is the truth."""
     _broker(lambda: app.send_task(TASK_RENDER, kwargs={"job_id": job_id, "chunk": index, "frames": frames},
-                                  queue="render", priority=PRIORITIES[priority], retry=False,
+                                  queue="render", priority=PRIORITIES[priority] - first, retry=False,
                                   countdown=delay_s or None),
             f"queue chunk {index} of job {job_id}")
 
@@ -123,6 +128,15 @@ def enqueue_render(job_id: str, index: int, priority: str, frames: str = "", del
 def enqueue_finalize(job_id: str, priority: str) -> None:
     _broker(lambda: app.send_task(TASK_FINALIZE, kwargs={"job_id": job_id}, queue="finalize",
                                   priority=PRIORITIES[priority], retry=False), f"queue the finalizer of job {job_id}")
+
+
+def enqueue_webhook(job_id: str, event_id: str, attempt: int = 1, delay_s: float = 0.0) -> None:
+    """Attempt ``attempt`` of delivering a job's webhook event, no sooner than ``delay_s`` from now
+    (a retry's backoff, kept below the visibility timeout: see ``common.webhooks``)."""
+    _broker(lambda: app.send_task(TASK_WEBHOOK, kwargs={"job_id": job_id, "event_id": event_id, "attempt": attempt},
+                                  queue="jobs", priority=PRIORITIES["high"], retry=False,
+                                  countdown=delay_s or None),
+            f"queue the webhook of job {job_id}")
 
 
 def render_lists() -> list[str]:

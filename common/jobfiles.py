@@ -33,6 +33,9 @@ class CommitMarker:
     segment_sha256: str
     committed_at: float
     timing: dict = field(default_factory=dict)
+    hls_key: str = ""
+    hls_size: int = 0
+    hls_sha256: str = ""
 
 
 ENDED_VERSION = 1

@@ -29,12 +29,15 @@ class RenderOptions:
     x264_preset: str = defaults.X264_PRESET
     x264_threads: int = 1
     audio_bitrate_bps: int = defaults.AUDIO_BITRATE_BPS
+    fast_start: bool = defaults.FAST_START
 
     def __post_init__(self) -> None:
         for spec in fields(self):
             value = getattr(self, spec.name)
             if spec.type == "int" and (not isinstance(value, int) or isinstance(value, bool)):
                 raise InputError("must be an integer", field=spec.name, found=repr(value))
+            if spec.type == "bool" and not isinstance(value, bool):
+                raise InputError("must be true or false", field=spec.name, found=repr(value))
         _at_least("gop_frames", self.gop_frames, 1)
         _at_least("chunk_frames", self.chunk_frames, self.gop_frames)
         if self.chunk_frames % self.gop_frames:

@@ -14,15 +14,17 @@ Both files carry a format version; an unknown one is refused, naming expected an
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import asdict, dataclass
 
+from common import defaults
 from common.errors import InputError
 from common.features import frame_count
 from common.options import RenderOptions
 from common.storage.layout import output_key
 
-PLAN_VERSION = 2  # 2: segments are named per attempt, not by the plan
+PLAN_VERSION = 3  # 2: segments named per attempt; 3: the audio encoded once, at plan time
 SUBMISSION_VERSION = 1
 
 
@@ -37,11 +39,15 @@ class AssetRef:
 
 @dataclass(frozen=True)
 class AudioRef:
-    """The job's audio: the original file (muxed at the end) and the 16 kHz float32 PCM (features)."""
+    """The job's audio: the original file, the 16 kHz float32 PCM (features), and the AAC track
+    encoded once at plan time (muxed by stream copy into the output and, cut per chunk, into its
+    HLS segment), with the original's duration the output's audio is checked against."""
 
     input_key: str
     pcm_key: str
     n_samples: int
+    track_key: str = ""
+    duration_s: float = 0.0
     input_path: str | None = None
     pcm_path: str | None = None
 
@@ -148,20 +154,36 @@ def _versioned(text: str, source: str, expected: int, what: str) -> dict:
     return data
 
 
-def chunk_ranges(total_frames: int, chunk_frames: int) -> list[tuple[int, int]]:
-    """``[start, stop)`` frame ranges covering ``total_frames`` in order; the last takes what is left."""
-    return [(start, min(start + chunk_frames, total_frames))
-            for start in range(0, total_frames, chunk_frames)]
+def chunk_ranges(total_frames: int, chunk_frames: int, *, first_frames: tuple[int, ...] = ()) -> list[tuple[int, int]]:
+    """``[start, stop)`` frame ranges covering ``total_frames`` in order: the ``first_frames`` sizes
+    first (a fast start), then ``chunk_frames`` each; the last takes what is left."""
+    ranges, start = [], 0
+    sizes = itertools.chain((f for f in first_frames if f < chunk_frames), itertools.repeat(chunk_frames))
+    while start < total_frames:
+        size = next(sizes)
+        ranges.append((start, min(start + size, total_frames)))
+        start += size
+    return ranges
+
+
+def fast_start_frames(options: RenderOptions) -> tuple[int, ...]:
+    """The sizes of a fast start's first chunks: about 1 s, 2 s and 4 s, each a whole number of GOPs."""
+    return tuple(max(options.gop_frames, round(seconds * defaults.FPS / options.gop_frames) * options.gop_frames)
+                 for seconds in defaults.FAST_START_S)
 
 
 def plan_job(submission: Submission, audio: AudioRef) -> Plan:
     """The plan of ``submission``, whose audio is now known as ``audio`` (see the module docstring).
 
     Chunks are ``chunk_frames`` long, a multiple of the GOP, so every chunk starts on a keyframe.
+    With ``fast_start`` the first ones are shorter (2 s, then 4 s): the first segment a viewer can
+    play is ready a few seconds after a worker takes it. Any chunking gives the same frames.
     """
     job_id, options = submission.job_id, submission.options
     total = frame_count(audio.n_samples)
-    chunks = tuple(Chunk(i, start, stop) for i, (start, stop) in enumerate(chunk_ranges(total, options.chunk_frames)))
+    first = fast_start_frames(options) if options.fast_start else ()
+    chunks = tuple(Chunk(i, start, stop) for i, (start, stop) in
+                   enumerate(chunk_ranges(total, options.chunk_frames, first_frames=first)))
     return Plan(job_id=job_id, avatar=submission.avatar, avatar_name=submission.avatar_name,
                 encoder=submission.encoder, generator=submission.generator, audio=audio,
                 frame_count=total, chunks=chunks, options=options, output_key=output_key(job_id))

@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import av
 
@@ -58,30 +58,39 @@ class AudioTrack:
 
 
 def encode_audio_track(source: Path, out_m4a: Path, *, bitrate_bps: int,
-                       chunk_spans: list[tuple[int, int]], pieces_dir: Path) -> AudioTrack:
+                       chunk_spans: list[tuple[int, int]], pieces_dir: Path,
+                       on_piece: Callable[[AudioPiece], None] | None = None) -> AudioTrack:
     """Encode ``source``'s audio to AAC once: ``out_m4a``, and one piece per chunk in ``pieces_dir``.
 
     ``chunk_spans`` are the chunks' ``(start_frame, stop_frame)`` in order, contiguous from frame 0;
-    with none, only the M4A is written. Raises ``AudioError`` for audio that cannot be read or
-    encoded.
+    with none, only the M4A is written. ``on_piece`` sees each piece as soon as it is complete (the
+    encoder runs front to back, so the first chunks' pieces are ready at once: a planner uploads them
+    while the rest is encoded). Raises ``AudioError`` for audio that cannot be read or encoded.
     """
     source, out_m4a, pieces_dir = Path(source), Path(out_m4a), Path(pieces_dir)
     spans = _checked_spans(chunk_spans)
     info = probe_audio(source)
     layout = "mono" if info.channels == 1 else "stereo"
     with av.open(str(out_m4a), "w", format="mp4", options={"movflags": "+faststart"}) as out:
-        stream = out.add_stream("aac", rate=info.sample_rate_hz, layout=layout)
+        rate = aac_rate(info.sample_rate_hz)
+        stream = out.add_stream("aac", rate=rate, layout=layout)
         stream.bit_rate = bitrate_bps
         encoder = _Encoder(source, stream)
-        pieces = _PieceWriter(pieces_dir, spans, info.sample_rate_hz, 1 if layout == "mono" else 2)
+        pieces = _PieceWriter(pieces_dir, spans, rate, 1 if layout == "mono" else 2, on_piece)
         for packet in encoder.packets():
-            pieces.add(_piece_packet(packet, info.sample_rate_hz), stream.codec_context.extradata)
+            pieces.add(_piece_packet(packet, rate), stream.codec_context.extradata)
             out.mux(packet)
         if encoder.samples == 0:
             raise AudioError("contains no audio samples", path=source)
         written = pieces.close()
-    return AudioTrack(out_m4a, info.sample_rate_hz, layout, encoder.samples,
-                      encoder.samples / info.sample_rate_hz, written)
+    return AudioTrack(out_m4a, rate, layout, encoder.samples, encoder.samples / rate, written)
+
+
+def aac_rate(input_rate: int) -> int:
+    """The AAC track's sample rate: the input's own, but at least 32 kHz. An AAC frame is 1024
+    samples, and the last one's padding (which an MP4 edit list trims, but an HLS segment cannot)
+    must stay within a video frame: 21 ms at 48 kHz, 64 ms at 16 kHz (too long)."""
+    return input_rate if input_rate >= defaults.AAC_MIN_RATE_HZ else defaults.AAC_LOW_RATE_TARGET_HZ
 
 
 def _checked_spans(chunk_spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -140,8 +149,10 @@ def _piece_packet(packet: av.Packet, rate: int) -> PiecePacket:
 class _PieceWriter:
     """Groups packets, which arrive in time order, into one piece file per chunk span."""
 
-    def __init__(self, folder: Path, spans: list[tuple[int, int]], rate: int, channels: int) -> None:
+    def __init__(self, folder: Path, spans: list[tuple[int, int]], rate: int, channels: int,
+                 on_piece: Callable[[AudioPiece], None] | None = None) -> None:
         self.folder, self.spans, self.rate, self.channels = folder, spans, rate, channels
+        self.on_piece = on_piece
         self.buffer: list[PiecePacket] = []
         self.written: list[AudioPiece] = []
         self.config: bytes | None = None
@@ -171,6 +182,8 @@ class _PieceWriter:
                                   audio_specific_config=self.config or b"", packets=self.buffer)
         self.written.append(AudioPiece(path, start, stop, count))
         self.buffer = []
+        if self.on_piece is not None:
+            self.on_piece(self.written[-1])
 
     def close(self) -> tuple[AudioPiece, ...]:
         while len(self.written) < len(self.spans):

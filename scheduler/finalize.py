@@ -15,7 +15,6 @@ removed again if the job was cancelled meanwhile: a cancelled job never publishe
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import tempfile
 import time
@@ -23,25 +22,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from common import metrics
 from common.config import Settings
-from common.endings import record_end
-from common.errors import LipfarmError, NotFoundError
+from common.endings import close_job
+from common.errors import LipfarmError
 from common.holds import hold_reached
 from common.identity import WorkerProcess, is_dead_here
 from common.jobfiles import JobFiles
 from common.keepalive import KeepAlive
 from common.plan import Plan
+from common.segments import BadSegment, check_segment, reopen
 from common.state import ChunkRecord, ChunkState, Claim, JobState, StateStore, Verdict
 from scheduler.stitch import Segment, stitch
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class BadSegment:
-    index: int
-    key: str
-    problem: str
 
 
 class SegmentsFailedCheck(Exception):
@@ -90,6 +84,7 @@ def _take(ctx: Finalizer, job_id: str) -> Claim:
 
 def _finalize(ctx: Finalizer, files: JobFiles, claim: Claim) -> str:
     store, job_id = ctx.store, files.job_id
+    started = time.perf_counter()
     try:
         plan = files.plan()
         chunks = store.chunks(job_id, len(plan.chunks))
@@ -99,7 +94,7 @@ def _finalize(ctx: Finalizer, files: JobFiles, claim: Claim) -> str:
                 return "stopped: job cancelled while finalizing"
             files.storage.put_file(plan.output_key, output)
     except SegmentsFailedCheck as failed:
-        return _reopen(ctx, files, plan, claim, failed)
+        return _reopen(ctx, files, claim, failed)
     except LipfarmError as exc:
         return _fail(store, files, str(exc))
     except Exception as exc:  # a bug or a broken file: fail the job rather than loop on it
@@ -108,7 +103,9 @@ def _finalize(ctx: Finalizer, files: JobFiles, claim: Claim) -> str:
     if store.finish_done(job_id, claim.token, output_location=location, now=time.time()) != Verdict.OK:
         files.storage.delete(plan.output_key)  # cancelled (or replaced) during the upload: publish nothing
         return "stopped: job cancelled while publishing"
-    record_end(store, files.storage, job_id)
+    metrics.job_published(store, job_id, finalize_s=time.perf_counter() - started,
+                          last_commit_at=max((c.committed_at for c in chunks if c.committed_at), default=None))
+    close_job(store, files.storage, job_id)
     files.delete_unused_segments(keep={c.segment_key for c in chunks})
     return f"done: {location}"
 
@@ -117,12 +114,23 @@ def _stitched(files: JobFiles, plan: Plan, chunks: list[ChunkRecord], folder: Pa
     not_committed = [c.index for c in chunks if c.state != ChunkState.COMMITTED]
     if not_committed or len(chunks) != len(plan.chunks):
         raise LipfarmError(f"chunks not committed at finalize: {not_committed[:10]}")
-    audio = folder / ("input" + Path(plan.audio.input_key).suffix)
-    files.storage.get_file(plan.audio.input_key, audio)
     output = folder / "output.mp4"
+    audio, audio_s = _audio(files, plan, folder)
     stitch(_checked_segments(files, chunks, folder), audio, output, expected_frames=plan.frame_count,
-           audio_bitrate_bps=plan.options.audio_bitrate_bps)
+           input_audio_s=audio_s, audio_bitrate_bps=plan.options.audio_bitrate_bps)
     return output
+
+
+def _audio(files: JobFiles, plan: Plan, folder: Path) -> tuple[Path, float | None]:
+    """The AAC track the planner encoded, to copy; the original (to encode here) if it never got
+    that far. With the original's duration to check the output's audio against."""
+    if plan.audio.track_key and files.storage.exists(plan.audio.track_key):
+        track = folder / "audio.m4a"
+        files.storage.get_file(plan.audio.track_key, track)
+        return track, plan.audio.duration_s
+    original = folder / ("input" + Path(plan.audio.input_key).suffix)
+    files.storage.get_file(plan.audio.input_key, original)
+    return original, None
 
 
 def _checked_segments(files: JobFiles, chunks: list[ChunkRecord], folder: Path) -> Iterator[Segment]:
@@ -131,7 +139,7 @@ def _checked_segments(files: JobFiles, chunks: list[ChunkRecord], folder: Path) 
     bad: list[BadSegment] = []
     for chunk in chunks:
         path = folder / f"{chunk.index:05d}.mp4"
-        problem = _check(files, chunk, path)
+        problem = check_segment(files.storage, chunk.segment_key, chunk.segment_size, chunk.segment_sha256, path)
         if problem:
             bad.append(BadSegment(chunk.index, chunk.segment_key, problem))
         elif not bad:
@@ -141,37 +149,15 @@ def _checked_segments(files: JobFiles, chunks: list[ChunkRecord], folder: Path) 
         raise SegmentsFailedCheck(bad)
 
 
-def _check(files: JobFiles, chunk: ChunkRecord, path: Path) -> str:
-    """What is wrong with a chunk's segment ("" if nothing)."""
-    try:
-        files.storage.get_file(chunk.segment_key, path)
-    except NotFoundError:
-        return "missing"
-    size = path.stat().st_size
-    if size != chunk.segment_size:
-        return f"{size} bytes, committed as {chunk.segment_size}"
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    if digest != chunk.segment_sha256:
-        return f"SHA-256 {digest[:12]}..., committed as {chunk.segment_sha256[:12]}..."
-    return ""
-
-
-def _reopen(ctx: Finalizer, files: JobFiles, plan: Plan, claim: Claim, failed: SegmentsFailedCheck) -> str:
-    store, job_id, now = ctx.store, files.job_id, time.time()
-    job = store.job(job_id)
-    for bad in failed.bad:
-        reason = f"segment {bad.key} failed its check ({bad.problem})"
-        verdict = store.reopen(job_id, bad.index, reason=reason, now=now, max_reopens=ctx.settings.max_attempts)
-        log.warning("job %s: %s: %s", job_id, reason, verdict.value)
-        if verdict == Verdict.REQUEUED:
-            ctx.enqueue_render(job_id, bad.index, job.priority, plan.chunks[bad.index].frames_label, 0.0)
-        elif verdict == Verdict.FAILED:
-            record_end(store, files.storage, job_id)
-    store.release_finalizer(job_id, claim.token, outcome="reopened", reason=str(failed), now=now)
+def _reopen(ctx: Finalizer, files: JobFiles, claim: Claim, failed: SegmentsFailedCheck) -> str:
+    store, job_id = ctx.store, files.job_id
+    if reopen(store, files, failed.bad, enqueue_render=ctx.enqueue_render, max_reopens=ctx.settings.max_attempts):
+        close_job(store, files.storage, job_id)
+    store.release_finalizer(job_id, claim.token, outcome="reopened", reason=str(failed), now=time.time())
     return f"reopened: {failed}"
 
 
 def _fail(store: StateStore, files: JobFiles, reason: str) -> str:
     store.finish(files.job_id, JobState.FAILED, now=time.time(), reason=reason)
-    record_end(store, files.storage, files.job_id)
+    close_job(store, files.storage, files.job_id)
     return f"failed: {reason}"

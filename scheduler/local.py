@@ -9,6 +9,7 @@ interrupted render never leaves a partial file at ``--out``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import multiprocessing
 import os
@@ -75,7 +76,9 @@ def prepare_audio(audio: Path, storage: LocalStorage, job_id: str, *, max_audio_
 
 def local_plan(job_id: str, avatar: Avatar, audio_ref: AudioRef, encoder: Path, generator: Path,
                options: RenderOptions) -> Plan:
-    """The plan of a local render: the farm's plan, with every input given by its local path."""
+    """The plan of a local render: the farm's plan, with every input given by its local path, and no
+    fast start (it is for someone watching a job while it renders: a local render has no viewer)."""
+    options = dataclasses.replace(options, fast_start=False)
     enc, gen = inspect_encoder(encoder), inspect_generator(generator)
     submission = Submission(
         job_id=job_id, avatar_name=avatar.name,
@@ -195,7 +198,9 @@ def render_local(*, avatar: Avatar, audio: Path, out: Path, encoder: Path, gener
     started = time.perf_counter()
     out, audio = Path(out), Path(audio)
     check_output_path(out)
-    inspect_encoder(encoder), inspect_generator(generator)  # model errors before any work
+    # model errors before any work; the plan's and the chunks' checks are then answered from memory
+    # (common.models checks each version of a file once per process)
+    inspect_encoder(encoder), inspect_generator(generator)
     if workers < 1:
         raise InputError("at least one worker is needed", field="workers", found=workers)
     job_id = new_job_id()

@@ -1,8 +1,17 @@
-"""The plan task's work: normalise the audio, plan the job, store the plan, queue the chunks.
+"""The plan task's work: decode the audio, plan the job, queue the chunks, encode the audio once.
+
+1. The uploaded audio is decoded to 16 kHz PCM in storage (features read it by range) and the job
+   is planned from its length; ``plan.json`` is written.
+2. The chunks are queued (a fast start's first, short chunks at the front of the job's priority).
+3. Then the audio is encoded to AAC once: the track the finalizer copies into the output, and one
+   piece per chunk that its worker muxes into the chunk's HLS segment. Encoding runs front to back
+   and each piece is uploaded as soon as it is complete, so the first chunks never wait for it; a
+   worker whose piece is not there yet waits for it.
 
 Safe to run twice (a redelivered message): an existing ``plan.json`` is reused, chunk records are
-created only where missing, and a job that has moved past planning is left alone. Duplicate render
-messages are harmless: a chunk is claimed by one attempt at a time and committed once.
+created only where missing, a job that has moved past planning is left alone, and an audio track
+that is missing is encoded again. Duplicate render messages are harmless: a chunk is claimed by one
+attempt at a time and committed once.
 """
 
 from __future__ import annotations
@@ -13,18 +22,20 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from common import defaults
 from common.audio import max_samples_16k, normalise_to_16k
-from common.endings import record_end
+from common.endings import close_job
 from common.errors import LipfarmError
 from common.jobfiles import JobFiles
 from common.plan import AudioRef, Plan, plan_job
 from common.state import JobState, StateStore
-from common.storage.layout import pcm_key
+from common.storage.layout import audio_piece_key, audio_track_key, pcm_key
+from scheduler.audiotrack import encode_audio_track
 
 log = logging.getLogger(__name__)
 
-# enqueue_render(job id, chunk index, priority, frames label, delay in s)
-EnqueueRender = Callable[[str, int, str, str, float], None]
+# enqueue_render(job id, chunk index, priority, frames label, delay in s, first: at the front)
+EnqueueRender = Callable[..., None]
 
 
 def _decode_and_plan(files: JobFiles, *, max_audio_s: float) -> Plan:
@@ -32,35 +43,61 @@ def _decode_and_plan(files: JobFiles, *, max_audio_s: float) -> Plan:
 
     Audio that decodes to more than ``max_audio_s`` is refused as soon as decoding passes it (a
     small file may hold hours of silence), before anything is written to storage."""
-    submission = files.submission()
+    submission, job_id = files.submission(), files.job_id
     with tempfile.TemporaryDirectory(prefix="lipfarm-plan-") as temp:
         original = Path(temp) / submission.audio_name
         files.storage.get_file(submission.audio_key, original)
         pcm = Path(temp) / "audio_16k.f32"
         with open(pcm, "wb") as sink:
             n_samples = normalise_to_16k(original, sink, max_samples=max_samples_16k(max_audio_s))
-        files.storage.put_file(pcm_key(files.job_id), pcm)
-    plan = plan_job(submission, AudioRef(submission.audio_key, pcm_key(files.job_id), n_samples))
+        files.storage.put_file(pcm_key(job_id), pcm)
+    audio = AudioRef(submission.audio_key, pcm_key(job_id), n_samples, track_key=audio_track_key(job_id),
+                     duration_s=n_samples / defaults.SAMPLE_RATE_HZ)
+    plan = plan_job(submission, audio)
     files.put_plan(plan)
     return plan
 
 
+def _encode_audio_track(files: JobFiles, plan: Plan) -> None:
+    """Encode the job's audio to AAC once: each chunk's piece uploaded as soon as it is complete,
+    then the whole track. Skipped when the track is there already (a planner that ran before)."""
+    if files.storage.exists(plan.audio.track_key):
+        return
+    storage, job_id = files.storage, files.job_id
+    with tempfile.TemporaryDirectory(prefix="lipfarm-audio-") as temp:
+        original = Path(temp) / Path(plan.audio.input_key).name
+        storage.get_file(plan.audio.input_key, original)
+        pieces = {(c.start_frame, c.stop_frame): c.index for c in plan.chunks}
+        track = encode_audio_track(
+            original, Path(temp) / "audio.m4a", bitrate_bps=plan.options.audio_bitrate_bps,
+            chunk_spans=list(pieces), pieces_dir=Path(temp) / "pieces",
+            on_piece=lambda piece: storage.put_file(
+                audio_piece_key(job_id, pieces[(piece.start_frame, piece.stop_frame)]), piece.path))
+        storage.put_file(plan.audio.track_key, track.m4a)
+
+
 def plan_submitted_job(job_id: str, *, store: StateStore, files: JobFiles, enqueue_render: EnqueueRender,
                        max_audio_s: float = 0.0) -> str:
-    """Plan job ``job_id`` and queue its chunks; returns what happened, for the task's result."""
+    """Plan job ``job_id``, queue its chunks, encode its audio; returns what happened, for the task."""
     if not store.start_planning(job_id, now=time.time()):
         return f"skipped: job is {store.job(job_id).state.value}"
     try:
         plan = files.plan() if files.has_plan() else _decode_and_plan(files, max_audio_s=max_audio_s)
     except LipfarmError as exc:
         store.finish(job_id, JobState.FAILED, now=time.time(), reason=str(exc))
-        record_end(store, files.storage, job_id)
+        close_job(store, files.storage, job_id)
         return f"failed: {exc}"
     ranges = [(c.start_frame, c.stop_frame) for c in plan.chunks]
     if not store.start_rendering(job_id, ranges, output_key=plan.output_key, now=time.time()):
         return f"stopped: job is {store.job(job_id).state.value}"
     priority = store.job(job_id).priority
-    for chunk in plan.chunks:
-        enqueue_render(job_id, chunk.index, priority, chunk.frames_label, 0.0)
+    full = plan.options.chunk_frames
+    for chunk in plan.chunks:  # a fast start's short chunks go to the front of the job's priority
+        enqueue_render(job_id, chunk.index, priority, chunk.frames_label, 0.0,
+                       first=chunk.frames < full and chunk.stop_frame < plan.frame_count)
     log.info("job %s planned: %d frames in %d chunks", job_id, plan.frame_count, len(plan.chunks))
+    try:
+        _encode_audio_track(files, plan)
+    except LipfarmError as exc:  # the finalizer encodes the audio itself when the track is missing
+        log.warning("job %s: the audio track could not be encoded now: %s", job_id, exc)
     return f"planned {plan.frame_count} frames in {len(plan.chunks)} chunks"

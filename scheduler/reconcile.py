@@ -30,7 +30,7 @@ from typing import Callable
 
 from common import defaults
 from common.config import Settings
-from common.endings import record_end, record_ends
+from common.endings import close_job, close_jobs
 from common.errors import LipfarmError
 from common.identity import is_dead_here, worker_id
 from common.jobfiles import JobFiles
@@ -74,7 +74,7 @@ def reconcile(*, store: StateStore, storage: Storage, settings: Settings, now: f
     it one runs only when Redis has lost its data.
     """
     storage_at = storage_at or (lambda url: storage)
-    report = ReconcileReport(recorded=record_ends(store, storage_at))
+    report = ReconcileReport(recorded=close_jobs(store, storage_at))
     if (rebuild or store.generation() is None) and store.take_rebuild_lock(owner := worker_id(), ttl_s=600):
         try:
             _rebuild(store, storage, now, enqueue, report)
@@ -98,7 +98,7 @@ def _requeued(store: StateStore, storage_at, job_id: str, index: int, move, enqu
         enqueue.render(job_id, index, job.priority, chunk.frames_label, retry_delay_s(move.spent, worker_lost=True))
         kind.append(f"{job_id}:{index}")
     elif move.verdict == Verdict.FAILED:
-        record_end(store, storage_at(store.job(job_id).storage_url), job_id)
+        close_job(store, storage_at(store.job(job_id).storage_url), job_id)
         report.failed.append(f"{job_id}:{index}")
 
 

@@ -19,7 +19,7 @@ from common.audio import check_audio
 from common.avatar import Avatar, AvatarStore, pack_avatar
 from common.config import Settings
 from common.errors import CancelledError, InputError, JobFailedError, ServiceError
-from common.endings import record_end
+from common.endings import close_job
 from common.identity import new_job_id
 from common.jobfiles import JobFiles
 from common.models import inspect_encoder, inspect_generator
@@ -71,11 +71,12 @@ def _upload_once(storage: Storage, inputs: _CheckedInputs) -> AssetRef:
 
 def submit_job(settings: Settings, *, avatar: str, audio: Path, encoder: Path, generator: Path,
                options: RenderOptions, priority: str = defaults.PRIORITY,
-               job_id: str | None = None) -> "JobHandle":
+               job_id: str | None = None, webhook_url: str = "") -> "JobHandle":
     """Validate, upload and queue a job; returns its handle. Nothing is queued on bad input."""
     from common.celery_app import enqueue_plan
 
     audio = Path(audio)
+    webhook_url = check_webhook_url(webhook_url) if webhook_url else ""
     inputs = _check_inputs(settings, avatar=avatar, audio=audio, encoder=Path(encoder),
                            generator=Path(generator), priority=priority)
     store = connect_farm(settings)
@@ -87,14 +88,15 @@ def submit_job(settings: Settings, *, avatar: str, audio: Path, encoder: Path, g
     submission = Submission(files.job_id, inputs.avatar.name, avatar_ref,
                             AssetRef(inputs.encoder.sha256, inputs.encoder.key),
                             AssetRef(inputs.generator.sha256, inputs.generator.key),
-                            files.put_input(audio, audio.name), audio.name, options, priority, time.time())
+                            files.put_input(audio, audio.name), audio.name, options, priority, time.time(),
+                            webhook_url=webhook_url)
     files.put_submission(submission)
     store.create_job(JobRecord.queued(submission, storage.url))
     try:
         enqueue_plan(files.job_id, priority)
     except ServiceError as exc:  # the broker went away between the check and now
         store.finish(files.job_id, JobState.FAILED, now=time.time(), reason=f"could not be queued: {exc}")
-        record_end(store, storage, files.job_id)
+        close_job(store, storage, files.job_id)
         raise
     return JobHandle(files.job_id, store, storage)
 
@@ -112,7 +114,7 @@ class JobHandle:
         """Cancel the job (False if it had ended); its end is recorded in storage at once."""
         cancelled = self.store.cancel(self.job_id, now=time.time())
         if cancelled:
-            record_end(self.store, self.storage, self.job_id)
+            close_job(self.store, self.storage, self.job_id)
         return cancelled
 
     def resume(self) -> int:
@@ -199,3 +201,68 @@ def submit(*, avatar: str, audio: str | Path, encoder: str | Path | None = None,
         encoder, generator = encoder or demo.encoder, generator or demo.generator
     return submit_job(settings, avatar=avatar, audio=Path(audio), encoder=Path(encoder),
                       generator=Path(generator), options=options or RenderOptions(), priority=priority)
+
+
+# --- Submissions that do not start from a file on this machine (the HTTP API) ----------------------
+
+def check_webhook_url(url: str) -> str:
+    """``url`` if it is an http(s) URL with a host (what the webhook is POSTed to), else ``InputError``."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError:
+        parts, host = None, None
+    if parts is None or parts.scheme not in ("http", "https") or not host or any(c.isspace() for c in url):
+        raise InputError("not an http(s) URL with a host", field="webhook_url",
+                         expected="http://host/... or https://host/...", found=repr(url[:200]))
+    return url
+
+
+def checked_storage_key(key: str, field: str = "audio_key") -> str:
+    """``key`` if it names an object inside the storage (relative, no ``..``), else ``InputError``."""
+    parts = key.split("/") if isinstance(key, str) else []
+    if (not parts or key.startswith("/") or "\\" in key or not key.isprintable() or len(key) > 1024
+            or any(part in ("", ".", "..") for part in parts)):
+        raise InputError("not a storage key inside the storage", field=field,
+                         expected="a relative key like uploads/talk.wav, without '..' or a leading '/'",
+                         found=repr(key[:200]) if isinstance(key, str) else type(key).__name__)
+    return key
+
+
+def safe_file_name(name: str, default: str = "audio") -> str:
+    """A file name fit to be part of a storage key: the base name, other characters as '_'."""
+    import re
+
+    base = re.sub(r"[^A-Za-z0-9._-]", "_", name.replace("\\", "/").rsplit("/", 1)[-1])
+    base = re.sub(r"\.{2,}", ".", base).lstrip("._-")[-100:]
+    return base or default
+
+
+def submit_from_storage(settings: Settings, *, audio_key: str, max_bytes: int, **job) -> "JobHandle":
+    """``submit_job`` with audio that is already in the farm's storage under ``audio_key``.
+
+    The key is checked, its size bounded by ``max_bytes``; the object is fetched to a temporary
+    file and submitted as if uploaded (so it is probed, and copied under the job, like any audio).
+    """
+    from common.errors import NotFoundError
+
+    checked_storage_key(audio_key)
+    storage = open_storage(settings.storage_url, settings)
+    if not storage.exists(audio_key):
+        raise NotFoundError(f"no object '{audio_key}' in {storage.url}")
+    size = storage.size(audio_key)
+    if size > max_bytes:
+        raise InputError("object is larger than an audio upload may be", field="audio_key",
+                         expected=f"at most {max_bytes} bytes", found=f"{size} bytes")
+    with tempfile.TemporaryDirectory(prefix="lipfarm-audio-") as temp:
+        audio = Path(temp) / safe_file_name(audio_key)
+        storage.get_file(audio_key, audio)
+        try:
+            return submit_job(settings, audio=audio, **job)
+        except InputError as exc:  # named by its key, not by the temporary copy
+            if exc.path != str(audio):
+                raise
+            raise type(exc)(exc.problem, path=audio_key, field=exc.field or "audio_key", expected=exc.expected,
+                            found=exc.found) from None

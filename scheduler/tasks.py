@@ -1,5 +1,5 @@
-"""The Celery side of the scheduler role: the plan and finalize tasks (thin shells), and recovery
-running inside every worker (a bootstep: a thread of the worker's main process)."""
+"""The Celery side of the scheduler role: the plan, finalize and webhook tasks (thin shells), and
+recovery running inside every worker (a bootstep: a thread of the worker's main process)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,15 @@ import threading
 from celery import bootsteps
 
 from common import services
-from common.celery_app import TASK_FINALIZE, TASK_PLAN, app, enqueue_finalize, enqueue_plan, enqueue_render, waiting_renders
+from common.celery_app import (TASK_FINALIZE, TASK_PLAN, TASK_WEBHOOK, app, enqueue_finalize, enqueue_plan,
+                               enqueue_render, enqueue_webhook, waiting_renders)
 from common.config import Settings
+from common.errors import ServiceError
 from common.identity import this_process
 from common.jobfiles import JobFiles
 from common.state import StateStore
 from common.storage import open_storage
+from common.webhooks import deliver
 from scheduler.finalize import Finalizer, finalize_job
 from scheduler.planning import plan_submitted_job
 from scheduler.reconcile import Enqueue, run_forever
@@ -39,6 +42,15 @@ def finalize_job_task(job_id: str) -> str:
     """Join job ``job_id``'s segments, mux its audio, check and publish output.mp4."""
     finalizer = Finalizer(services.state_store(), services.settings(), this_process(), enqueue_render)
     return finalize_job(job_id, ctx=finalizer, files=_job_files(job_id))
+
+
+@app.task(name=TASK_WEBHOOK, autoretry_for=(ServiceError,), retry_backoff=5, retry_backoff_max=300,
+          max_retries=50)
+def deliver_webhook_task(job_id: str, event_id: str, attempt: int = 1) -> str:
+    """Attempt ``attempt`` of telling job ``job_id``'s webhook about its end (``event_id``); a failed
+    attempt queues the next. Redis out of reach: this same attempt is tried again (Celery's retry)."""
+    return deliver(services.state_store(), services.settings(), job_id, event_id, attempt,
+                   storage_at=services.storage_at, enqueue=enqueue_webhook)
 
 
 def celery_enqueue() -> Enqueue:

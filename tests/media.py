@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
@@ -64,3 +65,26 @@ def video_info(path: Path) -> dict:
         return {"frames": video.frames, "rate": video.average_rate, "width": video.width,
                 "height": video.height, "keyframes": keyframes,
                 "audio_s": float(audio.duration * audio.time_base), "audio_rate": audio.rate}
+
+
+@dataclass(frozen=True)
+class Decoded:
+    frames: list[np.ndarray]
+    video_start_s: float  # presentation time of the first frame
+    audio_start_s: float
+    audio_end_s: float  # end of the last decoded audio frame
+    samples: np.ndarray  # [channels, n]
+
+
+def decode_streams(container) -> Decoded:
+    """Every video frame (yuv420p) and audio frame of an open container, with their times."""
+    frames, video_times, audio_blocks, audio_times = [], [], [], []
+    for frame in container.decode(container.streams.video[0], container.streams.audio[0]):
+        if isinstance(frame, av.VideoFrame):
+            frames.append(frame.to_ndarray(format="yuv420p"))
+            video_times.append(float(frame.time))
+        else:
+            audio_blocks.append(frame.to_ndarray())
+            audio_times.append((float(frame.time), float(frame.time) + frame.samples / frame.sample_rate))
+    return Decoded(frames, min(video_times), audio_times[0][0], audio_times[-1][1],
+                   np.concatenate(audio_blocks, axis=1))

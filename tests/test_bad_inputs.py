@@ -33,7 +33,8 @@ def test_any_rate_and_channel_count_renders_with_its_own_audio(capsys, demo, tmp
     code, err = _render(capsys, demo, audio, out)
     assert code == 0, err
     info = video_info(out)
-    assert info["frames"] == frame_count(load_16k(audio).size) and info["audio_rate"] == rate
+    assert info["frames"] == frame_count(load_16k(audio).size)
+    assert info["audio_rate"] == (rate if rate >= 32000 else 48000)  # AAC frames within a video frame
     assert abs(info["audio_s"] - 1.2) <= 1 / 25
     with av.open(str(out)) as container:
         assert container.streams.audio[0].codec_context.channels == min(channels, 2)

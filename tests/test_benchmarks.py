@@ -21,6 +21,10 @@ def test_local_bench_reports_every_figure(settings, demo, tmp_path):
         assert 0.2 < run["efficiency"] < 2.0
         assert set(run["stages_s"]) >= {"audio", "inference", "composite", "encode", "stitch"}
         assert set(run["non_inference_ms_per_frame"]) == {"audio", "prepare", "composite", "encode", "stitch"}
+        # Cold start: fresh processes up to the first UNet batch; the first fills the runtime cache.
+        assert 0 < run["cold_start_imports_s"] < run["cold_start_s"] and run["cold_start_first_run_s"] > 0
+        assert len(run["cold_start_runs_s"]) == 1 and run["cold_start_s"] == run["cold_start_runs_s"][0]
+        assert run["cold_start_runtime_cache"] == ["stored", "hit"]
     assert (fp32["backend"], bf16["backend"]) == ("cpu", "openvino")
     assert "psnr_vs_fp32_db" not in fp32 and bf16["psnr_vs_fp32_db"] > 30
     chart = draw_chart(report, tmp_path / "chart.png")

@@ -114,7 +114,9 @@ def test_every_render_option_has_a_flag_with_help():
     flags = {a.dest: a for a in render._actions}
     for spec in fields(RenderOptions):
         action = flags[f"opt_{spec.name}"]
-        assert action.option_strings == ["--" + spec.name.replace("_", "-")]
+        flag = "--" + spec.name.replace("_", "-")
+        expected = [flag, "--no-" + flag[2:]] if spec.type == "bool" else [flag]
+        assert action.option_strings == expected
         assert spec.name in OPTION_HELP and action.help
     assert set(OPTION_HELP) == {spec.name for spec in fields(RenderOptions)}
 

@@ -29,9 +29,12 @@ from enum import Enum
 from pathlib import Path
 from typing import Callable
 
+from common import defaults, metrics
 from common.config import Settings
-from common.endings import record_end
-from common.errors import AvatarError, CancelledError, InputError, LipfarmError, ModelError, ServiceError
+from common.endings import close_job
+from common.errors import (AvatarError, CancelledError, InputError, LipfarmError, ModelError, NotFoundError,
+                           ServiceError)
+from common.hls import mux_hls_segment
 from common.identity import WorkerProcess, is_dead_here
 from common.jobfiles import CommitMarker, JobFiles
 from common.holds import hold_reached
@@ -40,7 +43,8 @@ from common.plan import Plan
 from common.retry import retry_delay_s, with_retries
 from common.state import Claim, Segment, StateStore, Verdict
 from common.storage import Storage
-from common.storage.layout import segment_key
+from common.playlist import advance_playlist
+from common.storage.layout import audio_piece_key, hls_segment_key, segment_key
 from common.sysinfo import peak_rss_bytes
 from worker.assets import AssetCache, resolve_chunk
 from worker.render import StageTimes, render_chunk
@@ -172,6 +176,7 @@ def run_attempt(ctx: FarmContext, job_id: str, index: int, *,
     if not claim.ok:
         outcome = Outcome.FAILED if claim.verdict == Verdict.FAILED else Outcome.SKIPPED
         return AttemptResult(outcome, claim.detail)
+    metrics.attempt_started()
     job = ctx.store.job(job_id)
     plan: Plan | None = None
     try:
@@ -185,7 +190,11 @@ def run_attempt(ctx: FarmContext, job_id: str, index: int, *,
     except Exception as exc:
         failure = Failure(str(exc), retryable=True) if isinstance(exc, CancelledError) else classify(
             exc, cached_copy_broken=lambda e: plan is not None and ctx.cache.repair_if_damaged(plan, storage, e))
-        return _failed(ctx, job, index, plan.chunks[index].frames_label if plan else "", claim, failure)
+        result = _failed(ctx, job, index, plan.chunks[index].frames_label if plan else "", claim, failure)
+        metrics.attempt_failed(metrics.failure_reason(exc, retryable=failure.retryable),
+                               retried=result.outcome == Outcome.REQUEUED)
+        return result
+    metrics.chunk_rendered(plan.chunks[index].frames, times.extra["render_s"], times.unet_s)
     return _commit(ctx, JobFiles(storage, job_id), plan, index, claim, job.priority, segment, times,
                    lease_until=lease_until)
 
@@ -202,10 +211,12 @@ def _claim(ctx: FarmContext, job_id: str, index: int) -> Claim:
         move = ctx.store.requeue(job_id, index, now=time.time(), reason=f"worker process {claim.owner} died",
                                  max_attempts=settings.max_attempts, dead_token=claim.owner_token)
         job = ctx.store.job(job_id)
+        if move.verdict in (Verdict.REQUEUED, Verdict.FAILED):
+            metrics.attempt_failed("crash", retried=move.verdict == Verdict.REQUEUED)
         if move.verdict == Verdict.REQUEUED:
             ctx.enqueue_render(job_id, index, job.priority, "", retry_delay_s(move.spent, worker_lost=True))
         elif move.verdict == Verdict.FAILED:
-            record_end(ctx.store, ctx.storage_at(job.storage_url), job_id)
+            close_job(ctx.store, ctx.storage_at(job.storage_url), job_id)
         return Claim(move.verdict if move.verdict == Verdict.FAILED else Verdict.SKIP, "its worker died: requeued")
     return claim
 
@@ -223,12 +234,48 @@ def _render_and_upload(ctx: FarmContext, storage: Storage, plan: Plan, index: in
         times = render_chunk(work, threads=ctx.settings.threads_per_process(), templates=ctx.templates,
                              progress=beat.progress, should_stop=beat.should_stop)
         rendered = time.perf_counter()
-        segment = Segment(segment_key(plan.job_id, index, claim.token), output.stat().st_size, _sha256(output))
-        with_retries(lambda: storage.put_file(segment.key, output), f"upload of segment {segment.key}")
+        key = segment_key(plan.job_id, index, claim.token)
+        with_retries(lambda: storage.put_file(key, output), f"upload of segment {key}")
+        segment = Segment(key, output.stat().st_size, _sha256(output),
+                          *_hls_segment(storage, plan, index, claim.token, output, beat))
         lease_until = beat.lease_until
     times.extra = {"fetch_s": fetched - started, "render_s": rendered - fetched,
                    "upload_s": time.perf_counter() - rendered}
     return segment, times, lease_until
+
+
+def _hls_segment(storage: Storage, plan: Plan, index: int, token: str, video: Path,
+                 beat: Heartbeat) -> tuple[str, int, str]:
+    """The chunk's HLS media segment (its video and its share of the job's AAC), uploaded; its key,
+    size and SHA-256 for the commit. ("", 0, "") where the job has no audio pieces (a plan from
+    before them) or this chunk's never came: the chunk still commits, the playlist waits at it."""
+    if not plan.audio.track_key:
+        return "", 0, ""
+    piece = video.with_name("audio.lfap")
+    if not _wait_for_piece(storage, audio_piece_key(plan.job_id, index), piece, beat):
+        log.warning("chunk %s:%s: its audio piece never came; committing it without an HLS segment",
+                    plan.job_id, index)
+        return "", 0, ""
+    ts = video.with_name("segment.ts")
+    info = mux_hls_segment(video, plan.chunks[index].start_frame, piece, ts)
+    key = hls_segment_key(plan.job_id, index, token)
+    with_retries(lambda: storage.put_file(key, ts), f"upload of HLS segment {key}")
+    return key, info.bytes, info.sha256
+
+
+def _wait_for_piece(storage: Storage, key: str, path: Path, beat: Heartbeat) -> bool:
+    """Fetch the chunk's audio piece; the planner uploads pieces as it encodes, front to back, so a
+    chunk that finished before the planner reached it waits (its lease kept alive meanwhile)."""
+    deadline = time.monotonic() + defaults.AUDIO_PIECE_WAIT_S
+    while not beat.lost:
+        try:
+            storage.get_file(key, path)
+            return True
+        except NotFoundError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.5)
+    return False
 
 
 def _sha256(path: Path) -> str:
@@ -237,6 +284,14 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _advance_playlist(ctx: FarmContext, files: JobFiles) -> None:
+    """List what is newly playable. Best effort: the next commit, or the job's end, catches up."""
+    try:
+        advance_playlist(ctx.store, files, enqueue_render=ctx.enqueue_render, max_reopens=ctx.settings.max_attempts)
+    except LipfarmError as exc:
+        log.warning("playlist of job %s not advanced: %s", files.job_id, exc)
 
 
 def _until_redis_answers(call: Callable[[], object], *, until: float):
@@ -265,7 +320,7 @@ def _failed(ctx: FarmContext, job, index: int, label: str, claim: Claim, failure
     if move.verdict == Verdict.REQUEUED:
         ctx.enqueue_render(job_id, index, job.priority, label, retry_delay_s(move.spent))
     elif move.verdict == Verdict.FAILED:
-        record_end(ctx.store, ctx.storage_at(job.storage_url), job_id)
+        close_job(ctx.store, ctx.storage_at(job.storage_url), job_id)
     outcome = {Verdict.REQUEUED: Outcome.REQUEUED, Verdict.FAILED: Outcome.FAILED,
                Verdict.STOPPED: Outcome.STOPPED}.get(move.verdict, Outcome.STALE)
     return AttemptResult(outcome, failure.reason)
@@ -282,18 +337,22 @@ def _commit(ctx: FarmContext, files: JobFiles, plan: Plan, index: int, claim: Cl
     if verdict is None:
         return AttemptResult(Outcome.UNREPORTED, "Redis unreachable at commit", chunk.frames, asdict(times))
     if verdict in (Verdict.OK, Verdict.COMPLETE):
+        metrics.chunk_committed(ctx.store, plan.job_id, now=time.time())
         timing = {**{k: round(v, 4) for k, v in times.extra.items()},
                   "commit_s": round(time.perf_counter() - before, 4), "peak_rss": peak_rss_bytes(),
                   "stages": {k: round(getattr(times, k), 4) for k in
                              ("mel_s", "encoder_s", "unet_s", "prepare_s", "composite_s", "encode_s")}}
         marker = CommitMarker(plan.job_id, index, chunk.frames, claim.attempt, ctx.process.id, segment.key,
-                              segment.size, segment.sha256, time.time(), timing)
+                              segment.size, segment.sha256, time.time(), timing, segment.hls_key, segment.hls_size,
+                              segment.hls_sha256)
         try:
             with_retries(lambda: files.put_commit_marker(marker), f"commit marker of chunk {index}")
         except ServiceError as exc:  # Redis has the commit; only a rebuild would render it again
             log.warning("chunk %s:%s committed, but its marker is not in storage: %s", plan.job_id, index, exc)
     if verdict == Verdict.COMPLETE:
         ctx.enqueue_finalize(plan.job_id, priority)
+    if verdict in (Verdict.OK, Verdict.COMPLETE) and segment.hls_key:
+        _advance_playlist(ctx, files)
     outcome = {Verdict.OK: Outcome.COMMITTED, Verdict.COMPLETE: Outcome.COMMITTED,
                Verdict.DUPLICATE: Outcome.DUPLICATE}.get(verdict, Outcome.STALE)
     return AttemptResult(outcome, verdict.value, chunk.frames, asdict(times))

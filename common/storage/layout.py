@@ -7,10 +7,14 @@
     jobs/<job id>/job.json                 the submission (what the user asked for)
     jobs/<job id>/input/<file name>        the uploaded audio, as given
     jobs/<job id>/input/audio_16k.f32      the audio decoded to 16 kHz mono float32 (features)
+    jobs/<job id>/input/audio.m4a          the audio encoded to AAC once, at plan time (muxed by copy)
+    jobs/<job id>/input/audio/<n>.lfap     chunk n's share of those AAC packets (for its HLS segment)
     jobs/<job id>/plan.json                the plan: the source of truth workers render from
     jobs/<job id>/chunks/<n>-<attempt>.mp4 chunk n's H.264 segment, one per attempt (a late attempt
                                            never overwrites the segment another attempt committed)
     jobs/<job id>/chunks/<n>.json          chunk n's commit marker: which segment, its size and hash
+    jobs/<job id>/hls/<n>-<attempt>.ts     chunk n's HLS media segment (its video and its audio)
+    jobs/<job id>/hls/index.m3u8           the EVENT playlist of the chunks playable so far
     jobs/<job id>/output.mp4               the published result
     jobs/<job id>/ended.json               how the job ended (done, failed, cancelled): its records
 
@@ -58,6 +62,22 @@ def input_key(job_id: str, filename: str) -> str:
 
 def pcm_key(job_id: str) -> str:
     return job_prefix(job_id) + "input/audio_16k.f32"
+
+
+def audio_track_key(job_id: str) -> str:
+    return job_prefix(job_id) + "input/audio.m4a"
+
+
+def audio_piece_key(job_id: str, index: int) -> str:
+    return job_prefix(job_id) + f"input/audio/{index:05d}.lfap"
+
+
+def hls_segment_key(job_id: str, index: int, attempt: str) -> str:
+    return job_prefix(job_id) + f"hls/{index:05d}-{checked_part(attempt, 'attempt')}.ts"
+
+
+def playlist_key(job_id: str) -> str:
+    return job_prefix(job_id) + "hls/index.m3u8"
 
 
 def plan_key(job_id: str) -> str:

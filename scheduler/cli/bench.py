@@ -26,6 +26,8 @@ def add_commands(commands) -> None:
     bench.add_argument("--farm-frames", type=int, default=500, help="frames of the timed farm job")
     bench.add_argument("--farm-chunk-frames", type=int, default=125, help="chunk size of the farm jobs")
     bench.add_argument("--farm-rounds", type=int, default=2, help="alternating rounds of 1 and 2 workers")
+    bench.add_argument("--watch-minutes", type=float, default=2.0,
+                       help="audio length of the --farm job timed for time-to-first-frame (at least 2)")
     bench.add_argument("--farm-redis-db", type=int, default=15,
                        help="an unused Redis database on the broker's server for --farm")
     bench.add_argument("--memory", action="store_true", help="also measure peak memory, 1-min vs 30-min job")
@@ -77,4 +79,11 @@ def _farm(args, settings: Settings) -> dict:
     print(f"farm: {farm['farm_fps']} frames/s by workers, scaling {farm.get('scaling', '-')}, "
           f"overhead {farm['chunk_overhead_s']:.3f} s per chunk "
           f"({100 * farm['chunk_overhead_share_of_250_frames']:.2f}% of a 250-frame chunk)")
+    from benchmarks.watch import run_watch_bench
+
+    farm["watch"] = watch = run_watch_bench(settings, minutes=args.watch_minutes, redis_db=args.farm_redis_db)
+    for kind in ("fast_start", "uniform"):
+        print(f"watch ({kind.replace('_', ' ')}): first playable {watch[kind]['first_playable_s']} s, "
+              f"half {watch[kind]['half_playable_s']} s, tail {watch[kind]['tail_s']} s after submit")
+    print(f"finalizer tail, 10-minute job: {watch['tail_10min_s']} s")
     return farm

@@ -42,6 +42,10 @@ def add_commands(commands) -> None:
     cancel.add_argument("job")
     cancel.set_defaults(func=cmd_cancel)
 
+    watch = commands.add_parser("watch", help="where to watch a job while it renders, and its progress")
+    watch.add_argument("job")
+    watch.set_defaults(func=cmd_watch)
+
     resume = commands.add_parser("resume", help="go on with a failed or cancelled job (committed chunks are kept)")
     resume.add_argument("job")
     resume.set_defaults(func=cmd_resume)
@@ -92,6 +96,8 @@ def cmd_status(args, settings: Settings) -> int:
         else:
             print(f"  running: {where}: {chunk.frames_done} frames, "
                   f"heartbeat {duration_text(chunk.heartbeat_age_s)} ago")
+    if status.playlist_key:
+        print(f"  watch: {_playlist_location(settings, status)} (playable to {duration_text(status.playable_until_s)})")
     if status.output_location:
         print(f"  output: {status.output_location}")
     if status.reason and status.state.terminal and status.state.value != "done":
@@ -139,3 +145,40 @@ def cmd_resume(args, settings: Settings) -> int:
     queued = handle.resume()
     print(f"job {args.job} resumed: {queued} chunks queued again" if queued else f"job {args.job} resumed")
     return 0
+
+
+def _playlist_location(settings: Settings, status) -> str:
+    """Where a player finds the job's playlist: a path for local storage; for S3, the API serves it
+    with signed segment URLs (``lipfarm api``)."""
+    storage = open_storage(settings.storage_url, settings)
+    path = storage.local_path(status.playlist_key)
+    return str(path) if path is not None else f"/v1/jobs/{status.job_id}/playlist.m3u8 on the API"
+
+
+def cmd_watch(args, settings: Settings) -> int:
+    """Print where to watch the job, then follow it until it ends (a progress bar of playable time)."""
+    from tqdm import tqdm
+
+    from scheduler.submit import connect_farm
+
+    checked_part(args.job, "job id")
+    store = connect_farm(settings)
+    status = store.status(args.job, now=time.time())
+    total_s = status.frames_total / defaults.FPS if status.frames_total else None
+    shown = False
+    with tqdm(total=total_s, unit="s", desc=f"{args.job} playable", dynamic_ncols=True,
+              bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} s [{elapsed}]") as bar:
+        while True:
+            if status.playlist_key and not shown:
+                tqdm.write(f"watch: {_playlist_location(settings, status)}")
+                shown = True
+            bar.total = status.frames_total / defaults.FPS or bar.total
+            bar.n = status.playable_until_s
+            bar.set_postfix_str(status.state.value)
+            bar.refresh()
+            if status.state.terminal:
+                break
+            time.sleep(1.0)
+            status = store.status(args.job, now=time.time())
+    print(f"job {args.job}: {status.state.value}" + (f"; output: {status.output_location}" if status.output_location else ""))
+    return 0 if status.state.value == "done" else 6 if status.state.value == "failed" else 7

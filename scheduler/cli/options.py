@@ -23,6 +23,7 @@ OPTION_HELP = {
     "x264_preset": "x264 speed preset",
     "x264_threads": "x264 threads per chunk encode (part of the bitstream: fixed per job)",
     "audio_bitrate_bps": "AAC bitrate of the output's audio",
+    "fast_start": "cut the first chunks short (2 s, 4 s) so the job is watchable within seconds",
 }
 
 
@@ -31,12 +32,17 @@ def add_option_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("render options")
     for spec in fields(RenderOptions):
         flag = "--" + spec.name.replace("_", "-")
+        if spec.type == "bool":  # --fast-start / --no-fast-start
+            group.add_argument(flag, dest=f"opt_{spec.name}", action=argparse.BooleanOptionalAction, default=None,
+                               help=f"{OPTION_HELP[spec.name]} (default {'on' if spec.default else 'off'})")
+            continue
         kind = int if spec.type == "int" else str
         group.add_argument(flag, dest=f"opt_{spec.name}", type=kind, default=None,
                            help=f"{OPTION_HELP[spec.name]} (default {spec.default})")
 
 
 def options_from_args(args: argparse.Namespace, settings: Settings) -> RenderOptions:
+    """The options given, the settings' defaults for the rest."""
     given = {spec.name: getattr(args, f"opt_{spec.name}") for spec in fields(RenderOptions)}
     if given["precision"] is None:
         given["precision"] = settings.precision

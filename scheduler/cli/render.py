@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from common import defaults
-from common.avatar import AvatarStore
 from common.config import Settings
 from scheduler.cli.options import add_model_flags, add_option_flags, models_from_args, options_from_args
 
@@ -37,6 +36,7 @@ def _print_result(result) -> None:
 
 
 def cmd_render(args, settings: Settings) -> int:
+    from common.avatar import AvatarStore
     from scheduler.local import render_local
 
     options = options_from_args(args, settings)
@@ -50,6 +50,7 @@ def cmd_render(args, settings: Settings) -> int:
 
 
 def cmd_demo(args, settings: Settings) -> int:
+    from common.avatar import AvatarStore
     from demo.assets import ensure_demo_assets
     from scheduler.local import render_local
 
