@@ -85,6 +85,35 @@ SETTINGS = (
     Setting("max_audio_s", "LIPFARM_MAX_AUDIO_S", defaults.MAX_AUDIO_S, float,
             "Longest audio accepted, in seconds: longer files are refused at submission (by what the "
             "container says) and at decoding (by what it holds). 0 = no limit."),
+    Setting("api_max_audio_mb", "LIPFARM_API_MAX_AUDIO_MB", defaults.API_MAX_AUDIO_MB, float,
+            "`lipfarm api`: largest audio upload (or storage object) a job accepts, in MB; larger ones get 413."),
+    Setting("api_max_avatar_mb", "LIPFARM_API_MAX_AVATAR_MB", defaults.API_MAX_AVATAR_MB, float,
+            "`lipfarm api`: largest avatar archive upload, in MB; larger ones get 413."),
+    Setting("api_max_model_mb", "LIPFARM_API_MAX_MODEL_MB", defaults.API_MAX_MODEL_MB, float,
+            "`lipfarm api`: largest ONNX model upload, in MB; larger ones get 413."),
+    Setting("api_secret_key", "LIPFARM_API_SECRET", "", str,
+            "`lipfarm api`: the secret that signs output URLs (HMAC-SHA256). Unset: a random one made once "
+            "and kept in Redis, shared by every API process."),
+    Setting("api_url_ttl_s", "LIPFARM_API_URL_TTL_S", defaults.API_URL_TTL_S, float,
+            "`lipfarm api`: how long a signed output URL stays valid, in seconds."),
+    Setting("archive_max_members", "LIPFARM_ARCHIVE_MAX_MEMBERS", defaults.ARCHIVE_MAX_MEMBERS, int,
+            "Uploaded avatar archives: most files and folders one may hold."),
+    Setting("archive_max_mb", "LIPFARM_ARCHIVE_MAX_MB", defaults.ARCHIVE_MAX_MB, float,
+            "Uploaded avatar archives: most MB their members may declare together."),
+    Setting("archive_max_ratio", "LIPFARM_ARCHIVE_MAX_RATIO", defaults.ARCHIVE_MAX_RATIO, float,
+            "Uploaded avatar archives: the expansion ratio beyond which one is a decompression bomb."),
+    Setting("webhook_secret_key", "LIPFARM_WEBHOOK_SECRET", "", str,
+            "The secret that signs webhook events (HMAC-SHA256 in the `Lipfarm-Signature` header). Unset: "
+            "events are sent unsigned and receivers cannot tell them from forgeries."),
+    Setting("webhook_retry_s", "LIPFARM_WEBHOOK_RETRY_S", defaults.WEBHOOK_RETRY_S, float,
+            "How long a job's webhook event is retried (from the job's end) before it is given up."),
+    Setting("webhook_backoff_s", "LIPFARM_WEBHOOK_BACKOFF_S", defaults.WEBHOOK_BACKOFF_S, float,
+            "Wait before a webhook's first retry; it doubles with each attempt (at most an hour)."),
+    Setting("webhook_timeout_s", "LIPFARM_WEBHOOK_TIMEOUT_S", defaults.WEBHOOK_TIMEOUT_S, float,
+            "How long one webhook POST may take (connect, send, answer) before it counts as failed."),
+    Setting("api_metrics_auth", "LIPFARM_API_METRICS_AUTH", 0, int,
+            "`lipfarm api`: 1: `/metrics` needs an API token (a read-only one will do); 0: it is open, "
+            "as Prometheus scrapes usually are (it holds counts only: no job ids, names or URLs)."),
 )
 
 
@@ -115,6 +144,19 @@ class Settings:
     hold_dir: str
     redis_tls_ca_file: str
     max_audio_s: float
+    api_max_audio_mb: float
+    api_max_avatar_mb: float
+    api_max_model_mb: float
+    api_secret_key: str
+    api_url_ttl_s: float
+    archive_max_members: int
+    archive_max_mb: float
+    archive_max_ratio: float
+    webhook_secret_key: str
+    webhook_retry_s: float
+    webhook_backoff_s: float
+    webhook_timeout_s: float
+    api_metrics_auth: int
 
     @property
     def avatars_dir(self) -> Path:

@@ -32,6 +32,10 @@ MASK_ORIGIN_PX = 5  # cv2.rectangle(roi, (5, 5, roi - 10, roi - 15)) blacks out 
 
 # --- Rendering options (RenderOptions defaults) ---------------------------------------------------
 CHUNK_FRAMES = 250  # 10 s of video per chunk: long enough to amortise set-up, short to retry
+# A fast start cuts the first chunks shorter, so the first playable segment of a job is ready a few
+# seconds after a worker takes it (1 s, 2 s, 4 s, then chunk_frames each). Rounded to whole GOPs.
+FAST_START = True
+FAST_START_S = (1.0, 2.0, 4.0)
 GOP_FRAMES = 25  # one keyframe per second; chunk boundaries must fall on keyframes
 UNET_BATCH_FRAMES = 0  # 0 = by backend: the two below
 # On a CPU the UNet's 320x320 convolutions already fill the cores: on the CI machine (AMX) batch 1
@@ -43,6 +47,10 @@ VIDEO_QP = 20  # constant quantiser: each GOP is a pure function of its frames (
 X264_PRESET = "superfast"  # within ~8% of veryfast's size here for a third less CPU
 X264_THREADS = 1  # part of the bitstream, so fixed per job (not a worker setting)
 AUDIO_BITRATE_BPS = 128_000
+# Audio below 32 kHz is encoded to AAC at 48 kHz: an AAC frame (1024 samples) must end within a
+# video frame of the video's end, which at 16 kHz (64 ms) it would not.
+AAC_MIN_RATE_HZ = 32_000
+AAC_LOW_RATE_TARGET_HZ = 48_000
 PRECISION = "fp32"
 BACKEND = "auto"
 
@@ -67,6 +75,8 @@ RECONCILE_INTERVAL_S = 5.0
 # A failed attempt's chunk waits before its next one: 5 s, 10 s, 20 s, ... at most 60 s (common.retry).
 RETRY_DELAY_S = 5.0
 RETRY_DELAY_MAX_S = 60.0
+# A chunk done before the planner has encoded its share of the audio waits this long for it.
+AUDIO_PIECE_WAIT_S = 120.0
 # Uploads are retried inside an attempt before it is given up: after 0.5 s, 1 s, 2 s.
 UPLOAD_RETRIES = 3
 UPLOAD_RETRY_DELAY_S = 0.5
@@ -84,3 +94,36 @@ HELPER_THREAD_NICE = 10  # prepare/composite threads yield the cores to inferenc
 # silence can decode to hours of samples (and gigabytes of 16 kHz PCM in storage): the submit-time
 # probe refuses a container that says it is longer, the decode stops as soon as it passes this.
 MAX_AUDIO_S = 4 * 3600.0
+
+# --- The HTTP API (lipfarm api) -------------------------------------------------------------------
+API_HOST = "127.0.0.1"  # loopback unless asked: the API is a door into the farm
+API_PORT = 8750
+# Uploads are streamed to a temporary file and refused (413) as soon as they pass their bound.
+API_MAX_AUDIO_MB = 500.0  # one audio file: 4 h of 256 kbit/s AAC, or 45 min of 48 kHz stereo WAV
+API_MAX_AVATAR_MB = 2048.0  # one avatar archive: JPEG frames, ~100 KB each at 720p
+API_MAX_MODEL_MB = 1024.0  # one ONNX model (UNet-328 is 48 MB in fp32)
+API_FORM_FIELD_BYTES = 64 * 1024  # one non-file form field (a name, an option, a URL)
+API_FORM_MAX_PARTS = 64  # parts of one multipart form
+API_URL_TTL_S = 6 * 3600.0  # a signed output URL (a <video>'s src, which cannot send a token) lives this long
+API_PAGE_JOBS = 20  # jobs per page of GET /v1/jobs unless asked
+API_MAX_PAGE_JOBS = 100
+API_LIST_SCAN_JOBS = 2000  # job ids one page may look through for a state filter (then it returns a cursor)
+IDEMPOTENCY_TTL_S = 24 * 3600  # an Idempotency-Key answers with its job for this long
+IDEMPOTENCY_PENDING_S = 15 * 60  # a key whose request died mid-submission is free again after this
+# Avatar archives uploaded to the API are checked by common.archive before anything is written.
+ARCHIVE_MAX_MEMBERS = 100_000  # a 30-minute dataset: 45,000 frames and as many landmark files
+ARCHIVE_MAX_MB = 8192.0  # bytes all members may declare together
+ARCHIVE_MAX_RATIO = 100.0  # expansion beyond this is a decompression bomb (JPEG frames barely compress)
+
+# --- Webhooks (common.webhooks) -----------------------------------------------------------------------
+# A job's end is POSTed to its webhook_url until the receiver answers 2xx: retries wait 5 s, 10 s,
+# 20 s, ... (at most an hour, and less than the broker's visibility timeout), for a day at most.
+WEBHOOK_RETRY_S = 24 * 3600.0
+WEBHOOK_BACKOFF_S = 5.0
+WEBHOOK_MAX_DELAY_S = 3600.0
+WEBHOOK_TIMEOUT_S = 10.0  # one POST: connect, send, and the receiver's answer
+WEBHOOK_TOLERANCE_S = 300.0  # receivers should refuse a signature whose timestamp is older than this
+
+# --- Metrics (common.metrics) -------------------------------------------------------------------------
+METRICS_PORT = 9808  # the port the deploy files give `lipfarm worker --metrics-port`
+METRICS_ADDRESS = "127.0.0.1"  # loopback unless asked (containers pass --metrics-address 0.0.0.0)

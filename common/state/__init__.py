@@ -3,14 +3,16 @@
 - ``keys``: every Redis key, under one configurable prefix;
 - ``records``: the typed records, the state enums, the allowed moves, the store's verdicts;
 - ``scripts``: the Lua scripts that make each move one atomic step;
-- ``store``: ``StateStore``, whose verbs are the only way to read or change that state.
+- ``store``: ``StateStore``, whose verbs are the only way to read or change that state;
+- ``tokens``: ``TokenStore``, the HTTP API's tokens, URL-signing secret and idempotency keys.
 """
 
 from common.state.keys import Keys
 from common.state.records import (CHUNK_MOVES, JOB_MOVES, AttemptRecord, ChunkRecord, ChunkState, JobRecord,
-                                  JobState, JobStatus, RunningChunk, Verdict)
+                                  JobState, JobStatus, RunningChunk, Verdict, WebhookRecord)
 from common.state.store import Claim, Lease, Move, Resumed, Segment, Stall, StalledJob, StateStore
+from common.state.tokens import ApiToken, IdempotencyClaim, TokenStore
 
 __all__ = ["CHUNK_MOVES", "JOB_MOVES", "AttemptRecord", "ChunkRecord", "ChunkState", "Claim", "JobRecord",
            "JobState", "JobStatus", "Keys", "Lease", "Move", "Resumed", "RunningChunk", "Segment", "Stall", "StalledJob",
-           "StateStore", "Verdict"]
+           "StateStore", "Verdict", "ApiToken", "IdempotencyClaim", "TokenStore", "WebhookRecord"]

@@ -44,6 +44,14 @@ class Keys:
         """Set: ids of jobs that ended in Redis and whose end storage has not recorded yet."""
         return f"{self.prefix}:jobs:unrecorded"
 
+    def playlist_lock(self, job_id: str) -> str:
+        """String with a TTL: the process writing the job's HLS playlist now."""
+        return f"{self.prefix}:playlist:{job_id}:lock"
+
+    def playlist_dirty(self, job_id: str) -> str:
+        """String: set when the playlist may be behind (a commit, an end); taken by its writer."""
+        return f"{self.prefix}:playlist:{job_id}:dirty"
+
     def reconcile_turn(self) -> str:
         """String with a TTL: the process whose recovery pass this interval is (one per farm)."""
         return f"{self.prefix}:reconcile:turn"
@@ -60,3 +68,41 @@ class Keys:
     def parse_lease_member(member: str) -> tuple[str, int]:
         job_id, _, index = member.rpartition(":")
         return job_id, int(index)
+
+    # --- the HTTP API (common.state.tokens) ---------------------------------------------------------
+
+    def api_token_names(self) -> str:
+        """Hash: API token name -> the SHA-256 of the token (names are unique)."""
+        return f"{self.prefix}:api:tokens"
+
+    def api_token(self, digest: str) -> str:
+        """Hash: one API token, by the SHA-256 of its value: id, name, read_only, created_at."""
+        return f"{self.prefix}:api:token:{digest}"
+
+    def api_secret(self) -> str:
+        """String: the secret API processes sign output URLs with (made once, shared by all)."""
+        return f"{self.prefix}:api:secret"
+
+    def idempotency(self, scope: str, key_digest: str) -> str:
+        """String with a TTL: a job submission's idempotency key -> its parameters' fingerprint and job."""
+        return f"{self.prefix}:api:idempotency:{scope}:{key_digest}"
+
+    # --- farm-wide figures, exported by the API's /metrics (common.metrics) ---------------------------
+
+    def metrics_totals(self) -> str:
+        """Hash: farm-wide counters kept by the commit script (frames_committed, chunks_committed)."""
+        return f"{self.prefix}:metrics:totals"
+
+    def metrics_histogram(self, name: str) -> str:
+        """Hash: one histogram observed where it happens (bucket bound -> count, "count", "sum")."""
+        return f"{self.prefix}:metrics:hist:{name}"
+
+    # --- webhooks (common.webhooks) -----------------------------------------------------------------
+
+    def webhook(self, job_id: str) -> str:
+        """Hash: the job's webhook event and its delivery (event id, url, state, attempts, last answer)."""
+        return f"{self.prefix}:webhook:{job_id}"
+
+    def webhook_attempts(self, job_id: str) -> str:
+        """List: each delivery attempt of the job's webhook event (JSON: attempt, at, status, error)."""
+        return f"{self.prefix}:webhook:{job_id}:attempts"

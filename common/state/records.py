@@ -15,7 +15,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, replace
 from enum import Enum
 
+from common import defaults
 from common.errors import ServiceError
+from common.storage.layout import playlist_key
 
 JOB_RECORD_VERSION = 1
 
@@ -113,6 +115,10 @@ class JobRecord:
     finalize_enqueued_at: float | None = None
     finalize_attempt: int = 0
     finalizer: str = ""  # the worker finalizing it now
+    playlist_chunks: int = 0  # chunks its HLS playlist lists (the committed ones from the start)
+    playable_frames: int = 0  # frames those chunks hold
+    first_playable_at: float | None = None
+    half_playable_at: float | None = None
     rebuilt_at: float | None = None
     version: int = JOB_RECORD_VERSION
 
@@ -176,6 +182,9 @@ class ChunkRecord:
     segment_key: str = ""
     segment_size: int = 0
     segment_sha256: str = ""
+    hls_key: str = ""  # its HLS media segment
+    hls_size: int = 0
+    hls_sha256: str = ""
     lease_until: float | None = None  # the running attempt's lease deadline
 
     @classmethod
@@ -265,6 +274,9 @@ class JobStatus:
     output_location: str
     workers: list[str] = field(default_factory=list)  # the workers rendering it now
     running: list[RunningChunk] = field(default_factory=list)
+    playlist_key: str = ""  # its HLS playlist, once a chunk from the start is playable
+    playable_until_s: float = 0.0  # how far a viewer can watch it now
+    webhook: dict | None = None  # its webhook event's delivery (``WebhookRecord.to_dict``), if it has one
 
     @classmethod
     def of(cls, job: JobRecord, chunks: list[ChunkRecord], *, now: float) -> "JobStatus":
@@ -286,9 +298,45 @@ class JobStatus:
                    finished_at=job.finished_at, frames_total=job.frames_total, frames_done=frames_done,
                    chunks=counts, elapsed_s=(job.finished_at or now) - job.created_at, eta_s=eta,
                    output_key=job.output_key, output_location=job.output_location,
-                   workers=sorted({r.worker for r in live}), running=running)
+                   workers=sorted({r.worker for r in live}), running=running,
+                   playlist_key=playlist_key(job.job_id) if job.playlist_chunks else "",
+                   playable_until_s=round(job.playable_frames / defaults.FPS, 3))
 
     def to_dict(self) -> dict:
         data = asdict(self)
         data["state"] = self.state.value
+        return data
+
+
+@dataclass(frozen=True)
+class WebhookRecord:
+    """A job's webhook event and how its delivery went (``common.webhooks``): what a user asks when
+    a receiver says it heard nothing. Times are Unix seconds."""
+
+    event_id: str
+    type: str  # job.done, job.failed, job.cancelled
+    url: str
+    state: str  # pending (being delivered), delivered, failed (given up after LIPFARM_WEBHOOK_RETRY_S)
+    created_at: float
+    attempts: int = 0
+    queued_at: float | None = None
+    last_at: float | None = None
+    last_status: int = 0  # the HTTP status of the last answer; 0: none (refused, timed out)
+    last_error: str = ""
+    next_at: float | None = None  # when the next attempt goes, while pending
+    delivered_at: float | None = None
+    log: tuple = ()  # each attempt: {attempt, at, status, error, duration_s, outcome}
+
+    @classmethod
+    def from_hash(cls, data: dict[str, str], log) -> "WebhookRecord":
+        return cls(event_id=data["event_id"], type=data.get("type", ""), url=data.get("url", ""),
+                   state=data.get("state", ""), created_at=float(data.get("created_at") or 0),
+                   attempts=int(data.get("attempts") or 0), queued_at=_number(data.get("queued_at")),
+                   last_at=_number(data.get("last_at")), last_status=int(float(data.get("last_status") or 0)),
+                   last_error=data.get("last_error", ""), next_at=_number(data.get("next_at")),
+                   delivered_at=_number(data.get("delivered_at")), log=tuple(log))
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["log"] = list(self.log)
         return data

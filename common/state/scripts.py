@@ -9,6 +9,7 @@ Every script gets the same KEYS, so the helpers below can reach what they need:
     KEYS[1] job hash        KEYS[2] chunk hash (or '' for job scripts)   KEYS[3] chunk leases
     KEYS[4] active jobs     KEYS[5] attempt log of the chunk or the finalizer
     KEYS[6] ended jobs not yet recorded in storage (the outbox)          KEYS[7] finalizer leases
+    KEYS[8] farm-wide totals (the commit counts its frames there, for /metrics)
 
 and ARGV[1] = job id, ARGV[2] = chunk index (or 'finalize'), ARGV[3] = now, ARGV[4] = the key
 prefix of the job's chunks and attempt logs (``<prefix>:chunk:<job>:``, ``<prefix>:attempts:<job>:``
@@ -124,7 +125,8 @@ redis.call('HSET', chunk, 'frames_done', ARGV[7], 'beat_at', now, 'peak_rss', AR
 return 'ok'
 """
 
-# ARGV[5] token, [6] frames, [7] segment key, [8] segment size, [9] segment sha256
+# ARGV[5] token, [6] frames, [7] segment key, [8] segment size, [9] segment sha256,
+# [10] HLS segment key, [11] its size, [12] its sha256
 COMMIT = PRELUDE + """
 local state = redis.call('HGET', chunk, 'state')
 if state == 'committed' then return {'duplicate'} end
@@ -132,11 +134,14 @@ if not owned_by(ARGV[5]) then return {'stale', tostring(state)} end
 local js = redis.call('HGET', job, 'state')
 if js ~= 'rendering' then return {'refused', 'job is ' .. tostring(js)} end
 redis.call('HSET', chunk, 'state', 'committed', 'committed_at', now, 'updated_at', now, 'frames_done', ARGV[6],
-           'reason', '', 'token', '', 'segment_key', ARGV[7], 'segment_size', ARGV[8], 'segment_sha256', ARGV[9])
+           'reason', '', 'token', '', 'segment_key', ARGV[7], 'segment_size', ARGV[8], 'segment_sha256', ARGV[9],
+           'hls_key', ARGV[10], 'hls_size', ARGV[11], 'hls_sha256', ARGV[12])
 redis.call('ZREM', leases, member)
 log_event('committed')
 local done = redis.call('HINCRBY', job, 'chunks_committed', 1)
 redis.call('HINCRBY', job, 'frames_committed', ARGV[6])
+redis.call('HINCRBY', KEYS[8], 'frames_committed', ARGV[6])
+redis.call('HINCRBY', KEYS[8], 'chunks_committed', 1)
 redis.call('HSET', job, 'updated_at', now)
 if done == tonumber(redis.call('HGET', job, 'chunks_total')) and redis.call('HSETNX', job, 'finalize_enqueued_at', now) == 1 then
   return {'complete'}
@@ -330,4 +335,96 @@ redis.call('HSET', job, 'state', target, 'updated_at', now)
 if ARGV[7] ~= '' then redis.call('HSET', job, 'reason', ARGV[7]) end
 for i = 8, #ARGV, 2 do redis.call('HSET', job, ARGV[i], ARGV[i + 1]) end
 return {'ok', state}
+"""
+
+
+# --- farm-wide figures: histograms observed where things happen, exported by the API ------------------
+# A histogram is a hash: one field per bucket bound (as the caller spells it; '+Inf' past the last)
+# counting the observations that fell in that bucket alone, plus 'count' and 'sum'. The exporter
+# makes the buckets cumulative. ARGV[first..] are the bucket bounds, ascending.
+
+OBSERVE_FN = """
+local function observe(hist, value, first)
+  local field = '+Inf'
+  for i = first, #ARGV do
+    if value <= tonumber(ARGV[i]) then field = ARGV[i] break end
+  end
+  redis.call('HINCRBY', hist, field, 1)
+  redis.call('HINCRBY', hist, 'count', 1)
+  redis.call('HINCRBYFLOAT', hist, 'sum', value)
+end
+"""
+
+# KEYS[1] histogram; ARGV[1] value, [2...] bounds
+OBSERVE = OBSERVE_FN + """
+observe(KEYS[1], tonumber(ARGV[1]), 2)
+return 1
+"""
+
+# The job's first commit, marked once (HSETNX), and its delay since submission observed once.
+# KEYS[1] job hash, [2] histogram; ARGV[1] now, [2...] bounds. Returns the delay, or nil.
+FIRST_COMMIT = OBSERVE_FN + """
+local created = redis.call('HGET', KEYS[1], 'created_at')
+if not created then return false end
+if redis.call('HSETNX', KEYS[1], 'first_committed_at', ARGV[1]) == 0 then return false end
+local delay = math.max(0, tonumber(ARGV[1]) - tonumber(created))
+observe(KEYS[2], delay, 2)
+return tostring(delay)
+"""
+
+# --- webhooks: one event per job end, delivered at least once (common.webhooks) -------------------------
+# The hash holds the job's latest event (a resumed job that ends again replaces it) and how its
+# delivery goes: state pending -> delivered | failed (given up), 'attempts' made, 'sending' (the
+# attempt being sent, 0 if none, with 'sending_at'), the last answer. KEYS[1] hash, [2] attempt log.
+
+# ARGV[1] event id, [2] type, [3] url, [4] now. Returns when it was queued ('' if not yet).
+WEBHOOK_OPEN = """
+if redis.call('HGET', KEYS[1], 'event_id') == ARGV[1] then
+  return redis.call('HGET', KEYS[1], 'queued_at') or ''
+end
+redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('HSET', KEYS[1], 'event_id', ARGV[1], 'type', ARGV[2], 'url', ARGV[3], 'state', 'pending',
+           'created_at', ARGV[4], 'attempts', 0, 'sending', 0)
+return ''
+"""
+
+# An attempt may start once: a duplicate message finds it made (skip) or being made (busy: look again
+# later; a sender silent for ARGV[4] seconds is taken to have died, and its attempt is made again).
+# ARGV[1] event id, [2] attempt, [3] now, [4] stale after (s)
+WEBHOOK_BEGIN = """
+if redis.call('HGET', KEYS[1], 'event_id') ~= ARGV[1] then return {'skip', 'superseded by a later event'} end
+local state = redis.call('HGET', KEYS[1], 'state')
+if state ~= 'pending' then return {'skip', 'already ' .. tostring(state)} end
+local attempt = tonumber(ARGV[2])
+if attempt <= tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0') then
+  return {'skip', 'attempt ' .. attempt .. ' was made'}
+end
+local sending = tonumber(redis.call('HGET', KEYS[1], 'sending') or '0')
+local since = tonumber(redis.call('HGET', KEYS[1], 'sending_at') or '0')
+if sending > 0 and tonumber(ARGV[3]) - since < tonumber(ARGV[4]) then
+  return {'busy', 'attempt ' .. sending .. ' is being sent'}
+end
+redis.call('HSET', KEYS[1], 'sending', attempt, 'sending_at', ARGV[3])
+return {'ok', ''}
+"""
+
+# ARGV[1] event id, [2] attempt, [3] now, [4] outcome (delivered, retry, failed), [5] HTTP status
+# (0: no answer), [6] error, [7] seconds it took, [8] when the next attempt goes ('' if none)
+WEBHOOK_END = """
+if redis.call('HGET', KEYS[1], 'event_id') ~= ARGV[1] then return 'skip' end
+redis.call('RPUSH', KEYS[2], cjson.encode({attempt = tonumber(ARGV[2]), at = tonumber(ARGV[3]),
+  status = tonumber(ARGV[5]), error = ARGV[6], duration_s = tonumber(ARGV[7]), outcome = ARGV[4]}))
+local made = math.max(tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0'), tonumber(ARGV[2]))
+redis.call('HSET', KEYS[1], 'attempts', made, 'sending', 0, 'last_at', ARGV[3], 'last_status', ARGV[5],
+           'last_error', ARGV[6])
+if redis.call('HGET', KEYS[1], 'state') == 'pending' then
+  if ARGV[4] == 'delivered' then
+    redis.call('HSET', KEYS[1], 'state', 'delivered', 'delivered_at', ARGV[3], 'next_at', '')
+  elseif ARGV[4] == 'failed' then
+    redis.call('HSET', KEYS[1], 'state', 'failed', 'next_at', '')
+  else
+    redis.call('HSET', KEYS[1], 'next_at', ARGV[8])
+  end
+end
+return 'ok'
 """

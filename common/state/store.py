@@ -35,10 +35,11 @@ from common.state import scripts
 from common.state.connection import mask_url, redis_failure, redis_tls_options, url_without_tls_params
 from common.state.keys import Keys
 from common.state.records import (JOB_MOVES, AttemptRecord, ChunkRecord, ChunkState, JobRecord, JobState,
-                                  JobStatus, Verdict)
+                                  JobStatus, Verdict, WebhookRecord)
 
 SCRIPTS = ("claim", "beat", "commit", "requeue", "fail", "release", "reopen", "take_finalize",
-           "beat_finalize", "finish_done", "release_finalize", "job_move", "resume")
+           "beat_finalize", "finish_done", "release_finalize", "job_move", "resume",
+           "observe", "first_commit", "webhook_open", "webhook_begin", "webhook_end")
 
 
 @dataclass(frozen=True)
@@ -80,11 +81,14 @@ class Resumed:
 
 @dataclass(frozen=True)
 class Segment:
-    """A chunk's rendered segment as its commit records it."""
+    """A chunk's rendered segment (and its HLS media segment) as its commit records them."""
 
     key: str
     size: int
     sha256: str
+    hls_key: str = ""
+    hls_size: int = 0
+    hls_sha256: str = ""
 
 
 @dataclass(frozen=True)
@@ -161,7 +165,7 @@ class StateStore:
         prefixes = f"{keys.chunk(job_id, '')} {keys.attempts(job_id, '')}"
         result = self._scripts[name](
             keys=[keys.job(job_id), chunk, keys.leases(), keys.active(), log, keys.unrecorded(),
-                  keys.finalize_leases()],
+                  keys.finalize_leases(), keys.metrics_totals()],
             args=[job_id, index if isinstance(index, int) else "finalize", repr(now), prefixes, *args])
         return [result] if isinstance(result, str) else [str(part) for part in result]
 
@@ -191,7 +195,7 @@ class StateStore:
     @_guarded
     def commit(self, job_id: str, index: int, token: str, *, frames: int, segment: Segment, now: float) -> Verdict:
         return Verdict(self._call("commit", job_id, index, now, token, frames, segment.key, segment.size,
-                                  segment.sha256)[0])
+                                  segment.sha256, segment.hls_key, segment.hls_size, segment.hls_sha256)[0])
 
     @_guarded
     def requeue(self, job_id: str, index: int, *, now: float, reason: str, max_attempts: int,
@@ -335,6 +339,39 @@ class StateStore:
     @_guarded
     def mark_finalizer_enqueued(self, job_id: str, *, now: float) -> None:
         self.redis.hset(self.keys.job(job_id), "finalize_enqueued_at", repr(now))
+
+    # --- the HLS playlist ---------------------------------------------------------------------------
+
+    @_guarded
+    def mark_playlist_dirty(self, job_id: str) -> None:
+        self.redis.set(self.keys.playlist_dirty(job_id), "1", ex=3600)
+
+    @_guarded
+    def take_playlist_dirty(self, job_id: str) -> bool:
+        """Whether the playlist was marked behind since the last take (and clear the mark)."""
+        return self.redis.getdel(self.keys.playlist_dirty(job_id)) is not None
+
+    @_guarded
+    def take_playlist_lock(self, job_id: str, owner: str, *, ttl_s: float) -> bool:
+        return bool(self.redis.set(self.keys.playlist_lock(job_id), owner, nx=True, px=int(ttl_s * 1000)))
+
+    @_guarded
+    def release_playlist_lock(self, job_id: str, owner: str) -> None:
+        if self.redis.get(self.keys.playlist_lock(job_id)) == owner:
+            self.redis.delete(self.keys.playlist_lock(job_id))
+
+    @_guarded
+    def set_playlist(self, job_id: str, *, chunks: int, frames: int, frames_total: int, now: float) -> None:
+        """The playlist now lists ``chunks`` chunks (``frames`` frames); the first and the half-way
+        moments are kept, for time-to-first-frame figures."""
+        key = self.keys.job(job_id)
+        with self.redis.pipeline() as pipe:
+            pipe.hset(key, mapping={"playlist_chunks": chunks, "playable_frames": frames})
+            if chunks:
+                pipe.hsetnx(key, "first_playable_at", repr(now))
+            if frames_total and 2 * frames >= frames_total:
+                pipe.hsetnx(key, "half_playable_at", repr(now))
+            pipe.execute()
 
     # --- recording ends in storage -----------------------------------------------------------------
 
@@ -490,7 +527,8 @@ class StateStore:
                     "attempt": marker["attempt"], "worker": marker["worker"],
                     "committed_at": repr(marker["committed_at"]), "segment_key": marker["segment_key"],
                     "segment_size": marker["segment_size"], "segment_sha256": marker["segment_sha256"],
-                    "reason": "restored from its commit marker"})
+                    "hls_key": marker.get("hls_key", ""), "hls_size": marker.get("hls_size", 0),
+                    "hls_sha256": marker.get("hls_sha256", ""), "reason": "restored from its commit marker"})
             pipe.hset(self.keys.job(record.job_id), mapping={
                 "chunks_committed": len(committed), "frames_committed": sum(m["frames"] for m in committed.values())})
             pipe.execute()
@@ -552,5 +590,94 @@ class StateStore:
     @_guarded
     def status(self, job_id: str, *, now: float) -> JobStatus:
         job = self.job(job_id)
-        return JobStatus.of(job, self.chunks(job_id, job.chunks_total), now=now)
+        status = JobStatus.of(job, self.chunks(job_id, job.chunks_total), now=now)
+        webhook = self.webhook(job_id)
+        status.webhook = webhook.to_dict() if webhook else None
+        return status
+
+    # --- farm-wide figures, for the API's /metrics (common.metrics names and buckets them) ---------
+    # Figures of the farm as a whole are kept here rather than in a process's memory: a job's first
+    # commit and its publication happen in whichever worker gets there, and workers come and go
+    # (scaled to zero), so these survive them and the API exports one series for the farm.
+
+    @_guarded
+    def observe(self, name: str, value: float, *, buckets: tuple[float, ...]) -> None:
+        """Add ``value`` to histogram ``name``."""
+        self._scripts["observe"](keys=[self.keys.metrics_histogram(name)],
+                                 args=[repr(float(value)), *[repr(float(b)) for b in buckets]])
+
+    @_guarded
+    def first_commit(self, job_id: str, *, now: float, histogram: str, buckets: tuple[float, ...]) -> float | None:
+        """Mark the job's first commit, once; the first caller also observes the seconds since the
+        job was submitted into ``histogram`` and gets them back (later callers get None)."""
+        delay = self._scripts["first_commit"](keys=[self.keys.job(job_id), self.keys.metrics_histogram(histogram)],
+                                              args=[repr(now), *[repr(float(b)) for b in buckets]])
+        return None if delay is None else float(delay)
+
+    @_guarded
+    def histogram(self, name: str) -> dict[str, float]:
+        """Histogram ``name`` as kept: per-bucket counts by bound ('+Inf' past the last), 'count', 'sum'."""
+        return {field: float(value) for field, value in self.redis.hgetall(self.keys.metrics_histogram(name)).items()}
+
+    @_guarded
+    def totals(self) -> dict[str, int]:
+        """Farm-wide counters the commit script keeps: frames_committed, chunks_committed."""
+        return {field: int(value) for field, value in self.redis.hgetall(self.keys.metrics_totals()).items()}
+
+    @_guarded
+    def job_counts(self, *, batch: int = 1000) -> dict[str, int]:
+        """Jobs by state, every job counted (one pipelined read per ``batch`` jobs: O(jobs) per call)."""
+        counts = {state.value: 0 for state in JobState}
+        total = self.redis.zcard(self.keys.jobs())
+        for start in range(0, total, batch):
+            ids = self.redis.zrange(self.keys.jobs(), start, start + batch - 1)
+            with self.redis.pipeline(transaction=False) as pipe:
+                for job_id in ids:
+                    pipe.hget(self.keys.job(job_id), "state")
+                for state in pipe.execute():
+                    if state in counts:
+                        counts[state] += 1
+        return counts
+
+    # --- webhooks (common.webhooks): one event per job end, each attempt recorded --------------------
+
+    def _webhook_call(self, name: str, job_id: str, *args) -> object:
+        return self._scripts[name](keys=[self.keys.webhook(job_id), self.keys.webhook_attempts(job_id)],
+                                   args=[_text(a) for a in args])
+
+    @_guarded
+    def open_webhook(self, job_id: str, *, event_id: str, event_type: str, url: str, now: float) -> bool:
+        """Record the job's webhook event (replacing an earlier event of the job, e.g. before a resume);
+        True if this very event was queued for delivery already."""
+        return bool(self._webhook_call("webhook_open", job_id, event_id, event_type, url, now))
+
+    @_guarded
+    def mark_webhook_queued(self, job_id: str, event_id: str, *, now: float) -> None:
+        key = self.keys.webhook(job_id)
+        if self.redis.hget(key, "event_id") == event_id:
+            self.redis.hsetnx(key, "queued_at", repr(now))
+
+    @_guarded
+    def begin_webhook_attempt(self, job_id: str, event_id: str, attempt: int, *, now: float,
+                              stale_s: float) -> tuple[str, str]:
+        """May attempt ``attempt`` of the event go now? ('ok', ''), ('skip', why) if it was made, the
+        event delivered, given up or superseded, or ('busy', why) while another sender is at it."""
+        verdict, detail = self._webhook_call("webhook_begin", job_id, event_id, attempt, now, stale_s)
+        return str(verdict), str(detail)
+
+    @_guarded
+    def end_webhook_attempt(self, job_id: str, event_id: str, attempt: int, *, now: float, outcome: str,
+                            status: int, error: str, duration_s: float, next_at: float | None) -> None:
+        """Record how an attempt went: ``outcome`` delivered, retry (at ``next_at``) or failed (given up)."""
+        self._webhook_call("webhook_end", job_id, event_id, attempt, now, outcome, status, error[:500],
+                           round(duration_s, 3), "" if next_at is None else next_at)
+
+    @_guarded
+    def webhook(self, job_id: str) -> WebhookRecord | None:
+        """The job's webhook event and its delivery, or None if it has none (no URL, or not ended)."""
+        data = self.redis.hgetall(self.keys.webhook(job_id))
+        if not data:
+            return None
+        log = [json.loads(e) for e in self.redis.lrange(self.keys.webhook_attempts(job_id), 0, -1)]
+        return WebhookRecord.from_hash(data, log)
 

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
+import shutil
 import socket
 import sys
+import tempfile
 import time
 
+from common import defaults
 from common.config import Settings
+from common.errors import InputError
 
 
 def add_commands(commands) -> None:
@@ -18,6 +23,12 @@ def add_commands(commands) -> None:
     worker.add_argument("--queues", default="jobs,render,finalize", help="queues to take work from")
     worker.add_argument("--hostname", help="Celery node name (default lipfarm-<pid>@<host>)")
     worker.add_argument("--loglevel", default="INFO")
+    worker.add_argument("--metrics-port", type=int, default=0,
+                        help=f"serve this worker's Prometheus metrics on this port (0: off; the deploy files use "
+                             f"{defaults.METRICS_PORT})")
+    worker.add_argument("--metrics-address", default=defaults.METRICS_ADDRESS,
+                        help=f"address the metrics are served on (default {defaults.METRICS_ADDRESS}; 0.0.0.0 in "
+                             "containers, for Prometheus to reach)")
     worker.set_defaults(func=cmd_worker)
 
     flower = commands.add_parser("flower", help="run Flower (the Celery dashboard) on loopback")
@@ -34,6 +45,8 @@ def add_commands(commands) -> None:
 
 
 def cmd_worker(args, settings: Settings) -> int:
+    if args.metrics_port:  # first: prometheus_client picks its mode when it is first imported
+        _metrics_in_every_process(args.metrics_port, args.metrics_address)
     from scheduler.submit import connect_farm
 
     concurrency = args.concurrency or settings.worker_concurrency
@@ -46,6 +59,45 @@ def cmd_worker(args, settings: Settings) -> int:
             f"--hostname={args.hostname or f'lipfarm-{os.getpid()}@{socket.gethostname()}'}"]
     app.worker_main(argv)
     return 0
+
+
+def _metrics_in_every_process(port: int, address: str) -> None:
+    """Prometheus multiprocess mode for this worker: a fresh directory of its own (a shared or reused
+    one would add other workers' or earlier runs' counts), set before the pool forks so every render
+    process writes there; the main process serves the sum once the pool is up (``worker_ready``), and
+    a pool process that exits has its live-only gauges dropped (``worker_process_shutdown``)."""
+    if "prometheus_client" in sys.modules:
+        raise RuntimeError("prometheus_client was imported before its multiprocess directory was set")
+    _check_port_free(port, address)
+    folder = tempfile.mkdtemp(prefix=f"lipfarm-metrics-{os.getpid()}-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+
+    from celery import signals
+
+    @signals.worker_ready.connect(weak=False)
+    def _serve(**_kwargs) -> None:
+        from common.metrics import serve_worker_metrics
+
+        serve_worker_metrics(port, address)
+        print(f"metrics on http://{address}:{port}/metrics", flush=True)
+
+    @signals.worker_process_shutdown.connect(weak=False)
+    def _exited(pid=None, **_kwargs) -> None:
+        from common.metrics import process_exited
+
+        process_exited(pid or os.getpid())
+
+
+def _check_port_free(port: int, address: str) -> None:
+    """Fail now, naming the port, rather than after the worker has started its pool."""
+    with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((address, port))
+        except OSError as exc:
+            raise InputError(f"cannot serve metrics on {address}:{port} ({exc.strerror})", field="--metrics-port",
+                             found=port) from None
 
 
 def cmd_flower(args, settings: Settings) -> int:

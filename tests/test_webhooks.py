@@ -1,0 +1,312 @@
+"""Webhooks against a real HTTP receiver on loopback: signed events, retried with backoff until one
+is answered 2xx, each attempt recorded, duplicates carrying the same event id.
+
+The receiver (a threaded ``http.server``) answers by a script (500, then no answer at all, then
+200) and records every request it gets; tests wait for what it recorded, never for a moment. The
+state store is Redis DB 6 under a prefix of its own; the end-to-end tests run a real ``lipfarm
+worker`` (the delivery task runs on the ``jobs`` queue) with the backoff shortened by its setting.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import redis
+
+from common import celery_app, services, webhooks
+from common.config import load_settings
+from common.endings import close_job
+from common.errors import ServiceError
+from common.identity import new_job_id
+from common.jobfiles import JobFiles
+from common.options import RenderOptions
+from common.plan import AssetRef, Submission
+from common.state import JobRecord, Keys, StateStore
+from common.storage import open_storage
+from demo.speech import write_wav
+from scheduler.api.schemas import Job
+from scheduler.api.signing import Signer
+from scheduler.api.views import job_view
+from scheduler.cluster import LipfarmProcess
+from scheduler.submit import submit_job
+from tests.farm import farm_env, until
+
+WEBHOOK_DB = 6
+PREFIX = "lipfarm-webhooktest"
+SECRET = "whsec-test-0123456789"
+
+
+# ---------------------------------------------------------------------------------------------
+# A receiver that records what it gets and answers by a script
+
+@dataclass
+class Received:
+    body: bytes
+    headers: dict[str, str]
+    at: float
+
+    @property
+    def event(self) -> dict:
+        return json.loads(self.body)
+
+
+@dataclass
+class Receiver:
+    """``answers``: what to do with each request in turn (an HTTP status, or "hang": read it, then
+    answer nothing until the test ends); after the script, 200."""
+
+    answers: list = field(default_factory=list)
+    received: list[Received] = field(default_factory=list)
+    release: threading.Event = field(default_factory=threading.Event)
+    server: ThreadingHTTPServer | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/hooks/lipfarm"
+
+    def start(self) -> "Receiver":
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                receiver.received.append(Received(body, dict(self.headers), time.time()))
+                answer = receiver.answers.pop(0) if receiver.answers else 200
+                if answer == "hang":
+                    receiver.release.wait(60)  # the sender's timeout (1 s) runs out long before
+                    return
+                self.send_response(answer)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver():
+    server = Receiver().start()
+    yield server
+    server.stop()
+
+
+def readme_verify(secret: str, header: str, body: bytes, tolerance_s: float = 300) -> bool:
+    """The README's recipe, word for word."""
+    parts = dict(item.split("=", 1) for item in header.split(","))
+    signed = parts["t"].encode() + b"." + body
+    expected = hmac.new(secret.encode(), signed, hashlib.sha256).hexdigest()
+    return hmac.compare_digest(expected, parts["v1"]) and abs(time.time() - int(parts["t"])) <= tolerance_s
+
+
+# ---------------------------------------------------------------------------------------------
+# The format (no services)
+
+def test_a_signature_verifies_only_for_its_body_secret_and_time():
+    body, now = b'{"id":"j:done:1.0"}', 1_800_000_000
+    header = webhooks.signature(SECRET, body, timestamp=now)
+    assert header.startswith(f"t={now},v1=") and len(header.rsplit("=", 1)[1]) == 64
+    assert webhooks.verify(SECRET, header, body, now=now + 10)
+    assert not webhooks.verify(SECRET, header, body + b" ", now=now)
+    assert not webhooks.verify("other", header, body, now=now)
+    assert not webhooks.verify(SECRET, header, body, now=now + 301)  # a replay, too late
+    assert not webhooks.verify(SECRET, "v1=abc", body, now=now) and not webhooks.verify(SECRET, "", body, now=now)
+
+
+def test_retries_back_off_doubling_up_to_a_cap():
+    assert [webhooks.backoff_s(n, 5) for n in range(1, 6)] == [5, 10, 20, 40, 80]
+    assert webhooks.backoff_s(30, 5) == 3600 and webhooks.backoff_s(3, 5, cap_s=12) == 12
+
+
+# ---------------------------------------------------------------------------------------------
+# Queueing and delivering, against the state store (delivery called directly: time is a parameter)
+
+@pytest.fixture
+def store():
+    client = redis.Redis(db=WEBHOOK_DB, decode_responses=True)
+
+    def clean():
+        for key in client.scan_iter(f"{PREFIX}:*"):
+            client.delete(key)
+
+    clean()
+    yield StateStore(client, Keys(PREFIX))
+    clean()
+
+
+def _ended_job(store: StateStore, storage, url: str, *, now: float) -> str:
+    """A job with a webhook URL in its submission, cancelled at ``now``."""
+    job_id = new_job_id()
+    ref = AssetRef("0" * 64, "models/x.onnx")
+    submission = Submission(job_id, "demo", ref, ref, ref, f"jobs/{job_id}/input/a.wav", "a.wav", RenderOptions(),
+                            "normal", now - 10, webhook_url=url)
+    JobFiles(storage, job_id).put_submission(submission)
+    store.create_job(JobRecord.queued(submission, storage.url))
+    assert store.cancel(job_id, now=now)
+    return job_id
+
+
+def test_an_end_is_queued_once_and_again_when_the_broker_was_down(store, tmp_path):
+    storage = open_storage(str(tmp_path / "storage"))
+    job_id = _ended_job(store, storage, "http://127.0.0.1:9/hook", now=time.time())
+    queued = []
+
+    def broker_down(*args):
+        raise ServiceError("cannot queue the webhook: the broker at redis://127.0.0.1:1/0 is unreachable")
+
+    assert not close_job(store, storage, job_id, enqueue_webhook=broker_down)
+    assert store.unrecorded_job_ids() == [job_id]  # left in the outbox for the next recovery pass
+    assert close_job(store, storage, job_id, enqueue_webhook=lambda *a: queued.append(a))
+    assert close_job(store, storage, job_id, enqueue_webhook=lambda *a: queued.append(a))
+    event = f"{job_id}:cancelled:{store.job(job_id).finished_at:.6f}"
+    assert queued == [(job_id, event, 1, 0.0)]  # once per end, however often it is closed
+    record = store.webhook(job_id)
+    assert (record.event_id, record.type, record.state, record.attempts) == (event, "job.cancelled", "pending", 0)
+
+
+def test_delivery_gives_up_after_the_retry_window_and_duplicates_stop(store, tmp_path, receiver):
+    storage = open_storage(str(tmp_path / "storage"))
+    receiver.answers = [503] * 20
+    start = time.time()
+    job_id = _ended_job(store, storage, receiver.url, now=start)
+    queued = []
+    webhooks.queue_event(store, JobFiles(storage, job_id), enqueue=lambda *a: queued.append(a), now=start)
+    settings = load_settings({"LIPFARM_WEBHOOK_SECRET": SECRET, "LIPFARM_WEBHOOK_RETRY_S": "100",
+                              "LIPFARM_WEBHOOK_BACKOFF_S": "10", "LIPFARM_WEBHOOK_TIMEOUT_S": "2"})
+    clock = [start]
+    results = []
+    while queued:
+        job, event, attempt, delay = queued.pop(0)
+        clock[0] += delay  # the broker holds the message this long
+        results.append(webhooks.deliver(store, settings, job, event, attempt, storage_at=lambda url: storage,
+                                        enqueue=lambda *a: queued.append(a), clock=lambda: clock[0]))
+        if attempt == 1:  # a duplicate of the first message, delivered late: it finds its attempt made
+            assert webhooks.deliver(store, settings, job, event, 1, storage_at=lambda url: storage,
+                                    enqueue=lambda *a: queued.append(a), clock=lambda: clock[0]).startswith("skipped")
+    # 10 s, 20 s, 40 s: the next wait (80 s) would pass the 100 s window
+    assert [r.split(":")[0] for r in results] == ["retry", "retry", "retry", "failed"]
+    record = store.webhook(job_id)
+    assert record.state == "failed" and record.attempts == 4 and record.next_at is None
+    assert [a["status"] for a in record.log] == [503] * 4 and record.last_status == 503
+    assert [round(a["at"] - start) for a in record.log] == [0, 10, 30, 70]
+    assert len(receiver.received) == 4 and len({r.event["id"] for r in receiver.received}) == 1
+
+
+def test_a_second_sender_waits_for_the_first_and_takes_over_if_it_died(store, tmp_path):
+    storage = open_storage(str(tmp_path / "storage"))
+    now = time.time()
+    job_id = _ended_job(store, storage, "http://127.0.0.1:9/hook", now=now)
+    queued = []
+    webhooks.queue_event(store, JobFiles(storage, job_id), enqueue=lambda *a: queued.append(a), now=now)
+    event = queued[0][1]
+    assert store.begin_webhook_attempt(job_id, event, 1, now=now, stale_s=25) == ("ok", "")
+    assert store.begin_webhook_attempt(job_id, event, 1, now=now + 5, stale_s=25)[0] == "busy"
+    assert store.begin_webhook_attempt(job_id, event, 1, now=now + 30, stale_s=25) == ("ok", "")  # the first died
+    assert store.begin_webhook_attempt(job_id, "other:event", 1, now=now, stale_s=25)[0] == "skip"
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end: a real worker delivers them
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory, home, demo):
+    """One worker on every queue (plans, chunks, finalizers, webhooks), with the backoff shortened."""
+    redis.Redis(db=WEBHOOK_DB).flushdb()
+    folder = tmp_path_factory.mktemp("webhook-farm")
+    env = farm_env(home, str(folder / "storage"), None, LIPFARM_BROKER_URL=f"redis://127.0.0.1:6379/{WEBHOOK_DB}",
+                   LIPFARM_KEY_PREFIX=PREFIX, LIPFARM_WEBHOOK_SECRET=SECRET, LIPFARM_WEBHOOK_BACKOFF_S="0.5",
+                   LIPFARM_WEBHOOK_TIMEOUT_S="1")
+    process = LipfarmProcess.worker(env, folder / "worker.log", "--concurrency", "1",
+                                    "--queues", "jobs,render,finalize", "--hostname", f"webhooks-{os.getpid()}@test")
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(name, value)
+        celery_app.configure(celery_app.app, load_settings())  # this process queues to the same broker
+        try:
+            process.start().wait_ready(timeout_s=90)
+            yield load_settings()
+        finally:
+            process.stop(timeout_s=30)
+            redis.Redis(db=WEBHOOK_DB).flushdb()
+    celery_app.configure(celery_app.app, load_settings())
+    services.reset()
+
+
+@pytest.fixture(scope="module")
+def short_clip(tmp_path_factory, speech_16k) -> Path:
+    path = tmp_path_factory.mktemp("webhook-clip") / "clip.wav"
+    write_wav(path, speech_16k[int(0.3 * 16000):int(1.5 * 16000)])
+    return path
+
+
+def _submit(settings, demo, audio, url):
+    return submit_job(settings, avatar="demo", audio=audio, encoder=demo.encoder, generator=demo.generator,
+                      options=RenderOptions(chunk_frames=25), webhook_url=url)
+
+
+@pytest.mark.slow
+def test_a_cancelled_job_is_told_after_a_500_and_a_timeout(worker, demo, short_clip, receiver):
+    receiver.answers = [500, "hang"]  # then 200
+    handle = _submit(worker, demo, short_clip, receiver.url)
+    assert handle.cancel()
+
+    def delivered():
+        webhook = handle.status().webhook
+        return webhook if webhook and webhook["state"] == "delivered" else None
+
+    webhook = until(delivered, timeout_s=60, what="the webhook delivered")
+    assert len(receiver.received) == 3  # the second one arrived; its answer never did
+    events = [r.event for r in receiver.received]
+    assert len({e["id"] for e in events}) == 1  # a duplicate carries the same id: receivers dedupe by it
+    job = handle.status()
+    event = events[-1]
+    assert event["id"] == f"{handle.job_id}:cancelled:{job.finished_at:.6f}" and event["type"] == "job.cancelled"
+    assert event["job"] == {"id": handle.job_id, "state": "cancelled", "output_url": None, "reason": job.reason,
+                            "frames_total": job.frames_total, "created_at": job.created_at,
+                            "finished_at": job.finished_at, "elapsed_s": round(job.finished_at - job.created_at, 3)}
+    for request in receiver.received:
+        assert readme_verify(SECRET, request.headers["Lipfarm-Signature"], request.body)
+        assert request.headers["Content-Type"] == "application/json"
+    assert [r.headers["Lipfarm-Delivery-Attempt"] for r in receiver.received] == ["1", "2", "3"]
+    # each attempt recorded: status, time, error; and the waits grew (0.5 s, then 1 s after the timeout)
+    assert [a["status"] for a in webhook["log"]] == [500, 0, 200] and webhook["attempts"] == 3
+    assert "timed out" in webhook["log"][1]["error"] and webhook["log"][2]["error"] == ""
+    gaps = [b.at - a.at for a, b in zip(receiver.received, receiver.received[1:])]
+    assert gaps[0] >= 0.5 and gaps[1] >= 1.0 + 1.0  # the 1 s timeout, then the doubled backoff
+
+
+@pytest.mark.slow
+def test_a_done_job_is_told_where_its_output_is(worker, demo, short_clip, receiver):
+    handle = _submit(worker, demo, short_clip, receiver.url)
+    final = handle.wait(timeout_s=300, poll_s=0.2)
+    until(lambda: receiver.received, timeout_s=60, what="the event")
+    request = receiver.received[0]
+    assert readme_verify(SECRET, request.headers["Lipfarm-Signature"], request.body)
+    event = request.event
+    assert event["type"] == "job.done" and event["id"] == f"{handle.job_id}:done:{final.finished_at:.6f}"
+    assert event["job"]["state"] == "done" and event["job"]["frames_total"] == final.frames_total > 0
+    assert event["job"]["output_url"] == final.output_location and Path(event["job"]["output_url"]).is_file()
+    assert until(lambda: (handle.status().webhook or {}).get("state") == "delivered", what="delivered")
+    assert len(receiver.received) == 1
+    # the API's job JSON sums the delivery up (and validates against its schema)
+    view = Job.model_validate(job_view(handle.status(), Signer("s", ttl_s=60), now=time.time())).webhook
+    assert view.state == "delivered" and view.attempts == 1 and view.last_status == 200
+    assert view.event_id == event["id"] and view.url == receiver.url
