@@ -13,7 +13,9 @@ Every ``lipfarm worker`` runs it in a thread (at most one pass per interval acro
    chunk and job when out of attempts; queues a new finalizer for a job whose finalizer's lease
    expired;
 5. gives jobs that will not move on by themselves the message they lack (``Stall``), and re-queues
-   queued chunks whose render message was lost (none waits in the broker, yet they stay queued).
+   queued chunks whose render message was lost (none waits in the broker, yet they stay queued);
+6. re-sends webhook events whose delivery message was lost (their next attempt is long overdue):
+   attempts are fenced by number, so a message that was only late finds its attempt made.
 
 The state store finds what is stuck; this module decides what to queue. ``reconcile`` never sleeps
 and takes the time as a parameter; ``run_forever`` is the loop, which logs an outage of Redis, the
@@ -50,6 +52,7 @@ class Enqueue:
     render: Callable[[str, int, str, str, float], None]  # (job id, chunk, priority, frames label, delay s)
     finalize: Callable[[str, str], None]  # (job id, priority)
     waiting_renders: Callable[[], int] = lambda: 0  # render messages waiting in the broker
+    webhook: Callable[[str, str, int, float], None] | None = None  # (job id, event id, attempt, delay s)
 
 
 @dataclass
@@ -62,6 +65,7 @@ class ReconcileReport:
     finalizers: list[str] = field(default_factory=list)
     replanned: list[str] = field(default_factory=list)
     resent: list[str] = field(default_factory=list)
+    webhooks_resent: list[str] = field(default_factory=list)
 
 
 def reconcile(*, store: StateStore, storage: Storage, settings: Settings, now: float,
@@ -85,6 +89,7 @@ def reconcile(*, store: StateStore, storage: Storage, settings: Settings, now: f
     _expired_leases(store, storage_at, settings, now, enqueue, report)
     _stalled_jobs(store, settings, now, enqueue, report)
     _lost_render_messages(store, settings, now, enqueue, report)
+    _lost_webhook_messages(store, settings, now, enqueue, report)
     for kind, items in report.__dict__.items():
         if items:
             log.info("reconcile %s: %s", kind, ", ".join(items))
@@ -155,6 +160,18 @@ def _lost_render_messages(store: StateStore, settings: Settings, now: float, enq
     for job, chunk in store.waiting_chunks(now=now, grace_s=2 * settings.lease_s + defaults.RETRY_DELAY_MAX_S):
         enqueue.render(job.job_id, chunk.index, job.priority, chunk.frames_label, 0.0)
         report.resent.append(f"{job.job_id}:{chunk.index}")
+
+
+def _lost_webhook_messages(store: StateStore, settings: Settings, now: float, enqueue: Enqueue,
+                           report: ReconcileReport) -> None:
+    """Pending webhook events with no attempt begun long after one was due get their next attempt
+    queued again. The grace covers a worker that holds the message, busy with other tasks, for two
+    leases; a message that comes after all meets its attempt made and is skipped."""
+    if enqueue.webhook is None:
+        return
+    for job_id, event, attempt in store.overdue_webhooks(now=now, grace_s=2 * settings.lease_s + 60):
+        enqueue.webhook(job_id, event, attempt, 0.0)
+        report.webhooks_resent.append(f"{job_id}:{attempt}")
 
 
 def _rebuild(store: StateStore, storage: Storage, now: float, enqueue: Enqueue,

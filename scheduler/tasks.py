@@ -54,7 +54,7 @@ def deliver_webhook_task(job_id: str, event_id: str, attempt: int = 1) -> str:
 
 
 def celery_enqueue() -> Enqueue:
-    return Enqueue(enqueue_plan, enqueue_render, enqueue_finalize, waiting_renders)
+    return Enqueue(enqueue_plan, enqueue_render, enqueue_finalize, waiting_renders, enqueue_webhook)
 
 
 def connect_recovery(settings: Settings):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from common.config import load_settings
+from demo.speech import write_wav
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_FIXTURES = ROOT.parent / "shared" / "fixtures"
@@ -56,3 +57,11 @@ def speech_16k(demo) -> np.ndarray:
     from common.audio import load_16k
 
     return load_16k(demo.audio)
+
+
+@pytest.fixture(scope="session")
+def clip(tmp_path_factory, speech_16k) -> Path:
+    """4.1 s of the demo speech: 101 frames, the farm tests' job (a module may define a shorter one)."""
+    path = tmp_path_factory.mktemp("clip") / "clip.wav"
+    write_wav(path, speech_16k[int(0.3 * 16000):int(4.4 * 16000)])
+    return path

@@ -12,23 +12,11 @@ import sys
 import time
 from pathlib import Path
 
-from scheduler.cluster import LipfarmProcess
+from scheduler.cluster import LipfarmProcess, free_ports
 
 TEST_REDIS_DB = 13
 TEST_PREFIX = "lipfarm-test"
 S3_KEY, S3_SECRET = "lipfarmtestkey", "lipfarmtestsecret"
-
-
-def free_ports(count: int) -> list[int]:
-    """Distinct free loopback ports (held open together so they differ)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def _wait_for(check, timeout_s: float, what: str) -> None:

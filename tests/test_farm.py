@@ -82,13 +82,6 @@ def farm(tmp_path_factory, home, demo, s3, holds):
     services.reset()
 
 
-@pytest.fixture(scope="module")
-def clip(tmp_path_factory, speech_16k) -> Path:
-    """4.1 s of the demo speech (CLIP_FRAMES frames)."""
-    path = tmp_path_factory.mktemp("clip") / "clip.wav"
-    write_wav(path, speech_16k[int(0.3 * 16000):int(4.4 * 16000)])
-    return path
-
 
 def _submit(settings, demo, audio, **kw):
     return submit_job(settings, avatar="demo", audio=audio, encoder=demo.encoder, generator=demo.generator,

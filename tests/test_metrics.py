@@ -9,7 +9,6 @@ The job is caught mid-render with hold files (two chunks paused, three waiting i
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import httpx
 import pytest
@@ -22,7 +21,6 @@ from common.errors import CancelledError, InputError, ServiceError
 from common.identity import new_job_id
 from common.options import RenderOptions
 from common.state import JobState
-from demo.speech import write_wav
 from scheduler.cluster import LipfarmProcess, free_ports
 from scheduler.submit import submit_job
 from tests.farm import Holds, farm_env, until
@@ -122,12 +120,6 @@ def farm(tmp_path_factory, home, demo, holds):
     celery_app.configure(celery_app.app, load_settings())
     services.reset()
 
-
-@pytest.fixture(scope="module")
-def clip(tmp_path_factory, speech_16k) -> Path:
-    path = tmp_path_factory.mktemp("metrics-clip") / "clip.wav"
-    write_wav(path, speech_16k[int(0.3 * 16000):int(4.4 * 16000)])
-    return path
 
 
 @pytest.mark.slow

@@ -66,12 +66,6 @@ def farm(tmp_path_factory, home, demo, holds):
     services.reset()
 
 
-@pytest.fixture(scope="module")
-def clip(tmp_path_factory, speech_16k) -> Path:
-    path = tmp_path_factory.mktemp("clip") / "clip.wav"
-    write_wav(path, speech_16k[int(0.3 * 16000):int(4.4 * 16000)])
-    return path
-
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, settings, demo, demo_avatar, clip) -> list[np.ndarray]:

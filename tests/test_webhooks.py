@@ -37,6 +37,7 @@ from scheduler.api.schemas import Job
 from scheduler.api.signing import Signer
 from scheduler.api.views import job_view
 from scheduler.cluster import LipfarmProcess
+from scheduler.reconcile import Enqueue, reconcile
 from scheduler.submit import submit_job
 from tests.farm import farm_env, until
 
@@ -221,6 +222,52 @@ def test_a_second_sender_waits_for_the_first_and_takes_over_if_it_died(store, tm
     assert store.begin_webhook_attempt(job_id, event, 1, now=now + 5, stale_s=25)[0] == "busy"
     assert store.begin_webhook_attempt(job_id, event, 1, now=now + 30, stale_s=25) == ("ok", "")  # the first died
     assert store.begin_webhook_attempt(job_id, "other:event", 1, now=now, stale_s=25)[0] == "skip"
+
+
+
+def test_the_recovery_pass_resends_a_delivery_message_the_broker_lost(store, tmp_path, receiver):
+    """Each delivery message is lost on its way (a broker that lost its data): the recovery pass
+    finds the overdue attempt and queues it again, never one that is only waiting or being sent."""
+    storage = open_storage(str(tmp_path / "storage"))
+    settings = load_settings({"LIPFARM_WEBHOOK_SECRET": SECRET, "LIPFARM_WEBHOOK_BACKOFF_S": "10",
+                              "LIPFARM_WEBHOOK_TIMEOUT_S": "2", "LIPFARM_LEASE_S": "30"})
+    grace = 2 * settings.lease_s + 60
+    receiver.answers = [503]
+    start = time.time()
+    store.set_generation(now=start)
+    job_id = _ended_job(store, storage, receiver.url, now=start)
+    lost = []
+    webhooks.queue_event(store, JobFiles(storage, job_id), enqueue=lambda *a: lost.append(a), now=start)
+    event = lost[0][1]
+    resent = []
+    enqueue = Enqueue(plan=lambda *a: None, render=lambda *a: None, finalize=lambda *a: None,
+                      webhook=lambda *a: resent.append(a))
+
+    def recover(at: float) -> list[str]:
+        return reconcile(store=store, storage=storage, settings=settings, now=at, enqueue=enqueue).webhooks_resent
+
+    def deliver(attempt: int, at: float) -> str:
+        return webhooks.deliver(store, settings, job_id, event, attempt, storage_at=lambda url: storage,
+                                enqueue=lambda *a: lost.append(a), clock=lambda: at)
+
+    assert recover(start + grace - 1) == [] and resent == []  # the message may still be on its way
+    assert recover(start + grace + 1) == [f"{job_id}:1"] and resent == [(job_id, event, 1, 0.0)]
+    t1 = start + grace + 2
+    assert store.begin_webhook_attempt(job_id, event, 1, now=t1, stale_s=9) == ("ok", "")  # a sender at it
+    assert recover(t1 + 9 + grace - 1) == []  # being sent: not overdue until its sender is taken for dead
+    resent.clear()
+    assert recover(t1 + 9 + grace + 1) == [f"{job_id}:1"]  # that sender died: attempt 1 again
+    t1 += 9 + grace + 2
+    assert deliver(1, t1).startswith("retry")  # 503: attempt 2 queued in 10 s, and lost
+    t2 = t1 + 10
+    assert recover(t2 + grace - 1) == []
+    assert recover(t2 + grace + 1) == [f"{job_id}:2"] and resent[-1] == (job_id, event, 2, 0.0)
+    assert deliver(2, t2 + grace + 2).startswith("delivered")
+    assert deliver(2, t2 + grace + 3).startswith("skipped")  # the lost message, late after all
+    assert recover(t2 + 10 * grace) == []  # delivered: nothing more to send
+    record = store.webhook(job_id)
+    assert record.state == "delivered" and [a["status"] for a in record.log] == [503, 200]
+    assert [r.event["id"] for r in receiver.received] == [event, event]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -106,3 +106,8 @@ class Keys:
     def webhook_attempts(self, job_id: str) -> str:
         """List: each delivery attempt of the job's webhook event (JSON: attempt, at, status, error)."""
         return f"{self.prefix}:webhook:{job_id}:attempts"
+
+    def webhooks_due(self) -> str:
+        """Sorted set: jobs whose webhook event is pending, scored by when its next attempt is due
+        (queued, a retry's time, or a sender's deadline); the recovery pass re-sends overdue ones."""
+        return f"{self.prefix}:webhooks:due"

@@ -375,9 +375,11 @@ return tostring(delay)
 # --- webhooks: one event per job end, delivered at least once (common.webhooks) -------------------------
 # The hash holds the job's latest event (a resumed job that ends again replaces it) and how its
 # delivery goes: state pending -> delivered | failed (given up), 'attempts' made, 'sending' (the
-# attempt being sent, 0 if none, with 'sending_at'), the last answer. KEYS[1] hash, [2] attempt log.
+# attempt being sent, 0 if none, with 'sending_at'), the last answer. KEYS[1] hash, [2] attempt log,
+# [3] the due set: a pending event's job, scored by when its next attempt should have begun (so a
+# delivery message the broker lost is found and sent again by the recovery pass).
 
-# ARGV[1] event id, [2] type, [3] url, [4] now. Returns when it was queued ('' if not yet).
+# ARGV[1] event id, [2] type, [3] url, [4] now, [5] job id. Returns when it was queued ('' if not yet).
 WEBHOOK_OPEN = """
 if redis.call('HGET', KEYS[1], 'event_id') == ARGV[1] then
   return redis.call('HGET', KEYS[1], 'queued_at') or ''
@@ -385,12 +387,13 @@ end
 redis.call('DEL', KEYS[1], KEYS[2])
 redis.call('HSET', KEYS[1], 'event_id', ARGV[1], 'type', ARGV[2], 'url', ARGV[3], 'state', 'pending',
            'created_at', ARGV[4], 'attempts', 0, 'sending', 0)
+redis.call('ZADD', KEYS[3], ARGV[4], ARGV[5])
 return ''
 """
 
 # An attempt may start once: a duplicate message finds it made (skip) or being made (busy: look again
 # later; a sender silent for ARGV[4] seconds is taken to have died, and its attempt is made again).
-# ARGV[1] event id, [2] attempt, [3] now, [4] stale after (s)
+# ARGV[1] event id, [2] attempt, [3] now, [4] stale after (s), [5] job id
 WEBHOOK_BEGIN = """
 if redis.call('HGET', KEYS[1], 'event_id') ~= ARGV[1] then return {'skip', 'superseded by a later event'} end
 local state = redis.call('HGET', KEYS[1], 'state')
@@ -405,11 +408,12 @@ if sending > 0 and tonumber(ARGV[3]) - since < tonumber(ARGV[4]) then
   return {'busy', 'attempt ' .. sending .. ' is being sent'}
 end
 redis.call('HSET', KEYS[1], 'sending', attempt, 'sending_at', ARGV[3])
+redis.call('ZADD', KEYS[3], tonumber(ARGV[3]) + tonumber(ARGV[4]), ARGV[5])
 return {'ok', ''}
 """
 
 # ARGV[1] event id, [2] attempt, [3] now, [4] outcome (delivered, retry, failed), [5] HTTP status
-# (0: no answer), [6] error, [7] seconds it took, [8] when the next attempt goes ('' if none)
+# (0: no answer), [6] error, [7] seconds it took, [8] when the next attempt goes ('' if none), [9] job id
 WEBHOOK_END = """
 if redis.call('HGET', KEYS[1], 'event_id') ~= ARGV[1] then return 'skip' end
 redis.call('RPUSH', KEYS[2], cjson.encode({attempt = tonumber(ARGV[2]), at = tonumber(ARGV[3]),
@@ -420,10 +424,13 @@ redis.call('HSET', KEYS[1], 'attempts', made, 'sending', 0, 'last_at', ARGV[3], 
 if redis.call('HGET', KEYS[1], 'state') == 'pending' then
   if ARGV[4] == 'delivered' then
     redis.call('HSET', KEYS[1], 'state', 'delivered', 'delivered_at', ARGV[3], 'next_at', '')
+    redis.call('ZREM', KEYS[3], ARGV[9])
   elseif ARGV[4] == 'failed' then
     redis.call('HSET', KEYS[1], 'state', 'failed', 'next_at', '')
+    redis.call('ZREM', KEYS[3], ARGV[9])
   else
     redis.call('HSET', KEYS[1], 'next_at', ARGV[8])
+    redis.call('ZADD', KEYS[3], ARGV[8], ARGV[9])
   end
 end
 return 'ok'

@@ -642,8 +642,9 @@ class StateStore:
     # --- webhooks (common.webhooks): one event per job end, each attempt recorded --------------------
 
     def _webhook_call(self, name: str, job_id: str, *args) -> object:
-        return self._scripts[name](keys=[self.keys.webhook(job_id), self.keys.webhook_attempts(job_id)],
-                                   args=[_text(a) for a in args])
+        return self._scripts[name](keys=[self.keys.webhook(job_id), self.keys.webhook_attempts(job_id),
+                                         self.keys.webhooks_due()],
+                                   args=[_text(a) for a in (*args, job_id)])
 
     @_guarded
     def open_webhook(self, job_id: str, *, event_id: str, event_type: str, url: str, now: float) -> bool:
@@ -671,6 +672,19 @@ class StateStore:
         """Record how an attempt went: ``outcome`` delivered, retry (at ``next_at``) or failed (given up)."""
         self._webhook_call("webhook_end", job_id, event_id, attempt, now, outcome, status, error[:500],
                            round(duration_s, 3), "" if next_at is None else next_at)
+
+    @_guarded
+    def overdue_webhooks(self, *, now: float, grace_s: float) -> list[tuple[str, str, int]]:
+        """Pending webhook events whose next attempt should have begun more than ``grace_s`` ago:
+        (job id, event id, the attempt to make). Their delivery message was lost (or a sender died)."""
+        overdue = []
+        for job_id in self.redis.zrangebyscore(self.keys.webhooks_due(), "-inf", now - grace_s):
+            record = self.webhook(job_id)
+            if record is None or record.state != "pending":  # its record is gone: nothing to send
+                self.redis.zrem(self.keys.webhooks_due(), job_id)
+                continue
+            overdue.append((job_id, record.event_id, record.attempts + 1))
+        return overdue
 
     @_guarded
     def webhook(self, job_id: str) -> WebhookRecord | None:
