@@ -24,7 +24,8 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest
 
-# The README's figures: local fp32/OpenVINO/bf16, the farm at 1 and 2 workers, long-form memory.
+# The README's figures: local fp32/OpenVINO/bf16, the farm at 1 and 2 workers, time to first
+# playable segment, long-form memory, recovery times.
 bench: $(STAMP)
 	$(BIN)/lipfarm bench --json out/bench.json --chart out/bench.png \
 		--precisions fp32,openvino:fp32,openvino:bf16 --farm --memory --recovery

@@ -8,7 +8,7 @@ job first. The figures come from what the state store records, not from sampling
 - ``half_playable_s``: from submission to the playlist holding half of the job;
 - ``tail_s``: from the last chunk's commit to the published MP4 (the finalizer's whole work);
 
-each with the fast start (first chunks of 2 s and 4 s) and without it. ``tail_10min_s`` times the
+each with the fast start (first chunks of 1, 2 and 4 s) and without it. ``tail_10min_s`` times the
 finalizer alone on a 10-minute job whose segments are real ones reused (rendering 10 minutes here
 takes longer than a benchmark should): every segment fetched and checked against its hash, joined,
 the audio copied, the output checked and published.

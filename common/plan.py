@@ -176,7 +176,7 @@ def plan_job(submission: Submission, audio: AudioRef) -> Plan:
     """The plan of ``submission``, whose audio is now known as ``audio`` (see the module docstring).
 
     Chunks are ``chunk_frames`` long, a multiple of the GOP, so every chunk starts on a keyframe.
-    With ``fast_start`` the first ones are shorter (2 s, then 4 s): the first segment a viewer can
+    With ``fast_start`` the first ones are shorter (1 s, 2 s, then 4 s): the first segment a viewer can
     play is ready a few seconds after a worker takes it. Any chunking gives the same frames.
     """
     job_id, options = submission.job_id, submission.options
