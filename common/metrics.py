@@ -32,8 +32,9 @@ from common.errors import CancelledError, InputError, LipfarmError, ServiceError
 
 log = logging.getLogger(__name__)
 
-# Why an attempt failed. crash: its process died (killed, out of memory); error: anything unforeseen.
-REASONS = ("input", "cache", "storage", "redis", "timeout", "memory", "cancelled", "crash", "error")
+# Why an attempt failed. crash: its process died (killed, out of memory); lost: its lease ran out (its
+# machine vanished or stalled), counted by the recovery pass; error: anything unforeseen.
+REASONS = ("input", "cache", "storage", "redis", "timeout", "memory", "cancelled", "crash", "lost", "error")
 WEBHOOK_OUTCOMES = ("delivered", "retry", "failed")
 
 # Bucket bounds, in seconds, sized for CPU chunks of 250 frames (10-25 s) down to GPU ones.

@@ -97,7 +97,11 @@ def reconcile(*, store: StateStore, storage: Storage, settings: Settings, now: f
 
 
 def _requeued(store: StateStore, storage_at, job_id: str, index: int, move, enqueue: Enqueue,
-              report: ReconcileReport, kind: list) -> None:
+              report: ReconcileReport, kind: list, reason: str) -> None:
+    if move.verdict in (Verdict.REQUEUED, Verdict.FAILED):
+        from common import metrics  # here: a worker sets prometheus_client up before importing it
+
+        metrics.attempt_failed(reason, retried=move.verdict == Verdict.REQUEUED)
     if move.verdict == Verdict.REQUEUED:
         job, chunk = store.job(job_id), store.chunk(job_id, index)
         enqueue.render(job_id, index, job.priority, chunk.frames_label, retry_delay_s(move.spent, worker_lost=True))
@@ -119,7 +123,7 @@ def _dead_local_owners(store: StateStore, storage_at, settings: Settings, now: f
             continue
         move = store.requeue(lease.job_id, lease.index, now=now, reason=f"worker process {lease.worker} died",
                              max_attempts=settings.max_attempts, dead_token=lease.token)
-        _requeued(store, storage_at, lease.job_id, lease.index, move, enqueue, report, report.taken_back)
+        _requeued(store, storage_at, lease.job_id, lease.index, move, enqueue, report, report.taken_back, "crash")
 
 
 def _expired_leases(store: StateStore, storage_at, settings: Settings, now: float, enqueue: Enqueue,
@@ -127,7 +131,7 @@ def _expired_leases(store: StateStore, storage_at, settings: Settings, now: floa
     for job_id, index in store.expired_leases(now):
         move = store.requeue(job_id, index, now=now, reason="lease expired: worker lost or stalled",
                              max_attempts=settings.max_attempts)
-        _requeued(store, storage_at, job_id, index, move, enqueue, report, report.requeued)
+        _requeued(store, storage_at, job_id, index, move, enqueue, report, report.requeued, "lost")
     for job_id in store.expired_finalizers(now):
         enqueue.finalize(job_id, store.job(job_id).priority)
         report.finalizers.append(job_id)

@@ -244,6 +244,12 @@ class Recorder(Enqueue):
                          finalize=lambda *a: self.calls.append(("finalize", *a)))
 
 
+def _failures(reason: str) -> float:
+    from common import metrics
+
+    return metrics.CHUNK_FAILURES.labels(reason=reason)._value.get()
+
+
 def test_reconcile_requeues_lost_attempts_and_lost_finalizers(store, tmp_path):
     settings = load_settings({"LIPFARM_LEASE_S": str(LEASE), "LIPFARM_MAX_ATTEMPTS": "3"})
     storage = LocalStorage(tmp_path)
@@ -252,10 +258,12 @@ def test_reconcile_requeues_lost_attempts_and_lost_finalizers(store, tmp_path):
     done = claim(store, job, 1)
     assert store.commit(job, 1, done.token, frames=25, segment=SEG, now=T0 + 1) == Verdict.OK
     enqueue = Recorder()
+    lost_before = _failures("lost")
     report = reconcile(store=store, storage=storage, settings=settings, now=T0 + 5, enqueue=enqueue)
     assert enqueue.calls == [] and report.requeued == []  # nothing is late yet
     report = reconcile(store=store, storage=storage, settings=settings, now=T0 + LEASE + 1, enqueue=enqueue)
     assert report.requeued == [f"{job}:0"] and enqueue.calls == [("render", job, 0, "normal", "0-24", 0.0)]
+    assert _failures("lost") == lost_before + 1  # counted once, as a lost worker's attempt
     assert store.chunk(job, 0).reason == "attempt 1: lease expired: worker lost or stalled"
     again = claim(store, job, 0, now=T0 + 40)
     assert store.commit(job, 0, lost.token, frames=25, segment=SEG, now=T0 + 41) == Verdict.STALE
