@@ -36,7 +36,6 @@ from common.endings import close_job, close_jobs
 from common.errors import LipfarmError
 from common.identity import is_dead_here, worker_id
 from common.jobfiles import JobFiles
-from common.retry import retry_delay_s
 from common.state import JobRecord, JobState, Stall, StateStore, Verdict
 from common.storage import Storage
 from common.storage.layout import submitted_job_ids
@@ -104,7 +103,7 @@ def _requeued(store: StateStore, storage_at, job_id: str, index: int, move, enqu
         metrics.attempt_failed(reason, retried=move.verdict == Verdict.REQUEUED)
     if move.verdict == Verdict.REQUEUED:
         job, chunk = store.job(job_id), store.chunk(job_id, index)
-        enqueue.render(job_id, index, job.priority, chunk.frames_label, retry_delay_s(move.spent, worker_lost=True))
+        enqueue.render(job_id, index, job.priority, chunk.frames_label, move.delay_s)
         kind.append(f"{job_id}:{index}")
     elif move.verdict == Verdict.FAILED:
         close_job(store, storage_at(store.job(job_id).storage_url), job_id)

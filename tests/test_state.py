@@ -106,13 +106,16 @@ def test_heartbeat_extends_the_lease_and_reports_progress(store):
 
 def test_a_chunk_out_of_attempts_fails_its_job_with_the_reason(store):
     job = make_job(store, chunks=2)
-    now = T0
+    now, delays = T0, []
     for attempt in range(1, 4):
         c = claim(store, job, 0, now=now)
         assert c.ok and c.attempt == attempt
         now += LEASE + 1
-        verdict = store.requeue(job, 0, now=now, reason="lease expired", max_attempts=3).verdict
-        assert verdict == ("requeued" if attempt < 3 else "failed")
+        move = store.requeue(job, 0, now=now, reason="lease expired", max_attempts=3)
+        assert move.verdict == ("requeued" if attempt < 3 else "failed")
+        delays.append(move.delay_s)
+        now += move.delay_s
+    assert delays == [0.0, 5.0, 0.0]  # a lost worker's chunk goes at once the first time only
     record = store.job(job)
     assert record.state == JobState.FAILED
     assert record.reason.startswith("chunk 0 (frames 0-24) failed: attempt 3: lease expired")
@@ -126,10 +129,29 @@ def test_worker_reported_failures(store):
     assert store.fail(job, 0, c.token, reason="storage down", retryable=True, now=T0 + 1,
                       max_attempts=3).verdict == Verdict.REQUEUED
     assert store.chunk(job, 0).reason == "attempt 1: storage down"
-    c = claim(store, job, 0, now=T0 + 2)
+    c = claim(store, job, 0, now=T0 + 6)
     assert store.fail(job, 0, c.token, reason="model.onnx: not an ONNX model", retryable=False,
                       now=T0 + 3, max_attempts=3).verdict == Verdict.FAILED
     assert store.job(job).reason == "chunk 0 (frames 0-24) failed: model.onnx: not an ONNX model"
+
+
+def test_a_requeued_chunk_waits_out_its_retry_delay_whatever_message_comes(store):
+    """A copy of the render message redelivered from a dead process must not start the next attempt
+    early: the claim is told to come back when the delay has run out (and by how long)."""
+    job = make_job(store, chunks=1)
+    c = claim(store, job, 0)
+    move = store.fail(job, 0, c.token, reason="storage down", retryable=True, now=T0 + 1, max_attempts=3)
+    assert (move.verdict, move.spent, move.delay_s) == (Verdict.REQUEUED, 1, 5.0)
+    early = claim(store, job, 0, now=T0 + 3)
+    assert early.verdict == Verdict.LATER and float(early.detail) == 3.0
+    assert store.chunk(job, 0).state == ChunkState.QUEUED and store.chunk(job, 0).spent == 1  # nothing spent
+    second = claim(store, job, 0, now=T0 + 6)
+    assert second.ok and second.attempt == 2
+    move = store.requeue(job, 0, now=T0 + 7, reason="worker process h:9 died", max_attempts=3,
+                         dead_token=second.token)
+    assert (move.verdict, move.delay_s) == (Verdict.REQUEUED, 5.0)  # lost twice: a poison chunk waits too
+    assert claim(store, job, 0, now=T0 + 11).verdict == Verdict.LATER
+    assert claim(store, job, 0, now=T0 + 12).ok
 
 
 def test_release_does_not_spend_the_attempt(store):
@@ -152,8 +174,8 @@ def test_the_attempt_log_records_takeovers_and_failures(store):
     second = claim(store, job, 0, now=T0 + LEASE + 1, worker="w2")  # w1's lease ran out: taken over
     assert store.fail(job, 0, second.token, reason="storage down", retryable=True, now=T0 + 40,
                       max_attempts=3).verdict == Verdict.REQUEUED
-    third = claim(store, job, 0, now=T0 + 41, worker="w1")
-    assert store.fail(job, 0, third.token, reason="bad model", retryable=False, now=T0 + 42,
+    third = claim(store, job, 0, now=T0 + 50, worker="w1")  # after its retry delay (2 spent: 10 s)
+    assert store.fail(job, 0, third.token, reason="bad model", retryable=False, now=T0 + 52,
                       max_attempts=3).verdict == Verdict.FAILED
     assert first.attempt == 1 and third.attempt == 3
     assert [(a.attempt, a.worker, a.outcome, a.reason) for a in store.attempts(job, 0)] == [

@@ -40,7 +40,7 @@ from common.jobfiles import CommitMarker, JobFiles
 from common.holds import hold_reached
 from common.keepalive import KeepAlive
 from common.plan import Plan
-from common.retry import retry_delay_s, with_retries
+from common.retry import with_retries
 from common.state import Claim, Segment, StateStore, Verdict
 from common.storage import Storage
 from common.playlist import advance_playlist
@@ -206,6 +206,9 @@ def _claim(ctx: FarmContext, job_id: str, index: int) -> Claim:
     process, settings = ctx.process, ctx.settings
     claim = ctx.store.claim(job_id, index, worker=process.id, worker_started=process.started, now=time.time(),
                             lease_s=settings.lease_s, max_attempts=settings.max_attempts)
+    if claim.verdict == Verdict.LATER:  # this message came before the chunk's retry delay ran out
+        ctx.enqueue_render(job_id, index, ctx.store.job(job_id).priority, "", float(claim.detail))
+        return Claim(Verdict.SKIP, f"waits {float(claim.detail):.1f} s before its next attempt: queued for then")
     if claim.verdict == Verdict.SKIP and claim.owner and is_dead_here(claim.owner, claim.owner_started):
         log.warning("chunk %s:%s: its worker %s died; requeueing it", job_id, index, claim.owner)
         move = ctx.store.requeue(job_id, index, now=time.time(), reason=f"worker process {claim.owner} died",
@@ -214,7 +217,7 @@ def _claim(ctx: FarmContext, job_id: str, index: int) -> Claim:
         if move.verdict in (Verdict.REQUEUED, Verdict.FAILED):
             metrics.attempt_failed("crash", retried=move.verdict == Verdict.REQUEUED)
         if move.verdict == Verdict.REQUEUED:
-            ctx.enqueue_render(job_id, index, job.priority, "", retry_delay_s(move.spent, worker_lost=True))
+            ctx.enqueue_render(job_id, index, job.priority, "", move.delay_s)
         elif move.verdict == Verdict.FAILED:
             close_job(ctx.store, ctx.storage_at(job.storage_url), job_id)
         return Claim(move.verdict if move.verdict == Verdict.FAILED else Verdict.SKIP, "its worker died: requeued")
@@ -318,7 +321,7 @@ def _failed(ctx: FarmContext, job, index: int, label: str, claim: Claim, failure
         return AttemptResult(Outcome.UNREPORTED, failure.reason)
     log.warning("chunk %s:%s attempt %s: %s (%s)", job_id, index, claim.attempt, failure.reason, move.verdict.value)
     if move.verdict == Verdict.REQUEUED:
-        ctx.enqueue_render(job_id, index, job.priority, label, retry_delay_s(move.spent))
+        ctx.enqueue_render(job_id, index, job.priority, label, move.delay_s)
     elif move.verdict == Verdict.FAILED:
         close_job(ctx.store, ctx.storage_at(job.storage_url), job_id)
     outcome = {Verdict.REQUEUED: Outcome.REQUEUED, Verdict.FAILED: Outcome.FAILED,

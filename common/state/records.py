@@ -80,6 +80,7 @@ class Verdict(str, Enum):
     STALE = "stale"  # the caller's attempt no longer owns the chunk
     REFUSED = "refused"  # the job is not in a state that allows it (cancelled, failed)
     SKIP = "skip"  # nothing to do (running elsewhere, already ended, no such chunk)
+    LATER = "later"  # a claim before the chunk's retry delay ran out: queue it again for then
     FAILED = "failed"  # the chunk, and its job, failed
     REQUEUED = "requeued"  # the chunk went back to the queue
     RELEASED = "released"  # handed back without spending the attempt

@@ -32,6 +32,16 @@ local function event(log_key, attempt, name, reason, worker)
   redis.call('RPUSH', log_key, cjson.encode({attempt = tonumber(attempt) or 0, event = name,
     at = tonumber(now), worker = worker or '', reason = reason or ''}))
 end
+-- The wait before a requeued chunk's next attempt: ARGV schedule "d0,d1,..." indexed by attempts
+-- spent (the retry rule, computed by the caller: common.retry).
+local function retry_delay(schedule, spent)
+  local i = 0
+  for d in string.gmatch(schedule, '[^,]+') do
+    if i == spent then return tonumber(d) end
+    i = i + 1
+  end
+  return 0
+end
 local function log_event(name, reason, worker)
   event(log, redis.call('HGET', chunk, 'attempt'), name, reason, worker or redis.call('HGET', chunk, 'worker'))
 end
@@ -98,6 +108,11 @@ if state == 'running' then
   redis.call('HSET', chunk, 'state', 'queued')  -- that attempt is over; this claim starts the next
 elseif state ~= 'queued' then
   return {'skip', 'chunk is ' .. state}
+else
+  -- A requeued chunk waits out its retry delay whatever message comes first (a copy redelivered
+  -- from a dead process would otherwise start it at once): the caller queues it again for then.
+  local wait = tonumber(redis.call('HGET', chunk, 'not_before') or '0') - tonumber(now)
+  if wait > 0 then return {'later', tostring(wait)} end
 end
 local spent = tonumber(redis.call('HGET', chunk, 'spent') or '0')
 local max_attempts = tonumber(ARGV[8])
@@ -150,7 +165,7 @@ return {'ok'}
 """
 
 # ARGV[5] reason, [6] max attempts, [7] the token of an attempt whose process is known dead ('': the
-# lease must have expired)
+# lease must have expired), [8] the retry delay schedule
 REQUEUE = PRELUDE + """
 local dead = ARGV[7] ~= '' and redis.call('HGET', chunk, 'token') == ARGV[7]
 local lease = redis.call('ZSCORE', leases, member)
@@ -164,11 +179,13 @@ local spent = tonumber(redis.call('HGET', chunk, 'spent') or '0')
 local reason = 'attempt ' .. attempt .. ': ' .. ARGV[5]
 if spent >= tonumber(ARGV[6]) then fail_chunk(reason .. ' (out of attempts)') return {'failed', reason} end
 log_event('requeued', ARGV[5])
-redis.call('HSET', chunk, 'state', 'queued', 'reason', reason, 'updated_at', now, 'token', '')
-return {'requeued', reason, tostring(spent)}
+local delay = retry_delay(ARGV[8], spent)
+redis.call('HSET', chunk, 'state', 'queued', 'reason', reason, 'updated_at', now, 'token', '',
+           'not_before', tonumber(now) + delay)
+return {'requeued', reason, tostring(spent), tostring(delay)}
 """
 
-# ARGV[5] token, [6] reason, [7] retryable 1/0, [8] max attempts
+# ARGV[5] token, [6] reason, [7] retryable 1/0, [8] max attempts, [9] the retry delay schedule
 FAIL = PRELUDE + """
 if not owned_by(ARGV[5]) then return {'stale'} end
 local js = redis.call('HGET', job, 'state')
@@ -178,9 +195,10 @@ local attempt = redis.call('HGET', chunk, 'attempt')
 local spent = tonumber(redis.call('HGET', chunk, 'spent') or '0')
 if ARGV[7] == '1' and spent < tonumber(ARGV[8]) then
   log_event('requeued', ARGV[6])
+  local delay = retry_delay(ARGV[9], spent)
   redis.call('HSET', chunk, 'state', 'queued', 'reason', 'attempt ' .. attempt .. ': ' .. ARGV[6],
-             'updated_at', now, 'token', '')
-  return {'requeued', '', tostring(spent)}
+             'updated_at', now, 'token', '', 'not_before', tonumber(now) + delay)
+  return {'requeued', '', tostring(spent), tostring(delay)}
 end
 fail_chunk(ARGV[6])
 return {'failed'}

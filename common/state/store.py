@@ -31,6 +31,7 @@ from enum import Enum
 import redis
 
 from common.errors import NotFoundError, ServiceError
+from common.retry import retry_delay_s
 from common.state import scripts
 from common.state.connection import mask_url, redis_failure, redis_tls_options, url_without_tls_params
 from common.state.keys import Keys
@@ -46,7 +47,7 @@ SCRIPTS = ("claim", "beat", "commit", "requeue", "fail", "release", "reopen", "t
 class Claim:
     """The answer to a claim (of a chunk or of a job's finalizer)."""
 
-    verdict: Verdict  # OK, SKIP or FAILED
+    verdict: Verdict  # OK, SKIP, LATER (``detail``: seconds to wait) or FAILED
     detail: str = ""
     token: str = ""
     attempt: int = 0
@@ -61,12 +62,13 @@ class Claim:
 
 @dataclass(frozen=True)
 class Move:
-    """The answer to a chunk move that may requeue: the verdict, and the attempts spent so far
-    (the caller delays the next attempt by them)."""
+    """The answer to a chunk move that may requeue: the verdict, the attempts spent so far, and on
+    REQUEUED how long the next attempt waits (the retry rule; a claim before then is told LATER)."""
 
     verdict: Verdict
     detail: str = ""
     spent: int = 0
+    delay_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,11 @@ class Stall(str, Enum):
 class StalledJob:
     job: JobRecord
     stall: Stall
+
+
+def _retry_schedule(max_attempts: int, *, worker_lost: bool) -> str:
+    """The retry rule as the requeueing scripts take it: the delay after each count of attempts spent."""
+    return ",".join(repr(retry_delay_s(spent, worker_lost=worker_lost)) for spent in range(max_attempts + 1))
 
 
 def _text(value) -> str:
@@ -201,12 +208,14 @@ class StateStore:
     def requeue(self, job_id: str, index: int, *, now: float, reason: str, max_attempts: int,
                 dead_token: str = "") -> Move:
         """Requeue an attempt whose lease expired, or (``dead_token``) whose process is known dead."""
-        return self._move(self._call("requeue", job_id, index, now, reason, max_attempts, dead_token))
+        return self._move(self._call("requeue", job_id, index, now, reason, max_attempts, dead_token,
+                                     _retry_schedule(max_attempts, worker_lost=True)))
 
     @_guarded
     def fail(self, job_id: str, index: int, token: str, *, reason: str, retryable: bool, now: float,
              max_attempts: int) -> Move:
-        return self._move(self._call("fail", job_id, index, now, token, reason, int(retryable), max_attempts))
+        return self._move(self._call("fail", job_id, index, now, token, reason, int(retryable), max_attempts,
+                                     _retry_schedule(max_attempts, worker_lost=False)))
 
     @_guarded
     def release(self, job_id: str, index: int, token: str, *, reason: str, now: float) -> Verdict:
@@ -220,7 +229,8 @@ class StateStore:
     @staticmethod
     def _move(result: list[str]) -> Move:
         return Move(Verdict(result[0]), result[1] if len(result) > 1 else "",
-                    int(result[2]) if len(result) > 2 and result[2] else 0)
+                    int(result[2]) if len(result) > 2 and result[2] else 0,
+                    float(result[3]) if len(result) > 3 else 0.0)
 
     @_guarded
     def is_current(self, job_id: str, index: int, token: str) -> bool:
