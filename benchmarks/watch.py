@@ -30,7 +30,7 @@ from common.features import frame_count
 from common.identity import new_job_id, this_process
 from common.jobfiles import CommitMarker, JobFiles
 from common.options import RenderOptions
-from common.plan import plan_job
+from common.plan import fast_start_frames, plan_job
 from common.state import JobRecord, JobState, StateStore
 from common.storage import LocalStorage
 from common.storage.layout import audio_track_key
@@ -100,16 +100,17 @@ def _samples_for_frames(frames: int) -> int:
 
 def _finalizer_tail(settings: Settings, demo, source_job: str, temp: Path, minutes: float) -> float:
     """Seconds from the start of the finalizer to the published MP4 of a ``minutes`` job whose chunks
-    all committed: chunks of 50 and 100 frames (the fast start) and 250, made of ``source_job``'s
-    segments of those lengths, with a real AAC track of the job's length."""
+    all committed: the fast start's short chunks and full ones, made of ``source_job``'s segments of
+    those lengths, with a real AAC track of the job's length."""
     from scheduler.audiotrack import encode_audio_track
     from scheduler.finalize import Finalizer, finalize_job
 
     store = StateStore.connect(settings.redis_url, settings.key_prefix)
     storage = LocalStorage(settings.storage_url)
     by_frames = {c.frames: c for c in store.chunks(source_job)}
-    full = int(minutes * 60 * defaults.FPS) // 250
-    frames = 150 + 250 * (full - 1)
+    options = JobFiles(storage, source_job).submission().options
+    first = sum(fast_start_frames(options))  # whole chunks only: every length is one the source job has
+    frames = first + options.chunk_frames * ((int(minutes * 60 * defaults.FPS) - first) // options.chunk_frames)
     samples = _samples_for_frames(frames)
     audio = repeated_speech(demo.audio, temp / "tail.wav", samples / defaults.SAMPLE_RATE_HZ)
     job_id = new_job_id()

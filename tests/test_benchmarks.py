@@ -36,3 +36,18 @@ def test_memory_bench_measures_each_role(settings, demo, tmp_path):
     assert result["chunks"] == 2 and result["rendered_chunks"] == [0, 1]
     assert result["frames"] == 374  # 15 s: 240000 samples, 1201 mel frames, 372 windows
     assert all(mb > 50 for mb in result["peak_rss_mb"].values())
+
+
+def test_watch_bench_times_the_first_playable_segment_and_the_tail(settings, demo):
+    """Short jobs (449 frames: chunks of 25, 50, 100, 250 and 24 with the fast start) on a real
+    worker; the tail job (675 frames) is made of the fast-start job's segments."""
+    from benchmarks.watch import run_watch_bench
+
+    figures = run_watch_bench(settings, minutes=0.3, tail_minutes=0.45, redis_db=5)
+    fast, uniform = figures["fast_start"], figures["uniform"]
+    assert fast["frames"] == uniform["frames"] == 449  # 18 s of audio
+    assert (fast["chunks"], uniform["chunks"]) == (5, 2)
+    for job in (fast, uniform):
+        assert 0 < job["first_playable_s"] <= job["half_playable_s"] <= job["total_s"]
+        assert 0 <= job["tail_s"] < job["total_s"]
+    assert figures["tail_0.45min_s"] > 0
