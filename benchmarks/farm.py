@@ -176,6 +176,11 @@ def _unet_frames_between(generator: str, start: float, seconds: float) -> int:
         frames += 1
 
 
+def _render_fps(count_runs: list[dict], chunk_frames: int) -> float:
+    """The median render speed of one process over the timed chunks of ``count_runs``."""
+    return float(np.median([chunk_frames / t["render_s"] for run in count_runs for t in run["timing"]]))
+
+
 def _farm_figures(runs: dict[int, list[dict]], chunk_frames: int, rounds: int) -> dict:
     timings = [t for count_runs in runs.values() for run in count_runs for t in run["timing"]]
     render_fps = float(np.median([chunk_frames / t["render_s"] for t in timings]))
@@ -187,8 +192,10 @@ def _farm_figures(runs: dict[int, list[dict]], chunk_frames: int, rounds: int) -
                "render_fps_per_process": round(render_fps, 3),
                "chunk_overhead_s": round(overhead, 4),
                "chunk_overhead_share_of_250_frames": round(overhead / (250 / render_fps), 5),
+               # against the warm render speed of the same worker count: one process renders
+               # faster alone (its helper threads have the other core) than beside another
                "cold_start_s": {str(c): round(float(max(
-                   t["fetch_s"] + t["render_s"] - chunk_frames / render_fps
+                   t["fetch_s"] + t["render_s"] - chunk_frames / _render_fps(rs, chunk_frames)
                    for r in rs for t in r["warm_timing"])), 3) for c, rs in runs.items()}}
     if 1 in runs and 2 in runs:
         ratios = sorted(b["fps"] / a["fps"] for a, b in zip(runs[1], runs[2]))
