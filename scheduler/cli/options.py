@@ -23,7 +23,7 @@ OPTION_HELP = {
     "x264_preset": "x264 speed preset",
     "x264_threads": "x264 threads per chunk encode (part of the bitstream: fixed per job)",
     "audio_bitrate_bps": "AAC bitrate of the output's audio",
-    "fast_start": "cut the first chunks short (2 s, 4 s) so the job is watchable within seconds",
+    "fast_start": "cut the first chunks short (1 s, 2 s, 4 s) so the job is watchable within seconds",
 }
 
 
