@@ -122,6 +122,20 @@ class JobFiles:
                              expected=ENDED_VERSION, found=data.get("version"))
         return data["snapshot"]
 
+    def put_webhook_outcome(self, record: dict) -> None:
+        """Record how the job's webhook event's delivery ended (``WebhookRecord.to_dict``): a rebuild
+        after Redis lost its data sends again only events not known to be delivered or given up."""
+        self.storage.put_bytes(layout.webhook_outcome_key(self.job_id), json.dumps(record).encode())
+
+    def webhook_outcome(self) -> dict | None:
+        """The recorded outcome of the job's webhook event, or None if none was recorded (or it is unreadable)."""
+        try:
+            return json.loads(self.storage.get_bytes(layout.webhook_outcome_key(self.job_id)))
+        except NotFoundError:
+            return None
+        except ValueError:
+            return None  # unreadable: sending the event again is the safe side (receivers deduplicate)
+
     def delete_ended(self) -> None:
         """The job goes on (resumed): it has not ended after all."""
         self.storage.delete(layout.ended_key(self.job_id))

@@ -159,10 +159,36 @@ def deliver(store: StateStore, settings: Settings, job_id: str, event: str, atte
         enqueue(job_id, event, attempt + 1, delay)
     store.end_webhook_attempt(job_id, event, attempt, now=ended, outcome=outcome, status=status,
                               error=error, duration_s=ended - started, next_at=next_at)
+    if outcome != "retry":
+        _record_outcome(store, storage_at, job)
     from common import metrics  # here: importing it starts prometheus_client, which a worker must set up first
 
     metrics.webhook_attempt(outcome)
     return f"{outcome}: attempt {attempt}, {error or f'HTTP {status}'}"
+
+
+def _record_outcome(store: StateStore, storage_at: Callable[[str], Storage], job: JobRecord) -> None:
+    """Keep the event's final outcome beside the job's end record, so a rebuild after Redis lost
+    its data does not send a delivered event again. Best effort: without it, a rebuild sends the
+    event once more (receivers deduplicate by its id)."""
+    record = store.webhook(job.job_id)
+    try:
+        JobFiles(storage_at(job.storage_url), job.job_id).put_webhook_outcome(record.to_dict())
+    except LipfarmError as exc:
+        log.warning("job %s: the webhook's outcome is not recorded in storage (%s)", job.job_id, exc)
+
+
+def resend_after_rebuild(store: StateStore, files: JobFiles, *, retry_s: float, now: float,
+                         enqueue: Enqueue | None = None) -> bool:
+    """After a rebuild restored an ended job, queue its event again unless storage records that it
+    was delivered or given up, or the end is older than the retry window; True if queued."""
+    job = store.job(files.job_id)
+    if job.finished_at is None or now - job.finished_at > retry_s:
+        return False
+    outcome = files.webhook_outcome()
+    if outcome is not None and outcome.get("event_id") == event_id(job):
+        return False
+    return queue_event(store, files, enqueue=enqueue, now=now)
 
 
 def _next_step(settings: Settings, record: WebhookRecord, attempt: int, status: int, *,

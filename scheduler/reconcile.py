@@ -30,7 +30,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
-from common import defaults
+from common import defaults, webhooks
 from common.config import Settings
 from common.endings import close_job, close_jobs
 from common.errors import LipfarmError
@@ -80,7 +80,7 @@ def reconcile(*, store: StateStore, storage: Storage, settings: Settings, now: f
     report = ReconcileReport(recorded=close_jobs(store, storage_at))
     if (rebuild or store.generation() is None) and store.take_rebuild_lock(owner := worker_id(), ttl_s=600):
         try:
-            _rebuild(store, storage, now, enqueue, report)
+            _rebuild(store, storage, settings, now, enqueue, report)
             store.set_generation(now=now)
         finally:
             store.release_rebuild_lock(owner)
@@ -177,19 +177,24 @@ def _lost_webhook_messages(store: StateStore, settings: Settings, now: float, en
         report.webhooks_resent.append(f"{job_id}:{attempt}")
 
 
-def _rebuild(store: StateStore, storage: Storage, now: float, enqueue: Enqueue,
+def _rebuild(store: StateStore, storage: Storage, settings: Settings, now: float, enqueue: Enqueue,
              report: ReconcileReport) -> None:
     for job_id in submitted_job_ids(storage.list("jobs/")):
         if store.exists(job_id):
             continue
-        _rebuild_job(store, JobFiles(storage, job_id), now, enqueue)
+        _rebuild_job(store, JobFiles(storage, job_id), settings, now, enqueue, report)
         report.rebuilt.append(job_id)
 
 
-def _rebuild_job(store: StateStore, files: JobFiles, now: float, enqueue: Enqueue) -> None:
+def _rebuild_job(store: StateStore, files: JobFiles, settings: Settings, now: float, enqueue: Enqueue,
+                 report: ReconcileReport) -> None:
     ended = files.ended()
     if ended is not None:
         store.restore_snapshot(ended)
+        # its webhook's delivery state was in Redis too: an event not known to be done goes again
+        if enqueue.webhook is not None and webhooks.resend_after_rebuild(
+                store, files, retry_s=settings.webhook_retry_s, now=now, enqueue=enqueue.webhook):
+            report.webhooks_resent.append(f"{files.job_id}:1")
         return
     submission = files.submission()
     record = replace(JobRecord.queued(submission, files.storage.url, now=now), rebuilt_at=now)

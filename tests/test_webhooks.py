@@ -270,6 +270,42 @@ def test_the_recovery_pass_resends_a_delivery_message_the_broker_lost(store, tmp
     assert [r.event["id"] for r in receiver.received] == [event, event]
 
 
+
+def test_after_redis_loses_its_data_an_undelivered_event_is_sent_again(store, tmp_path, receiver):
+    """The delivery state lived in Redis: a rebuild from storage queues again the event of a job that
+    ended within the retry window, unless storage records it delivered; an older end is left alone."""
+    storage = open_storage(str(tmp_path / "storage"))
+    settings = load_settings({"LIPFARM_WEBHOOK_SECRET": SECRET, "LIPFARM_WEBHOOK_RETRY_S": "3600"})
+    start = time.time()
+    store.set_generation(now=start)
+    fresh = _ended_job(store, storage, receiver.url, now=start)
+    old = _ended_job(store, storage, receiver.url, now=start - 7200)  # ended before the retry window
+    lost = []
+    for job_id in (fresh, old):
+        assert close_job(store, storage, job_id, enqueue_webhook=lambda *a: lost.append(a))  # messages lost
+    events = {job_id: store.webhook(job_id).event_id for job_id in (fresh, old)}
+    resent = []
+    enqueue = Enqueue(plan=lambda *a: None, render=lambda *a: None, finalize=lambda *a: None,
+                      webhook=lambda *a: resent.append(a))
+
+    def lose_redis_and_recover(at: float) -> list[str]:
+        for key in store.redis.scan_iter(f"{PREFIX}:*"):
+            store.redis.delete(key)
+        report = reconcile(store=store, storage=storage, settings=settings, now=at, enqueue=enqueue)
+        assert sorted(report.rebuilt) == sorted([fresh, old])
+        return report.webhooks_resent
+
+    assert lose_redis_and_recover(start + 10) == [f"{fresh}:1"]
+    assert resent == [(fresh, events[fresh], 1, 0.0)]  # the same event id: receivers deduplicate
+    assert store.webhook(fresh).state == "pending" and store.webhook(old) is None
+    assert webhooks.deliver(store, settings, fresh, events[fresh], 1, storage_at=lambda url: storage,
+                            enqueue=lambda *a: None).startswith("delivered")
+    assert JobFiles(storage, fresh).webhook_outcome()["state"] == "delivered"
+    resent.clear()
+    assert lose_redis_and_recover(start + 20) == [] and resent == []  # known delivered: not again
+    assert [r.event["id"] for r in receiver.received] == [events[fresh]]
+
+
 # ---------------------------------------------------------------------------------------------
 # End to end: a real worker delivers them
 

@@ -17,6 +17,7 @@
     jobs/<job id>/hls/index.m3u8           the EVENT playlist of the chunks playable so far
     jobs/<job id>/output.mp4               the published result
     jobs/<job id>/ended.json               how the job ended (done, failed, cancelled): its records
+    jobs/<job id>/webhook.json             how its webhook event's delivery ended (delivered, given up)
 
 Every id that becomes part of a key is checked here, so no job id, hash or file name can address
 anything outside its own place (``..``, ``/``, hidden names).
@@ -103,6 +104,10 @@ def output_key(job_id: str) -> str:
 
 def ended_key(job_id: str) -> str:
     return job_prefix(job_id) + "ended.json"
+
+
+def webhook_outcome_key(job_id: str) -> str:
+    return job_prefix(job_id) + "webhook.json"
 
 
 def submitted_job_ids(keys) -> list[str]:
