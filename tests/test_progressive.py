@@ -26,6 +26,7 @@ from common.state import JobRecord, JobState, Keys, Segment, StateStore
 from common.storage import LocalStorage
 from common.storage.layout import hls_segment_key, playlist_key
 from demo.speech import write_wav
+from scheduler.cli import main
 from scheduler.local import render_local
 from scheduler.submit import submit_job
 from tests.browser import chromium_page, serve_folder
@@ -131,7 +132,7 @@ def test_mid_job_the_playlist_lists_only_the_committed_run_from_the_start(farm, 
     assert abs((rendition.audio_end_s - rendition.video_start_s) - mp4_audio_s) <= 1 / FPS
 
 
-def test_the_output_copies_the_plans_audio_and_the_segments_video(farm, demo, clip, reference):
+def test_the_output_copies_the_plans_audio_and_the_segments_video(farm, demo, clip, reference, capsys):
     settings, storage = farm
     handle = _submit(settings, demo, clip)
     status = handle.wait(timeout_s=300)
@@ -151,6 +152,14 @@ def test_the_output_copies_the_plans_audio_and_the_segments_video(farm, demo, cl
         assert [bytes(p) for p in out.demux(out.streams.video[0]) if p.size] == video  # bit for bit
     assert all(np.array_equal(a, b) for a, b in zip(video_frames(Path(status.output_location), "yuv420p"),
                                                      reference))
+    capsys.readouterr()
+    assert main(["watch", handle.job_id]) == 0  # an ended job: where to watch it, and how it ended
+    out = capsys.readouterr().out
+    assert f"watch: {storage.local_path(f'jobs/{handle.job_id}/hls/index.m3u8')}" in out
+    assert f"job {handle.job_id}: done; output: {status.output_location}" in out
+    assert main(["watch", "no-such-job"]) == 4
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown job 'no-such-job'" in err[0]
 
 
 def test_a_fast_start_plan_renders_the_same_frames_as_a_uniform_one(farm, demo, clip, reference):
