@@ -141,7 +141,9 @@ class JobFiles:
         self.storage.delete(layout.ended_key(self.job_id))
 
     def delete_unused_segments(self, keep: set[str]) -> None:
-        """Remove segments of attempts that did not commit (superseded or late), keeping ``keep``."""
-        for key in list(self.storage.list(layout.chunks_prefix(self.job_id))):
-            if key.endswith(".mp4") and key not in keep:
-                self.storage.delete(key)
+        """Remove segments (H.264 and HLS) of attempts that did not commit (superseded or late),
+        keeping ``keep``."""
+        for prefix, ending in ((layout.chunks_prefix(self.job_id), ".mp4"), (layout.hls_prefix(self.job_id), ".ts")):
+            for key in list(self.storage.list(prefix)):
+                if key.endswith(ending) and key not in keep:
+                    self.storage.delete(key)

@@ -26,7 +26,7 @@ from common.identity import worker_id
 from common.jobfiles import JobFiles
 from common.segments import BadSegment, check_segment, reopen
 from common.state import ChunkRecord, ChunkState, JobState, StateStore
-from common.storage.layout import playlist_key
+from common.storage.layout import hls_prefix, playlist_key
 
 log = logging.getLogger(__name__)
 LOCK_S = 60.0  # a writer that dies holding the lock holds it this long at most
@@ -78,6 +78,12 @@ def _write(store: StateStore, files: JobFiles, enqueue_render, max_reopens: int)
     frames = round(sum(duration for _, duration in entries) * defaults.FPS)
     store.set_playlist(files.job_id, chunks=len(entries), frames=frames, frames_total=job.frames_total,
                        now=time.time())
+
+
+def listed_segment_keys(files: JobFiles) -> set[str]:
+    """The keys of the HLS segments the job's playlist lists: a viewer may fetch them, so they stay
+    even when their chunk was later rendered again."""
+    return {hls_prefix(files.job_id) + name for name, _ in _listed(files)[0]}
 
 
 def _listed(files: JobFiles) -> tuple[list[tuple[str, float]], bool]:

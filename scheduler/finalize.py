@@ -31,6 +31,7 @@ from common.identity import WorkerProcess, is_dead_here
 from common.jobfiles import JobFiles
 from common.keepalive import KeepAlive
 from common.plan import Plan
+from common.playlist import listed_segment_keys
 from common.segments import BadSegment, check_segment, reopen
 from common.state import ChunkRecord, ChunkState, Claim, JobState, StateStore, Verdict
 from scheduler.stitch import Segment, stitch
@@ -106,8 +107,19 @@ def _finalize(ctx: Finalizer, files: JobFiles, claim: Claim) -> str:
     metrics.job_published(store, job_id, finalize_s=time.perf_counter() - started,
                           last_commit_at=max((c.committed_at for c in chunks if c.committed_at), default=None))
     close_job(store, files.storage, job_id)
-    files.delete_unused_segments(keep={c.segment_key for c in chunks})
+    _delete_unused_segments(files, chunks)
     return f"done: {location}"
+
+
+def _delete_unused_segments(files: JobFiles, chunks: list[ChunkRecord]) -> None:
+    """Segments of attempts that did not commit go; what a viewer may still fetch stays (committed
+    segments, and every HLS segment the playlist ever listed). Best effort: the job is done already."""
+    try:
+        keep = ({c.segment_key for c in chunks} | {c.hls_key for c in chunks if c.hls_key}
+                | listed_segment_keys(files))
+        files.delete_unused_segments(keep=keep)
+    except LipfarmError as exc:
+        log.warning("job %s: unused segments not deleted (%s)", files.job_id, exc)
 
 
 def _stitched(files: JobFiles, plan: Plan, chunks: list[ChunkRecord], folder: Path) -> Path:

@@ -17,7 +17,7 @@ import redis
 
 from common import celery_app, services
 from common.config import load_settings
-from common.hls import TS_OFFSET_S, parse_media_playlist
+from common.hls import TS_OFFSET_S, media_playlist, parse_media_playlist
 from common.identity import new_job_id
 from common.jobfiles import JobFiles
 from common.options import RenderOptions
@@ -218,6 +218,8 @@ def test_a_damaged_hls_segment_is_never_listed(farm, holds, demo, clip, referenc
     segments, ended = parse_media_playlist(_playlist(storage, job_id).read_text())
     assert ended and len(segments) == 5
     assert segments[1][0] != Path(chunk.hls_key).name  # chunk 1 was rendered again, its new segment listed
+    assert sorted(p.name for p in _playlist(storage, job_id).parent.glob("*.ts")) == sorted(
+        name for name, _ in segments)  # the damaged segment, never listed, was deleted with the job's end
     first, second = handle.store.attempts(job_id, 1)
     assert first.outcome == "reopened" and "failed its check" in first.reason and second.outcome == "committed"
     with av.open(str(_playlist(storage, job_id)), options={"protocol_whitelist": "file,crypto,data"}) as container:
@@ -256,6 +258,29 @@ WATCH_PAGE = """<!doctype html>
   hls.attachMedia(video);
 </script>
 """
+
+
+def test_segments_a_viewer_may_fetch_outlive_the_cleanup(tmp_path):
+    """At publication, segments of attempts that did not commit go, but an HLS segment the playlist
+    listed stays even when its chunk was rendered again afterwards (a viewer may be playing it)."""
+    from types import SimpleNamespace
+
+    from scheduler.finalize import _delete_unused_segments
+
+    storage, job = LocalStorage(tmp_path), "20260101-000000-abcdef"
+    names = ["chunks/00000-a.mp4", "chunks/00000-b.mp4", "chunks/00001-c.mp4", "chunks/00001-d.mp4",
+             "hls/00000-a.ts", "hls/00000-b.ts", "hls/00001-c.ts", "hls/00001-d.ts", "chunks/00000.json"]
+    for name in names:
+        storage.put_bytes(f"jobs/{job}/{name}", b"x")
+    # chunk 0: attempt a listed, then rendered again as b; chunk 1: attempt c superseded by d
+    storage.put_bytes(playlist_key(job), media_playlist([("00000-a.ts", 1.0), ("00001-d.ts", 1.0)],
+                                                        ended=True, target_duration_s=1).encode())
+    chunks = [SimpleNamespace(segment_key=f"jobs/{job}/chunks/00000-b.mp4", hls_key=f"jobs/{job}/hls/00000-b.ts"),
+              SimpleNamespace(segment_key=f"jobs/{job}/chunks/00001-d.mp4", hls_key=f"jobs/{job}/hls/00001-d.ts")]
+    _delete_unused_segments(JobFiles(storage, job), chunks)
+    assert sorted(k.split("/", 2)[2] for k in storage.list(f"jobs/{job}/")) == [
+        "chunks/00000-b.mp4", "chunks/00000.json", "chunks/00001-d.mp4",
+        "hls/00000-a.ts", "hls/00000-b.ts", "hls/00001-d.ts", "hls/index.m3u8"]
 
 
 def test_out_of_order_commits_never_leave_a_gap_or_shrink_the_playlist(tmp_path):

@@ -74,11 +74,11 @@ def audio_piece_key(job_id: str, index: int) -> str:
 
 
 def hls_segment_key(job_id: str, index: int, attempt: str) -> str:
-    return job_prefix(job_id) + f"hls/{index:05d}-{checked_part(attempt, 'attempt')}.ts"
+    return hls_prefix(job_id) + f"{index:05d}-{checked_part(attempt, 'attempt')}.ts"
 
 
 def playlist_key(job_id: str) -> str:
-    return job_prefix(job_id) + "hls/index.m3u8"
+    return hls_prefix(job_id) + "index.m3u8"
 
 
 def plan_key(job_id: str) -> str:
@@ -92,6 +92,10 @@ def segment_key(job_id: str, index: int, attempt: str) -> str:
 
 def chunks_prefix(job_id: str) -> str:
     return job_prefix(job_id) + "chunks/"
+
+
+def hls_prefix(job_id: str) -> str:
+    return job_prefix(job_id) + "hls/"
 
 
 def commit_key(job_id: str, index: int) -> str:
