@@ -73,6 +73,9 @@ SETTINGS = (
             "Attempts per chunk before the chunk, and its job, fail."),
     Setting("reconcile_interval_s", "LIPFARM_RECONCILE_INTERVAL_S", defaults.RECONCILE_INTERVAL_S, float,
             "How often the recovery pass runs (in every worker, taking turns, and `lipfarm reconcile --loop`)."),
+    Setting("job_retention_s", "LIPFARM_JOB_RETENTION_S", defaults.JOB_RETENTION_S, float,
+            "Seconds after its end that an ended job's records leave Redis (the recovery pass removes them; "
+            "storage keeps them, and asking for the job brings it back). 0: never."),
     Setting("worker_reconcile", "LIPFARM_WORKER_RECONCILE", 1, int,
             "1: every worker also runs the recovery pass, taking turns (one pass per interval across the "
             "farm); 0: only `lipfarm reconcile --loop` does."),
@@ -140,6 +143,7 @@ class Settings:
     lease_s: float
     max_attempts: int
     reconcile_interval_s: float
+    job_retention_s: float
     worker_reconcile: int
     hold_dir: str
     redis_tls_ca_file: str

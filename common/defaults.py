@@ -72,6 +72,9 @@ HEARTBEAT_INTERVAL_S = 5.0
 LEASE_S = 15.0  # a chunk (or finalizer) not heard from for this long is taken back
 MAX_ATTEMPTS = 3  # attempts per chunk before the chunk, and its job, fail
 RECONCILE_INTERVAL_S = 5.0
+# An ended job's records leave Redis this long after its end (they stay in storage, ended.json, and
+# come back when the job is asked for): Redis holds the live farm, not its whole history.
+JOB_RETENTION_S = 7 * 24 * 3600.0
 # A failed attempt's chunk waits before its next one: 5 s, 10 s, 20 s, ... at most 60 s (common.retry).
 RETRY_DELAY_S = 5.0
 RETRY_DELAY_MAX_S = 60.0

@@ -16,6 +16,8 @@ Every ``lipfarm worker`` runs it in a thread (at most one pass per interval acro
    queued chunks whose render message was lost (none waits in the broker, yet they stay queued);
 6. re-sends webhook events whose delivery message was lost (their next attempt is long overdue):
    attempts are fenced by number, so a message that was only late finds its attempt made.
+7. removes from Redis ended jobs whose end storage holds, ``LIPFARM_JOB_RETENTION_S`` after their
+   end (the CLI and the API bring one back from storage when it is asked for).
 
 The state store finds what is stuck; this module decides what to queue. ``reconcile`` never sleeps
 and takes the time as a parameter; ``run_forever`` is the loop, which logs an outage of Redis, the
@@ -65,6 +67,7 @@ class ReconcileReport:
     replanned: list[str] = field(default_factory=list)
     resent: list[str] = field(default_factory=list)
     webhooks_resent: list[str] = field(default_factory=list)
+    forgotten: list[str] = field(default_factory=list)
 
 
 def reconcile(*, store: StateStore, storage: Storage, settings: Settings, now: float,
@@ -89,6 +92,8 @@ def reconcile(*, store: StateStore, storage: Storage, settings: Settings, now: f
     _stalled_jobs(store, settings, now, enqueue, report)
     _lost_render_messages(store, settings, now, enqueue, report)
     _lost_webhook_messages(store, settings, now, enqueue, report)
+    if settings.job_retention_s > 0:
+        report.forgotten = store.forget_ended(ended_before=now - settings.job_retention_s)
     for kind, items in report.__dict__.items():
         if items:
             log.info("reconcile %s: %s", kind, ", ".join(items))

@@ -9,6 +9,7 @@ content hash, the audio is uploaded under the job, the submission is recorded in
 
 from __future__ import annotations
 
+import functools
 import tempfile
 import time
 from dataclasses import dataclass
@@ -35,7 +36,9 @@ def connect_farm(settings: Settings) -> StateStore:
     store = StateStore.connect(settings.redis_url, settings.key_prefix, tls_ca_file=settings.redis_tls_ca_file)
     if settings.broker_url != settings.redis_url:
         StateStore.connect(settings.broker_url, settings.key_prefix, tls_ca_file=settings.redis_tls_ca_file)
-    return store
+    storage = functools.cache(lambda: open_storage(settings.storage_url, settings))
+    # an ended job that left Redis (LIPFARM_JOB_RETENTION_S) comes back from the farm's storage when asked for
+    return store.recall_ended_from(lambda job_id: JobFiles(storage(), job_id).ended())
 
 
 @dataclass(frozen=True)

@@ -316,3 +316,42 @@ def test_status_shows_a_stuck_job_as_stuck(store):
     store.beat(job, 0, live.token, now=T0 + 80, lease_s=LEASE, frames_done=15)  # alive, but no progress
     later = store.status(job, now=T0 + 85)
     assert later.frames_done == 15 and later.eta_s > status.eta_s > 0  # nothing progresses: the estimate grows
+
+
+def test_ended_jobs_leave_redis_after_their_retention_and_come_back_when_asked(store, tmp_path):
+    """Redis holds the live farm, not its history: an ended job whose end storage holds leaves it
+    after LIPFARM_JOB_RETENTION_S, all its keys at once, and comes back from ended.json when asked
+    for. A job still in the outbox, unfinished, recently ended or with a webhook pending stays."""
+    from common.endings import close_job
+    from common.jobfiles import JobFiles
+
+    storage = LocalStorage(tmp_path)
+    store.set_generation(now=T0)
+    jobs = {name: make_job(store, name, chunks=2) for name in ("old", "outbox", "running", "recent", "hooked")}
+    running = claim(store, "running", 0)
+    for name, ended_at in (("old", T0 + 1), ("outbox", T0 + 1), ("recent", T0 + 3000), ("hooked", T0 + 1)):
+        assert store.cancel(name, now=ended_at)
+        if name != "outbox":
+            assert close_job(store, storage, name)  # its end recorded in storage
+    store.open_webhook("hooked", event_id="hooked:cancelled:1", event_type="job.cancelled",
+                       url="http://127.0.0.1:9/hook", now=T0 + 2)
+    before = {key for key in store.redis.scan_iter(f"{PREFIX}:*") if ":old" not in key}
+
+    assert store.forget_ended(ended_before=T0 + 100) == ["old"]
+    assert not store.exists("old") and {key for key in store.redis.scan_iter(f"{PREFIX}:*")} == before
+    assert store.chunk("running", 0).token == running.token  # the others untouched
+    with pytest.raises(NotFoundError, match="unknown job 'old'"):
+        store.job("old")
+
+    store.recall_ended_from(lambda job_id: JobFiles(storage, job_id).ended())
+    back = store.status("old", now=T0 + 200)
+    assert back.state == JobState.CANCELLED and back.finished_at == T0 + 1
+    assert [c.state for c in store.chunks("old")] == [ChunkState.CANCELLED] * 2
+    assert "old" in store.redis.zrange(store.keys.jobs(), 0, -1)
+
+    settings = load_settings({"LIPFARM_JOB_RETENTION_S": "3600"})
+    report = reconcile(store=store, storage=storage, settings=settings, now=T0 + 3602, enqueue=Recorder())
+    assert sorted(report.forgotten) == ["old", "outbox"]  # the outbox's end recorded first, in the same pass
+    assert sorted(store.redis.zrange(store.keys.jobs(), 0, -1)) == sorted(set(jobs) - {"old", "outbox"})
+    assert reconcile(store=store, storage=storage, settings=load_settings({"LIPFARM_JOB_RETENTION_S": "0"}),
+                     now=T0 + 10 ** 6, enqueue=Recorder()).forgotten == []  # 0: kept for ever

@@ -453,3 +453,24 @@ if redis.call('HGET', KEYS[1], 'state') == 'pending' then
 end
 return 'ok'
 """
+
+# An ended job whose end is recorded in storage leaves Redis, all its keys at once, if it still
+# qualifies when the script runs (a resume or a pending webhook in between keeps it).
+# KEYS[1] job, [2] jobs, [3] active, [4] unrecorded, [5] webhook, [6] webhook attempts, [7] webhooks due,
+# [8] playlist lock, [9] playlist dirty. ARGV[1] job id, [2] ended before, [3] chunk key prefix,
+# [4] attempt log prefix. Returns 1 if it was removed.
+FORGET = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if state ~= 'done' and state ~= 'failed' and state ~= 'cancelled' then return 0 end
+local finished = tonumber(redis.call('HGET', KEYS[1], 'finished_at') or '')
+if not finished or finished >= tonumber(ARGV[2]) then return 0 end
+if redis.call('SISMEMBER', KEYS[4], ARGV[1]) == 1 then return 0 end
+if redis.call('HGET', KEYS[5], 'state') == 'pending' then return 0 end
+local n = tonumber(redis.call('HGET', KEYS[1], 'chunks_total') or '0')
+for i = 0, n - 1 do redis.call('DEL', ARGV[3] .. i, ARGV[4] .. i) end
+redis.call('DEL', ARGV[4] .. 'finalize', KEYS[1], KEYS[5], KEYS[6], KEYS[8], KEYS[9])
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('SREM', KEYS[3], ARGV[1])
+redis.call('ZREM', KEYS[7], ARGV[1])
+return 1
+"""

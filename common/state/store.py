@@ -13,11 +13,13 @@ Every move is one Lua script (``common.state.scripts``), a single atomic step wi
   ``finish_done``, ``release_finalizer``;
 - jobs: ``start_planning``, ``start_rendering``, ``finish`` (failed), ``cancel``. A job that ends
   ends with all its chunks in one step, and goes to an outbox of ends that storage has not
-  recorded yet (``unrecorded_job_ids``), so no end is lost between Redis and storage.
+  recorded yet (``unrecorded_job_ids``), so no end is lost between Redis and storage;
+  ``forget_ended`` removes ended jobs whose end storage holds, after ``LIPFARM_JOB_RETENTION_S``.
 
 A Redis that cannot be reached raises ``ServiceError`` naming it, from every verb: callers that
 must ride out an outage catch one kind of error. Time is always a parameter (``now``), so tests
-never sleep; reads have no side effects.
+never sleep; reads have no side effects, but one: with a recall set (the CLI's and the API's
+store), asking for a job that left Redis restores it from its ``ended.json``.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import json
 import secrets
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Callable
 
 import redis
 
@@ -40,7 +43,7 @@ from common.state.records import (JOB_MOVES, AttemptRecord, ChunkRecord, ChunkSt
 
 SCRIPTS = ("claim", "beat", "commit", "requeue", "fail", "release", "reopen", "take_finalize",
            "beat_finalize", "finish_done", "release_finalize", "job_move", "resume",
-           "observe", "first_commit", "webhook_open", "webhook_begin", "webhook_end")
+           "observe", "first_commit", "webhook_open", "webhook_begin", "webhook_end", "forget")
 
 
 @dataclass(frozen=True)
@@ -149,6 +152,14 @@ class StateStore:
         kwargs = client.connection_pool.connection_kwargs
         self.where = where or f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}/{kwargs.get('db', 0)}"
         self._scripts = {name: client.register_script(getattr(scripts, name.upper())) for name in SCRIPTS}
+        # Where an ended job that left Redis (LIPFARM_JOB_RETENTION_S) is found again: job id -> its
+        # ended.json snapshot, or None. Set by the CLI and the API (``recall_ended_from``); workers need none.
+        self._recall: Callable[[str], dict | None] | None = None
+
+    def recall_ended_from(self, recall: Callable[[str], dict | None]) -> "StateStore":
+        """Bring back, on first ask, an ended job that left Redis, from what ``recall`` finds in storage."""
+        self._recall = recall
+        return self
 
     @classmethod
     def connect(cls, url: str, prefix: str, *, tls_ca_file: str = "") -> "StateStore":
@@ -554,9 +565,41 @@ class StateStore:
     @_guarded
     def job(self, job_id: str) -> JobRecord:
         record = self.redis.hgetall(self.keys.job(job_id))
+        if not record and self._recall is not None and (snapshot := self._recall(job_id)) is not None:
+            self.restore_snapshot(snapshot)  # an ended job that left Redis: back until the next pass
+            record = self.redis.hgetall(self.keys.job(job_id))
         if not record:
             raise NotFoundError(f"unknown job '{job_id}'")
         return JobRecord.from_hash(record)
+
+    @_guarded
+    def forget_ended(self, *, ended_before: float, limit: int = 500, batch: int = 500) -> list[str]:
+        """Remove from Redis ended jobs that ended before ``ended_before``, whose end is recorded in
+        storage and whose webhook event is not pending: at most ``limit``, oldest first. Storage
+        keeps them (``ended.json``); ``job()`` brings one back when a recall is set."""
+        forgotten: list[str] = []
+        start = 0
+        while len(forgotten) < limit:
+            # created before the cut-off is necessary (a job ends after it is created), not enough
+            ids = self.redis.zrangebyscore(self.keys.jobs(), "-inf", ended_before, start=start, num=batch)
+            if not ids:
+                break
+            kept = 0
+            for job_id in ids[:limit - len(forgotten)]:
+                if self._forget(job_id, ended_before):
+                    forgotten.append(job_id)
+                else:
+                    kept += 1
+            start += kept  # the removed ones no longer count in the ranks
+        return forgotten
+
+    def _forget(self, job_id: str, ended_before: float) -> bool:
+        keys = self.keys
+        return bool(self._scripts["forget"](
+            keys=[keys.job(job_id), keys.jobs(), keys.active(), keys.unrecorded(), keys.webhook(job_id),
+                  keys.webhook_attempts(job_id), keys.webhooks_due(), keys.playlist_lock(job_id),
+                  keys.playlist_dirty(job_id)],
+            args=[job_id, repr(ended_before), keys.chunk(job_id, ""), keys.attempts(job_id, "")]))
 
     def _raw_chunks(self, job_id: str, count: int) -> list[dict]:
         with self.redis.pipeline(transaction=False) as pipe:
