@@ -26,7 +26,7 @@ import cv2
 import numpy as np
 
 from common.errors import AvatarError, NotFoundError
-from common.fileio import folder_replaced_atomically
+from common.fileio import file_sha256, folder_replaced_atomically
 
 FORMAT = "lipfarm-avatar"
 VERSION = 1
@@ -129,10 +129,6 @@ def _hash_content(width: int, height: int, rects, frame_sha256: Sequence[str]) -
     return digest.hexdigest()
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def load_avatar(root: str | Path, *, verify_frames: bool = False) -> Avatar:
     """Load and validate the avatar package at ``root``.
 
@@ -156,7 +152,7 @@ def load_avatar(root: str | Path, *, verify_frames: bool = False) -> Avatar:
             raise AvatarError("frame file missing", path=root / name, field=f"frames[{i}]")
     if verify_frames:
         for i, name in enumerate(meta["frames"]):
-            if _sha256(root / name) != meta["frame_sha256"][i]:
+            if file_sha256(root / name) != meta["frame_sha256"][i]:
                 raise AvatarError("frame bytes differ from the manifest's hash", path=root / name)
     return Avatar(root, meta["name"], width, height, tuple(meta["frames"]), rects,
                   meta["content_hash"], meta.get("source", {}), tuple(meta["frame_sha256"]))
@@ -195,7 +191,7 @@ def write_avatar(dest: str | Path, *, name: str, frames: Sequence[Path], rects: 
             rel = f"frames/{i:06d}{frame.suffix.lower()}"
             shutil.copyfile(frame, staging / rel)
             names.append(rel)
-            hashes.append(_sha256(staging / rel))
+            hashes.append(file_sha256(staging / rel))
         rect_lists = [list(map(int, r)) for r in rects]
         meta = {"format": FORMAT, "version": VERSION, "name": name, "width": width, "height": height,
                 "frames": names, "frame_sha256": hashes, "rects": rect_lists,

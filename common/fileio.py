@@ -1,4 +1,5 @@
-"""Files and folders that appear whole or not at all: write beside the target, then rename.
+"""Files and folders that appear whole or not at all (write beside the target, then rename), and
+the SHA-256 of a file, read in blocks.
 
 A reader (another worker process, a player, a user's script) must never see half a file: a crash
 mid-write leaves only a hidden temporary, which is removed when the writer fails and ignored by
@@ -8,6 +9,7 @@ in the target's own folder.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -62,3 +64,12 @@ def folder_replaced_atomically(target: str | Path, *, replace: bool) -> Iterator
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def file_sha256(path: str | Path) -> str:
+    """The hex SHA-256 of the file at ``path``, read 1 MB at a time (models and segments are large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -36,7 +36,6 @@ ever appended while the job runs, ``#EXT-X-ENDLIST`` once it is done) and
 
 from __future__ import annotations
 
-import hashlib
 import heapq
 import math
 import struct
@@ -48,6 +47,7 @@ from typing import Iterable, Iterator
 import av
 
 from common import defaults
+from common.fileio import file_sha256
 
 TS_OFFSET_S = 10  # seconds added to every timestamp; above any priming or reorder delay
 HLS_VERSION = 3  # the first version with decimal EXTINF durations; nothing newer is used
@@ -176,7 +176,7 @@ def mux_hls_segment(video_segment: Path, start_frame: int, audio_piece: Path, ou
     if frames == 0:
         raise ValueError(f"{video_segment}: no video frames")
     return SegmentInfo(Path(out), frames, frames / defaults.FPS, len(piece.packets),
-                       Path(out).stat().st_size, _sha256(Path(out)))
+                       Path(out).stat().st_size, file_sha256(out))
 
 
 def _ticks(seconds: Fraction, time_base: Fraction) -> int:
@@ -219,14 +219,6 @@ def _interleaved(*streams: Iterator[tuple[Fraction, av.Packet]]) -> Iterator[av.
               for index, stream in enumerate(streams)]
     for *_, packet in heapq.merge(*tagged, key=lambda item: item[:3]):
         yield packet
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # --- Playlists ---------------------------------------------------------------------------------

@@ -73,14 +73,6 @@ class GeneratorSpec:
         return self.roi_px + 2 * defaults.ROI_RING_PX
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 # Operator domains every ONNX runtime implements itself ("" is ai.onnx).
 STANDARD_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml"})
 

@@ -325,7 +325,7 @@ class _CacheSlot:
         """Whether the model file still holds the content its hash names (checked before storing
         anything under that hash)."""
         if self._source_checked is None:
-            from common.models import file_sha256
+            from common.fileio import file_sha256
 
             try:
                 self._source_checked = file_sha256(self.path) == self.sha256

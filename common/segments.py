@@ -8,7 +8,6 @@ again, with a fresh count of attempts), which also stops the job's finalizer unt
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from common.errors import NotFoundError
+from common.fileio import file_sha256
 from common.jobfiles import JobFiles
 from common.state import StateStore, Verdict
 
@@ -38,7 +38,7 @@ def check_segment(storage, key: str, size: int, sha256: str, path: Path) -> str:
     found = path.stat().st_size
     if found != size:
         return f"{found} bytes, committed as {size}"
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = file_sha256(path)
     if digest != sha256:
         return f"SHA-256 {digest[:12]}..., committed as {sha256[:12]}..."
     return ""

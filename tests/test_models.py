@@ -540,7 +540,7 @@ def counted_checks(monkeypatch):
 def test_a_model_is_checked_once_while_its_file_is_unchanged(demo, tmp_path, monkeypatch, counted_checks):
     import shutil
 
-    from common.models import file_sha256
+    from common.fileio import file_sha256
 
     path = tmp_path / "encoder.onnx"
     shutil.copyfile(demo.encoder, path)
@@ -598,7 +598,8 @@ def test_a_model_file_changed_just_now_is_checked_every_time(tmp_path, monkeypat
 
 
 def test_model_hash_and_parse_come_from_one_read(demo, tmp_path):
-    from common.models import _load_and_hash, file_sha256, load_model
+    from common.fileio import file_sha256
+    from common.models import _load_and_hash, load_model
 
     model, digest = _load_and_hash(demo.generator)
     assert digest == file_sha256(demo.generator)

@@ -22,7 +22,8 @@ from common.audio import FilePcm, PcmSource, StoragePcm
 from common.avatar import MANIFEST, Avatar, load_avatar
 from common.errors import AvatarError, ServiceError
 from common.fileio import folder_replaced_atomically, replaced_atomically
-from common.models import file_sha256, inspect_encoder, inspect_generator
+from common.fileio import file_sha256
+from common.models import inspect_encoder, inspect_generator
 from common.plan import AssetRef, Chunk, Plan
 from common.storage import Storage
 from worker.render import ChunkWork

@@ -20,7 +20,6 @@ commit is refused to any attempt but the current one.
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import tempfile
 import time
@@ -34,6 +33,7 @@ from common.config import Settings
 from common.endings import close_job
 from common.errors import (AvatarError, CancelledError, InputError, LipfarmError, ModelError, NotFoundError,
                            ServiceError)
+from common.fileio import file_sha256
 from common.hls import mux_hls_segment
 from common.identity import WorkerProcess, is_dead_here
 from common.jobfiles import CommitMarker, JobFiles
@@ -239,7 +239,7 @@ def _render_and_upload(ctx: FarmContext, storage: Storage, plan: Plan, index: in
         rendered = time.perf_counter()
         key = segment_key(plan.job_id, index, claim.token)
         with_retries(lambda: storage.put_file(key, output), f"upload of segment {key}")
-        segment = Segment(key, output.stat().st_size, _sha256(output),
+        segment = Segment(key, output.stat().st_size, file_sha256(output),
                           *_hls_segment(storage, plan, index, claim.token, output, beat))
         lease_until = beat.lease_until
     times.extra = {"fetch_s": fetched - started, "render_s": rendered - fetched,
@@ -279,14 +279,6 @@ def _wait_for_piece(storage: Storage, key: str, path: Path, beat: Heartbeat) -> 
                 return False
             time.sleep(0.5)
     return False
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _advance_playlist(ctx: FarmContext, files: JobFiles) -> None:

@@ -14,7 +14,8 @@ from typing import Literal
 
 from common.config import Settings
 from common.errors import InputError, ModelError, ServiceError
-from common.models import file_sha256, inspect_encoder, inspect_generator
+from common.fileio import file_sha256
+from common.models import inspect_encoder, inspect_generator
 from common.storage import Storage
 from common.storage.layout import checked_part, model_key
 

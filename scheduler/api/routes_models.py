@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 
 from common.errors import ModelError
-from common.models import file_sha256
+from common.fileio import file_sha256
 from common.state import ApiToken
 from common.storage.layout import model_key
 from scheduler.api.auth import reader, writer
