@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -11,7 +12,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable, Iterator
 
+import pytest
+import redis
+
+from common import celery_app, services
+from common.config import Settings, load_settings
+from common.state import Keys, StateStore
 from scheduler.cluster import LipfarmProcess, free_ports
 
 TEST_REDIS_DB = 13
@@ -135,6 +143,50 @@ class Workers:
     def stop(self) -> None:
         for process in self.processes:
             process.stop(timeout_s=20)
+
+
+def delete_prefixed(client: redis.Redis, prefix: str) -> None:
+    """Delete every key under ``prefix`` (a test's own part of a shared Redis database)."""
+    for key in client.scan_iter(f"{prefix}:*"):
+        client.delete(key)
+
+
+@contextlib.contextmanager
+def prefixed_store(db: int, prefix: str) -> Iterator[StateStore]:
+    """A state store in Redis database ``db`` under ``prefix``, emptied of its keys before and after."""
+    client = redis.Redis(db=db, decode_responses=True, socket_connect_timeout=3)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        pytest.fail(f"Redis on 127.0.0.1:6379 is needed for these tests ({exc})")
+    delete_prefixed(client, prefix)
+    try:
+        yield StateStore(client, Keys(prefix))
+    finally:
+        delete_prefixed(client, prefix)
+
+
+@contextlib.contextmanager
+def running_farm(env: dict[str, str], folder: Path, holds: "Holds",
+                 clean: Callable[[], None]) -> Iterator[tuple[Settings, Workers]]:
+    """A farm for a test module: its settings in this process's environment (so CLI calls and
+    submissions see them) and its ``Workers`` running. Afterwards the workers stop, holds are
+    released, ``clean`` empties the farm's database, and the environment and the Celery app's
+    configuration are restored."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(name, value)
+        settings = load_settings()
+        celery_app.configure(celery_app.app, settings)
+        workers = Workers(env, folder, count=2).start()
+        try:
+            yield settings, workers
+        finally:
+            workers.stop()
+            holds.release()
+            clean()
+    celery_app.configure(celery_app.app, load_settings())
+    services.reset()
 
 
 class Holds:

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import redis
 
-from common import celery_app, services
+from common import celery_app
 from common.config import load_settings
 from common.errors import NotFoundError
 from common.identity import new_job_id
@@ -28,7 +28,7 @@ from scheduler.cli import main
 from scheduler.local import render_local
 from scheduler.reconcile import Enqueue, reconcile
 from scheduler.submit import submit_job
-from tests.farm import TEST_PREFIX, Holds, SeaweedS3, Workers, farm_env, until
+from tests.farm import TEST_PREFIX, Holds, SeaweedS3, farm_env, running_farm, until
 from tests.media import video_frames, video_info
 
 pytestmark = pytest.mark.slow
@@ -66,21 +66,8 @@ def farm(tmp_path_factory, home, demo, s3, holds):
     _clean_db()
     env = farm_env(home, f"s3://{BUCKET}/farm", s3, LIPFARM_BROKER_URL=f"redis://127.0.0.1:6379/{FARM_DB}",
                    LIPFARM_HOLD_DIR=str(holds.folder))
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in env.items():
-            patch.setenv(name, value)
-        settings = load_settings()
-        celery_app.configure(celery_app.app, settings)
-        workers = Workers(env, tmp_path_factory.mktemp("workers"), count=2).start()
-        try:
-            yield settings, workers
-        finally:
-            workers.stop()
-            holds.release()
-            _clean_db()
-    celery_app.configure(celery_app.app, load_settings())
-    services.reset()
-
+    with running_farm(env, tmp_path_factory.mktemp("workers"), holds, _clean_db) as running:
+        yield running
 
 
 def _submit(settings, demo, audio, **kw):

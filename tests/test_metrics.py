@@ -121,7 +121,6 @@ def farm(tmp_path_factory, home, demo, holds):
     services.reset()
 
 
-
 @pytest.mark.slow
 def test_a_running_job_moves_the_figures_and_they_agree_with_its_status(farm, holds, demo, clip):
     settings, worker_url, api_url, worker = farm

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import redis
 
-from common import celery_app, services
+from common import celery_app
 from common.config import load_settings
 from common.hls import TS_OFFSET_S, media_playlist, parse_media_playlist
 from common.identity import new_job_id
@@ -30,7 +30,7 @@ from scheduler.cli import main
 from scheduler.local import render_local
 from scheduler.submit import submit_job
 from tests.browser import chromium_page, serve_folder
-from tests.farm import Holds, Workers, farm_env, until
+from tests.farm import Holds, farm_env, running_farm, until
 from tests.media import decode_streams, video_frames
 
 pytestmark = pytest.mark.slow
@@ -51,21 +51,9 @@ def farm(tmp_path_factory, home, demo, holds):
     storage = tmp_path_factory.mktemp("storage")
     env = farm_env(home, str(storage), None, LIPFARM_BROKER_URL=f"redis://127.0.0.1:6379/{DB}",
                    LIPFARM_HOLD_DIR=str(holds.folder))
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in env.items():
-            patch.setenv(name, value)
-        settings = load_settings()
-        celery_app.configure(celery_app.app, settings)
-        workers = Workers(env, tmp_path_factory.mktemp("workers"), count=2).start()
-        try:
-            yield settings, LocalStorage(storage)
-        finally:
-            workers.stop()
-            holds.release()
-            redis.Redis(db=DB).flushdb()
-    celery_app.configure(celery_app.app, load_settings())
-    services.reset()
-
+    clean = redis.Redis(db=DB).flushdb
+    with running_farm(env, tmp_path_factory.mktemp("workers"), holds, clean) as (settings, _workers):
+        yield settings, LocalStorage(storage)
 
 
 @pytest.fixture(scope="module")

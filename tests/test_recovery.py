@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import redis
 
-from common import celery_app, services
+from common import celery_app
 from common.avatar import AvatarStore, write_avatar
 from common.config import load_settings
 from common.identity import new_job_id
@@ -28,7 +28,7 @@ from demo.speech import write_wav
 from scheduler.local import render_local
 from scheduler.reconcile import Enqueue, reconcile
 from scheduler.submit import submit_job
-from tests.farm import Holds, Workers, farm_env, until
+from tests.farm import Holds, farm_env, running_farm, until
 from tests.media import video_frames
 
 pytestmark = pytest.mark.slow
@@ -54,21 +54,8 @@ def farm(tmp_path_factory, home, demo, holds):
     env = farm_env(home, str(storage), None, LIPFARM_BROKER_URL=f"redis://127.0.0.1:6379/{DB}",
                    LIPFARM_HOLD_DIR=str(holds.folder), LIPFARM_LEASE_S="6", LIPFARM_HEARTBEAT_INTERVAL_S="1",
                    LIPFARM_RECONCILE_INTERVAL_S="1", LIPFARM_CACHE_DIR=str(tmp_path_factory.mktemp("cache")))
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in env.items():
-            patch.setenv(name, value)
-        settings = load_settings()
-        celery_app.configure(celery_app.app, settings)
-        workers = Workers(env, tmp_path_factory.mktemp("workers"), count=2).start()
-        try:
-            yield settings, workers
-        finally:
-            workers.stop()
-            holds.release()
-            _flush()
-    celery_app.configure(celery_app.app, load_settings())
-    services.reset()
-
+    with running_farm(env, tmp_path_factory.mktemp("workers"), holds, _flush) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -252,15 +239,21 @@ def _render_worker_of(workers, chunk):
     return next(w for w in workers.render if int(chunk.worker.split(":")[1]) in w.children())
 
 
-def test_sigterm_finishes_the_chunk_in_hand(farm, holds, demo, clip):
-    """A warm shutdown (SIGTERM: a deploy, a scale-down) lets the chunk being rendered finish."""
+def _held_at_chunk_0(farm, holds, demo, clip):
+    """A job whose chunk 0 pauses after 5 frames: its handle, that chunk and the worker rendering it."""
     settings, workers = farm
     job_id = new_job_id()
     holds.hold(job_id, 0, after_frames=5)
     handle = _submit(settings, demo, clip, job_id=job_id)
     chunk = until(lambda: next((c for c in handle.store.chunks(job_id) if c.index == 0 and c.frames_done >= 5),
                                None), what="chunk 0 held")
-    worker = _render_worker_of(workers, chunk)
+    return handle, chunk, _render_worker_of(workers, chunk)
+
+
+def test_sigterm_finishes_the_chunk_in_hand(farm, holds, demo, clip):
+    """A warm shutdown (SIGTERM: a deploy, a scale-down) lets the chunk being rendered finish."""
+    handle, chunk, worker = _held_at_chunk_0(farm, holds, demo, clip)
+    job_id = handle.job_id
     os.kill(worker.pid, signal.SIGTERM)
     holds.release(job_id)
     try:
@@ -274,13 +267,8 @@ def test_sigterm_finishes_the_chunk_in_hand(farm, holds, demo, clip):
 
 def test_sigquit_hands_the_chunk_back_without_spending_an_attempt(farm, holds, demo, clip):
     """A cold shutdown (SIGQUIT) stops the render at once; the chunk goes back uncharged."""
-    settings, workers = farm
-    job_id = new_job_id()
-    holds.hold(job_id, 0, after_frames=5)
-    handle = _submit(settings, demo, clip, job_id=job_id)
-    chunk = until(lambda: next((c for c in handle.store.chunks(job_id) if c.index == 0 and c.frames_done >= 5),
-                               None), what="chunk 0 held")
-    worker = _render_worker_of(workers, chunk)
+    handle, chunk, worker = _held_at_chunk_0(farm, holds, demo, clip)
+    job_id = handle.job_id
     os.kill(worker.pid, signal.SIGQUIT)
     try:
         worker.process.wait(timeout=60)

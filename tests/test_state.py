@@ -5,14 +5,13 @@ from __future__ import annotations
 import threading
 
 import pytest
-import redis
 
 from common.config import load_settings
 from common.errors import NotFoundError
-from common.state import ChunkState, JobRecord, JobState, Keys, Segment, StateStore, Verdict
+from common.state import ChunkState, JobRecord, JobState, Segment, StateStore, Verdict
 from common.storage import LocalStorage
 from scheduler.reconcile import Enqueue, reconcile
-from tests.farm import TEST_REDIS_DB
+from tests.farm import TEST_REDIS_DB, prefixed_store
 
 PREFIX = "lipfarm-unit"
 T0 = 1_800_000_000.0
@@ -22,19 +21,8 @@ SEG = Segment("jobs/j/chunks/00000-t.mp4", 1000, "ab" * 32)
 
 @pytest.fixture()
 def store():
-    client = redis.Redis(db=TEST_REDIS_DB, decode_responses=True, socket_connect_timeout=3)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        pytest.fail(f"Redis on 127.0.0.1:6379 is needed for these tests ({exc})")
-
-    def clean():
-        for key in client.scan_iter(f"{PREFIX}:*"):
-            client.delete(key)
-
-    clean()
-    yield StateStore(client, Keys(PREFIX))
-    clean()
+    with prefixed_store(TEST_REDIS_DB, PREFIX) as store:
+        yield store
 
 
 def make_job(store: StateStore, job_id="j1", chunks=3, frames=25) -> str:

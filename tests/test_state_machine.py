@@ -12,10 +12,9 @@ from __future__ import annotations
 import itertools
 
 import pytest
-import redis
 
-from common.state import CHUNK_MOVES, JOB_MOVES, ChunkState, JobRecord, JobState, Keys, Segment, StateStore
-from tests.farm import TEST_REDIS_DB
+from common.state import CHUNK_MOVES, JOB_MOVES, ChunkState, JobRecord, JobState, Segment, StateStore
+from tests.farm import TEST_REDIS_DB, delete_prefixed, prefixed_store
 
 PREFIX = "lipfarm-machine"
 T0 = 1_800_000_000.0
@@ -28,22 +27,14 @@ SEG = Segment("jobs/sm/chunks/00000-x.mp4", 10, "0" * 64)
 
 @pytest.fixture(scope="module")
 def store():
-    client = redis.Redis(db=TEST_REDIS_DB, decode_responses=True)
-
-    def clean():
-        for key in client.scan_iter(f"{PREFIX}:*"):
-            client.delete(key)
-
-    clean()
-    yield StateStore(client, Keys(PREFIX))
-    clean()
+    with prefixed_store(TEST_REDIS_DB, PREFIX) as store:
+        yield store
 
 
 def _set_up(store: StateStore, job_state: JobState, chunk_state: ChunkState, *, lease_live: bool,
             attempt: int) -> None:
     """A one-chunk job in the given states, written directly (a test may; the code may not)."""
-    for key in store.redis.scan_iter(f"{PREFIX}:*"):
-        store.redis.delete(key)
+    delete_prefixed(store.redis, PREFIX)
     store.create_job(JobRecord(job_id=JOB, state=JobState.QUEUED, priority="normal", avatar="a", audio="a.wav",
                                storage_url="file:///x", created_at=T0, updated_at=T0))
     assert store.start_planning(JOB, now=T0)

@@ -30,7 +30,7 @@ from common.identity import new_job_id
 from common.jobfiles import JobFiles
 from common.options import RenderOptions
 from common.plan import AssetRef, Submission
-from common.state import JobRecord, Keys, StateStore
+from common.state import JobRecord, StateStore
 from common.storage import open_storage
 from demo.speech import write_wav
 from scheduler.api.schemas import Job
@@ -39,7 +39,7 @@ from scheduler.api.views import job_view
 from scheduler.cluster import LipfarmProcess
 from scheduler.reconcile import Enqueue, reconcile
 from scheduler.submit import submit_job
-from tests.farm import farm_env, until
+from tests.farm import delete_prefixed, farm_env, prefixed_store, until
 
 WEBHOOK_DB = 6
 PREFIX = "lipfarm-webhooktest"
@@ -142,15 +142,8 @@ def test_retries_back_off_doubling_up_to_a_cap():
 
 @pytest.fixture
 def store():
-    client = redis.Redis(db=WEBHOOK_DB, decode_responses=True)
-
-    def clean():
-        for key in client.scan_iter(f"{PREFIX}:*"):
-            client.delete(key)
-
-    clean()
-    yield StateStore(client, Keys(PREFIX))
-    clean()
+    with prefixed_store(WEBHOOK_DB, PREFIX) as store:
+        yield store
 
 
 def _ended_job(store: StateStore, storage, url: str, *, now: float) -> str:
@@ -289,8 +282,7 @@ def test_after_redis_loses_its_data_an_undelivered_event_is_sent_again(store, tm
                       webhook=lambda *a: resent.append(a))
 
     def lose_redis_and_recover(at: float) -> list[str]:
-        for key in store.redis.scan_iter(f"{PREFIX}:*"):
-            store.redis.delete(key)
+        delete_prefixed(store.redis, PREFIX)
         report = reconcile(store=store, storage=storage, settings=settings, now=at, enqueue=enqueue)
         assert sorted(report.rebuilt) == sorted([fresh, old])
         return report.webhooks_resent
