@@ -29,17 +29,17 @@ from statistics import mean
 import numpy as np
 import redis
 
-from common.audio import load_16k
-from common import defaults
-from common.config import Settings, load_settings
-from common.errors import ServiceError
-from common.options import RenderOptions
-from common.jobfiles import JobFiles
-from common.storage import LocalStorage
-from demo.assets import ensure_demo_assets
-from demo.speech import write_wav
-from scheduler.cluster import LipfarmProcess
-from scheduler.submit import submit_job
+from lipfarm.common.audio import load_16k
+from lipfarm.common import defaults
+from lipfarm.common.config import Settings, load_settings
+from lipfarm.common.errors import ServiceError
+from lipfarm.common.options import RenderOptions
+from lipfarm.job.jobfiles import JobFiles
+from lipfarm.common.storage import LocalStorage
+from lipfarm.demo.assets import ensure_demo_assets
+from lipfarm.demo.speech import write_wav
+from lipfarm.scheduler.cluster import LipfarmProcess
+from lipfarm.scheduler.submit import submit_job
 
 BENCH_PREFIX = "lipfarm-bench"
 
@@ -127,7 +127,7 @@ def run_farm_bench(settings: Settings, *, worker_counts: list[int], frames: int 
                "LIPFARM_KEY_PREFIX": BENCH_PREFIX, "LIPFARM_STORAGE_URL": str(temp / "storage"),
                "LIPFARM_CACHE_DIR": str(temp / "cache"), "LIPFARM_INFERENCE_THREADS": "1"}
         bench_settings = load_settings({**os.environ, **env})
-        from common import celery_app
+        from lipfarm.common import celery_app
 
         celery_app.configure(celery_app.app, bench_settings)
         storage = LocalStorage(temp / "storage")
@@ -158,8 +158,8 @@ def inference_only_fps(generator: str, processes: int, seconds: float = 10.0) ->
 
 
 def _unet_frames_between(generator: str, start: float, seconds: float) -> int:
-    from common.models import inspect_generator
-    from common.runtime import open_runner
+    from lipfarm.common.models import inspect_generator
+    from lipfarm.common.runtime import open_runner
 
     spec = inspect_generator(generator)
     run = open_runner(spec, backend="cpu", precision="fp32", threads=1)

@@ -10,7 +10,7 @@ For each backend/precision asked for, on the demo (10 s of speech, 249 frames, 1
 - ``cold_start_s``: what a user waits for in ``lipfarm render`` before anything is rendered. It is
   the wall seconds from launching a fresh Python process (``subprocess``: no module imported, no
   session, no template in memory) to the moment the first UNet batch's output is returned in it.
-  The process does what ``lipfarm render`` does: it imports ``scheduler.cli`` (the command's entry
+  The process does what ``lipfarm render`` does: it imports ``lipfarm.cli`` (the command's entry
   point), then runs ``render_local`` on the demo avatar and speech with this run's options and
   threads; it is stopped right after that first batch. The span therefore holds interpreter start
   and imports, model checks, audio normalisation and planning, session creation, the chunk's audio
@@ -48,19 +48,19 @@ from pathlib import Path
 
 import numpy as np
 
-from common import defaults
-from common.audio import ArrayPcm, load_16k
-from common.avatar import Avatar, AvatarStore, pingpong_indices
-from common.config import SETTINGS, Settings
-from demo.assets import DemoAssets, ensure_demo_assets
-from common.features import audio_inputs, frame_count
-from common.models import inspect_encoder, inspect_generator
-from common.options import RenderOptions
-from common.runtime import CACHE_DIR_ENV, cpu_has_native_bf16, open_runner, resolve_backend, run_encoder
-from common.sysinfo import cpu_model, usable_cores
-from scheduler.local import render_local
-from worker.roi import crop_side, fill_visual_input
-from worker.templates import TemplateCache, process_templates
+from lipfarm.common import defaults
+from lipfarm.common.audio import ArrayPcm, load_16k
+from lipfarm.common.avatar import Avatar, AvatarStore, pingpong_indices
+from lipfarm.common.config import SETTINGS, Settings
+from lipfarm.demo.assets import DemoAssets, ensure_demo_assets
+from lipfarm.common.features import audio_inputs, frame_count
+from lipfarm.common.models import inspect_encoder, inspect_generator
+from lipfarm.common.options import RenderOptions
+from lipfarm.common.runtime import CACHE_DIR_ENV, cpu_has_native_bf16, open_runner, resolve_backend, run_encoder
+from lipfarm.common.sysinfo import cpu_model, usable_cores
+from lipfarm.scheduler.local import render_local
+from lipfarm.worker.roi import crop_side, fill_visual_input
+from lipfarm.worker.templates import TemplateCache, process_templates
 
 
 @dataclass
@@ -156,20 +156,20 @@ _COLD_START_MARK = "lipfarm-cold-start "
 _COLD_START_CHILD = f"""
 import json, sys, time
 args = json.loads(sys.argv[1])
-import scheduler.cli  # what the `lipfarm` command imports first
+import lipfarm.cli  # what the `lipfarm` command imports first
 from pathlib import Path
-from common.avatar import AvatarStore
-from common.config import load_settings
-from common.models import GeneratorSpec
-from common.options import RenderOptions
-from scheduler.local import render_local
-import worker.render
+from lipfarm.common.avatar import AvatarStore
+from lipfarm.common.config import load_settings
+from lipfarm.common.models import GeneratorSpec
+from lipfarm.common.options import RenderOptions
+from lipfarm.scheduler.local import render_local
+from lipfarm.worker import render as worker_render
 imported = time.time()
 
 class FirstBatch(Exception):
     pass
 
-open_runner = worker.render.open_runner
+open_runner = worker_render.open_runner
 
 def watched(spec, **kwargs):
     runner = open_runner(spec, **kwargs)
@@ -185,7 +185,7 @@ def watched(spec, **kwargs):
 
     return first
 
-worker.render.open_runner = watched
+worker_render.open_runner = watched
 settings = load_settings()
 try:
     render_local(avatar=AvatarStore(settings.avatars_dir).get(args["avatar"]), audio=Path(args["audio"]),
@@ -299,7 +299,7 @@ def run_bench(settings: Settings, *, configs: list[BenchConfig], repeat: int = 2
     avatar = AvatarStore(settings.avatars_dir).get(demo.avatar_name)
     samples = load_16k(demo.audio)
     if seconds is not None:
-        from demo.speech import write_wav
+        from lipfarm.demo.speech import write_wav
 
         clip = settings.work_dir / "bench-clip.wav"
         clip.parent.mkdir(parents=True, exist_ok=True)

@@ -20,14 +20,14 @@ import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from common.avatar import AvatarStore
-from common.config import Settings
-from common.options import RenderOptions
-from common.plan import Plan
-from common.storage import LocalStorage
-from common.sysinfo import peak_rss_bytes
-from benchmarks.farm import repeated_speech
-from demo.assets import ensure_demo_assets
+from lipfarm.common.avatar import AvatarStore
+from lipfarm.common.config import Settings
+from lipfarm.common.options import RenderOptions
+from lipfarm.common.plan import Plan
+from lipfarm.common.storage import LocalStorage
+from lipfarm.common.sysinfo import peak_rss_bytes
+from lipfarm.benchmarks.farm import repeated_speech
+from lipfarm.demo.assets import ensure_demo_assets
 
 
 def _peak_mb() -> float:
@@ -35,7 +35,7 @@ def _peak_mb() -> float:
 
 
 def _plan_role(settings: Settings, audio: str, root: str, job_id: str) -> tuple[str, float]:
-    from scheduler.local import local_plan, prepare_audio
+    from lipfarm.scheduler.local import local_plan, prepare_audio
 
     demo = ensure_demo_assets(settings)
     storage = LocalStorage(root)
@@ -46,7 +46,7 @@ def _plan_role(settings: Settings, audio: str, root: str, job_id: str) -> tuple[
 
 
 def _render_role(plan_json: str, root: str, indices: list[int], threads: int, template_frames: int) -> float:
-    from scheduler.local import render_chunk_local
+    from lipfarm.scheduler.local import render_chunk_local
 
     plan, storage = Plan.from_json(plan_json), LocalStorage(root)
     for index in indices:
@@ -55,8 +55,8 @@ def _render_role(plan_json: str, root: str, indices: list[int], threads: int, te
 
 
 def _finalize_role(plan_json: str, root: str, audio: str, rendered: list[int]) -> tuple[int, float]:
-    from scheduler.local import local_segment
-    from scheduler.stitch import Segment, stitch
+    from lipfarm.scheduler.local import local_segment
+    from lipfarm.scheduler.stitch import Segment, stitch
 
     plan, storage = Plan.from_json(plan_json), LocalStorage(root)
     by_length = {plan.chunks[i].frames: local_segment(plan, i, storage) for i in rendered}

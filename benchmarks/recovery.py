@@ -27,14 +27,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.farm import bench_database, release_database, repeated_speech
-from common import defaults
-from common.config import Settings, load_settings
-from common.identity import new_job_id
-from common.options import RenderOptions
-from demo.assets import ensure_demo_assets
-from scheduler.cluster import LipfarmProcess
-from scheduler.submit import submit_job
+from lipfarm.benchmarks.farm import bench_database, release_database, repeated_speech
+from lipfarm.common import defaults
+from lipfarm.common.config import Settings, load_settings
+from lipfarm.common.identity import new_job_id
+from lipfarm.common.options import RenderOptions
+from lipfarm.demo.assets import ensure_demo_assets
+from lipfarm.scheduler.cluster import LipfarmProcess
+from lipfarm.scheduler.submit import submit_job
 
 BENCH_PREFIX = "lipfarm-bench-recovery"
 
@@ -181,7 +181,7 @@ def run_recovery_bench(settings: Settings, *, redis_db: int = 15) -> dict:
         for name in ("LIPFARM_LEASE_S", "LIPFARM_HEARTBEAT_INTERVAL_S", "LIPFARM_RECONCILE_INTERVAL_S"):
             os.environ.pop(name, None)  # the defaults, as a user runs them
         bench_settings = load_settings({**os.environ, **env})
-        from common import celery_app
+        from lipfarm.common import celery_app
 
         celery_app.configure(celery_app.app, bench_settings)
         farm = _Farm(bench_settings, env, folder).start()

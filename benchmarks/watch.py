@@ -22,21 +22,21 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from benchmarks.farm import bench_database, release_database, repeated_speech
-from common import defaults
-from common.audio import MIN_SAMPLES_16K
-from common.config import Settings, load_settings
-from common.features import frame_count
-from common.identity import new_job_id, this_process
-from common.jobfiles import CommitMarker, JobFiles
-from common.options import RenderOptions
-from common.plan import fast_start_frames, plan_job
-from common.state import JobRecord, JobState, StateStore
-from common.storage import LocalStorage
-from common.storage.layout import audio_track_key
-from demo.assets import ensure_demo_assets
-from scheduler.cluster import LipfarmProcess
-from scheduler.submit import submit_job
+from lipfarm.benchmarks.farm import bench_database, release_database, repeated_speech
+from lipfarm.common import defaults
+from lipfarm.common.audio import MIN_SAMPLES_16K
+from lipfarm.common.config import Settings, load_settings
+from lipfarm.common.features import frame_count
+from lipfarm.common.identity import new_job_id, this_process
+from lipfarm.job.jobfiles import CommitMarker, JobFiles
+from lipfarm.common.options import RenderOptions
+from lipfarm.common.plan import fast_start_frames, plan_job
+from lipfarm.common.state import JobRecord, JobState, StateStore
+from lipfarm.common.storage import LocalStorage
+from lipfarm.common.storage.layout import audio_track_key
+from lipfarm.demo.assets import ensure_demo_assets
+from lipfarm.scheduler.cluster import LipfarmProcess
+from lipfarm.scheduler.submit import submit_job
 
 BENCH_PREFIX = "lipfarm-bench-watch"
 
@@ -52,10 +52,10 @@ def run_watch_bench(settings: Settings, *, minutes: float = 2.0, tail_minutes: f
                "LIPFARM_KEY_PREFIX": BENCH_PREFIX, "LIPFARM_STORAGE_URL": str(temp / "storage"),
                "LIPFARM_CACHE_DIR": str(temp / "cache")}
         bench_settings = load_settings({**os.environ, **env})
-        from common import celery_app
+        from lipfarm.common import celery_app
 
         celery_app.configure(celery_app.app, bench_settings)
-        worker = LipfarmProcess.worker(env, temp / "worker.log", "--concurrency", "2", "--hostname",
+        worker = LipfarmProcess.worker(env, temp / "lipfarm.worker.log", "--concurrency", "2", "--hostname",
                                        "watch@bench").start().wait_ready()
         try:
             audio = repeated_speech(demo.audio, temp / "job.wav", minutes * 60)
@@ -102,8 +102,8 @@ def _finalizer_tail(settings: Settings, demo, source_job: str, temp: Path, minut
     """Seconds from the start of the finalizer to the published MP4 of a ``minutes`` job whose chunks
     all committed: the fast start's short chunks and full ones, made of ``source_job``'s segments of
     those lengths, with a real AAC track of the job's length."""
-    from scheduler.audiotrack import encode_audio_track
-    from scheduler.finalize import Finalizer, finalize_job
+    from lipfarm.scheduler.audiotrack import encode_audio_track
+    from lipfarm.scheduler.finalize import Finalizer, finalize_job
 
     store = StateStore.connect(settings.redis_url, settings.key_prefix)
     storage = LocalStorage(settings.storage_url)

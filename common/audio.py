@@ -27,8 +27,8 @@ import av
 import numpy as np
 import soxr
 
-from common import defaults
-from common.errors import AudioError
+from lipfarm.common import defaults
+from lipfarm.common.errors import AudioError
 
 # One encoder window needs 16 mel frames, i.e. 1 + floor(n / 200) >= 16.
 MIN_SAMPLES_16K = (defaults.WINDOW_MEL_FRAMES - 1) * defaults.HOP_SAMPLES

@@ -25,8 +25,8 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from common.errors import AvatarError, NotFoundError
-from common.fileio import file_sha256, folder_replaced_atomically
+from lipfarm.common.errors import AvatarError, NotFoundError
+from lipfarm.common.fileio import file_sha256, folder_replaced_atomically
 
 FORMAT = "lipfarm-avatar"
 VERSION = 1

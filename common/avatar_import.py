@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from common.avatar import (LANDMARK_POINTS, Avatar, check_rect, decode_image, rect_from_landmarks,
+from lipfarm.common.avatar import (LANDMARK_POINTS, Avatar, check_rect, decode_image, rect_from_landmarks,
                            write_avatar)
-from common.errors import AvatarError
+from lipfarm.common.errors import AvatarError
 
 _IMAGE = re.compile(r"^(\d+)\.(jpg|jpeg|png)$", re.IGNORECASE)
 _LANDMARKS = re.compile(r"^(\d+)\.lms$")

@@ -17,7 +17,7 @@
   message that shows a URL shows it through ``mask_url``.
 
 Configuration is read from the environment when this module is imported (no I/O happens then);
-``celery -A common.celery_app ...`` works with the same settings as ``lipfarm``.
+``celery -A lipfarm.common.celery_app ...`` works with the same settings as ``lipfarm``.
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ import redis
 from celery import Celery
 from kombu import Queue
 
-from common import defaults
-from common.config import Settings, load_settings
-from common.errors import ServiceError
-from common.state.connection import mask_url, redis_tls_options, url_without_tls_params
+from lipfarm.common import defaults
+from lipfarm.common.config import Settings, load_settings
+from lipfarm.common.errors import ServiceError
+from lipfarm.common.state.connection import mask_url, redis_tls_options, url_without_tls_params
 
 # Redis has no message priorities: kombu keeps one list per priority step and reads them in order
 # (a lower step first; a message's step is the largest one at or below its priority). Each job
@@ -95,7 +95,7 @@ def configure(app: Celery, settings: Settings) -> Celery:
     return app
 
 
-app = configure(Celery("lipfarm", include=["worker.tasks", "scheduler.tasks"]), load_settings())
+app = configure(Celery("lipfarm", include=["lipfarm.worker.tasks", "lipfarm.scheduler.tasks"]), load_settings())
 
 
 def _broker(action, what: str):

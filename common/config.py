@@ -12,8 +12,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import defaults
-from common.errors import InputError
+from lipfarm.common import defaults
+from lipfarm.common.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -178,7 +178,7 @@ class Settings:
 
     def threads_per_process(self, processes: int | None = None) -> int:
         """Inference threads for one render process: the setting, or an equal share of the cores."""
-        from common.sysinfo import usable_cores
+        from lipfarm.common.sysinfo import usable_cores
 
         if self.inference_threads > 0:
             return self.inference_threads

@@ -19,9 +19,9 @@ from typing import Callable
 
 import numpy as np
 
-from common import defaults
-from common.audio import PcmSource
-from common.mel import mel_block, mel_frame_count
+from lipfarm.common import defaults
+from lipfarm.common.audio import PcmSource
+from lipfarm.common.mel import mel_block, mel_frame_count
 
 # encode(windows [B, 1, 80, 16] float32) -> embeddings [B, 512] float32
 Encoder = Callable[[np.ndarray], np.ndarray]

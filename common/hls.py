@@ -46,8 +46,8 @@ from typing import Iterable, Iterator
 
 import av
 
-from common import defaults
-from common.fileio import file_sha256
+from lipfarm.common import defaults
+from lipfarm.common.fileio import file_sha256
 
 TS_OFFSET_S = 10  # seconds added to every timestamp; above any priming or reorder delay
 HLS_VERSION = 3  # the first version with decimal EXTINF durations; nothing newer is used

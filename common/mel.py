@@ -18,8 +18,8 @@ import functools
 
 import numpy as np
 
-from common import defaults
-from common.audio import PcmSource
+from lipfarm.common import defaults
+from lipfarm.common.audio import PcmSource
 
 N_BINS = defaults.N_FFT // 2 + 1
 _PAD = defaults.N_FFT // 2  # centred frames: frame t is centred on sample t * hop

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-from common.errors import CancelledError, InputError, LipfarmError, ServiceError
+from lipfarm.common.errors import CancelledError, InputError, LipfarmError, ServiceError
 
 log = logging.getLogger(__name__)
 

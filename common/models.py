@@ -37,8 +37,8 @@ from typing import Callable, TypeVar
 
 import onnx
 
-from common import defaults
-from common.errors import ModelError
+from lipfarm.common import defaults
+from lipfarm.common.errors import ModelError
 
 ENCODER_INPUT = (1, defaults.N_MELS, defaults.WINDOW_MEL_FRAMES)
 GENERATOR_AUDIO_INPUT = defaults.AUDIO_INPUT_SHAPE

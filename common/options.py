@@ -9,12 +9,27 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-from common import defaults
-from common.errors import InputError
-from common.runtime import BACKENDS, PRECISIONS
+from lipfarm.common import defaults
+from lipfarm.common.errors import InputError
+from lipfarm.common.runtime import BACKENDS, PRECISIONS
 
 X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow")
 
+
+# What each RenderOptions field means, in one line: the CLI's flag help and the API's field description.
+OPTION_HELP = {
+    "chunk_frames": "frames per chunk (a multiple of --gop-frames)",
+    "gop_frames": "keyframe interval in frames; chunks start on keyframes",
+    "batch_frames": (f"UNet batch size in frames; 0 picks by backend ({defaults.UNET_BATCH_FRAMES_CPU} on CPUs, "
+                     f"{defaults.UNET_BATCH_FRAMES_GPU} on GPUs)"),
+    "precision": "inference precision: fp32 (exact), bf16 (OpenVINO CPU), fp16 (CUDA)",
+    "backend": "inference backend: auto, cpu, openvino, cuda",
+    "video_qp": "H.264 constant quantiser, 0 (lossless) to 51; lower is better quality",
+    "x264_preset": "x264 speed preset",
+    "x264_threads": "x264 threads per chunk encode (part of the bitstream: fixed per job)",
+    "audio_bitrate_bps": "AAC bitrate of the output's audio",
+    "fast_start": "cut the first chunks short (1 s, 2 s, 4 s) so the job is watchable within seconds",
+}
 
 @dataclass(frozen=True)
 class RenderOptions:

@@ -18,11 +18,11 @@ import itertools
 import json
 from dataclasses import asdict, dataclass
 
-from common import defaults
-from common.errors import InputError
-from common.features import frame_count
-from common.options import RenderOptions
-from common.storage.layout import output_key
+from lipfarm.common import defaults
+from lipfarm.common.errors import InputError
+from lipfarm.common.features import frame_count
+from lipfarm.common.options import RenderOptions
+from lipfarm.common.storage.layout import output_key
 
 PLAN_VERSION = 3  # 2: segments named per attempt; 3: the audio encoded once, at plan time
 SUBMISSION_VERSION = 1

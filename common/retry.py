@@ -13,8 +13,8 @@ import logging
 import time
 from typing import Callable, TypeVar
 
-from common import defaults
-from common.errors import ServiceError
+from lipfarm.common import defaults
+from lipfarm.common.errors import ServiceError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -51,8 +51,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from common import defaults
-from common.errors import InputError, ModelError
+from lipfarm.common import defaults
+from lipfarm.common.errors import InputError, ModelError
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ def default_cache_dir() -> Path | None:
     if raw:
         return None if raw.lower() in ("off", "none", "0") else Path(raw).expanduser()
     try:
-        from common.config import load_settings
+        from lipfarm.common.config import load_settings
 
         return load_settings().cache_dir / "runtime"
     except Exception as exc:  # a malformed setting elsewhere must not stop a render: run uncached
@@ -246,7 +246,7 @@ class RuntimeCache:
               suffix: str = "") -> bool:
         """Write an entry (a payload file given by path is moved in). Never raises: a cache that
         cannot be written only costs the next process the build."""
-        from common.fileio import write_bytes_atomically
+        from lipfarm.common.fileio import write_bytes_atomically
 
         record_path, payload_path = self.paths(kind, parts, suffix)
         try:
@@ -325,7 +325,7 @@ class _CacheSlot:
         """Whether the model file still holds the content its hash names (checked before storing
         anything under that hash)."""
         if self._source_checked is None:
-            from common.fileio import file_sha256
+            from lipfarm.common.fileio import file_sha256
 
             try:
                 self._source_checked = file_sha256(self.path) == self.sha256
@@ -450,7 +450,7 @@ class _BlobStore:
 
 
 def _model_bytes(path: str, freed: bool) -> bytes:
-    from common.models import free_batch, load_model
+    from lipfarm.common.models import free_batch, load_model
 
     model = load_model(path)
     return (free_batch(model) if freed else model).SerializeToString()
@@ -564,7 +564,7 @@ class _StaticShapeRunner:
 
 
 def _cuda(model_bytes: bytes, threads: int, precision: str):
-    from common.fp16 import to_float16
+    from lipfarm.common.fp16 import to_float16
 
     import onnx
     import onnxruntime as ort
@@ -678,7 +678,7 @@ def load_runner(path: str, sha256: str, *, backend: str, precision: str, threads
 
 def _build_runner(path: str, backend: str, precision: str, threads: int, fixed_batch: bool,
                   slot: _CacheSlot | None) -> Runner:
-    from common.models import free_batch, load_model
+    from lipfarm.common.models import free_batch, load_model
 
     model = load_model(path)
     inputs = tuple(i.name for i in model.graph.input if i.name not in

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import functools
 
-from common.config import Settings, load_settings
-from common.state import StateStore
-from common.storage import Storage, open_storage
+from lipfarm.common.config import Settings, load_settings
+from lipfarm.common.state import StateStore
+from lipfarm.common.storage import Storage, open_storage
 
 
 @functools.cache

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import onnx
 
-from common.avatar import AvatarStore
-from common.avatar_import import import_avatar
-from common.config import Settings
-from demo import avatar as demo_avatar
-from demo import speech
-from demo.models import build_encoder, build_generator
+from lipfarm.common.avatar import AvatarStore
+from lipfarm.common.avatar_import import import_avatar
+from lipfarm.common.config import Settings
+from lipfarm.demo import avatar as demo_avatar
+from lipfarm.demo import speech
+from lipfarm.demo.models import build_encoder, build_generator
 
 DEMO_VERSION = 2
 AVATAR_NAME = "demo"

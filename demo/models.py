@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from demo.graph import GraphWriter, Tensor
+from lipfarm.demo.graph import GraphWriter, Tensor
 
 SEED = 20_26_11_24
 

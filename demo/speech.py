@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from scipy.signal import lfilter
 
-from common import defaults
+from lipfarm.common import defaults
 
 # Formant frequencies and bandwidths (Hz) of five vowels, a rough adult voice.
 _VOWELS = {

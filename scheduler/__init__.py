@@ -1,1 +1,1 @@
-"""Job intake and planning, the finalizer, the reconciler, the local renderer and the CLI."""
+"""Job intake and planning, the finalizer, the reconciler and the local renderer."""

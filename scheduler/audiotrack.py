@@ -29,10 +29,10 @@ from typing import Callable, Iterator
 
 import av
 
-from common import defaults
-from common.audio import probe_audio
-from common.errors import AudioError
-from common.hls import PiecePacket, write_audio_piece
+from lipfarm.common import defaults
+from lipfarm.common.audio import probe_audio
+from lipfarm.common.errors import AudioError
+from lipfarm.common.hls import PiecePacket, write_audio_piece
 
 
 @dataclass(frozen=True)

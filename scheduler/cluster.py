@@ -28,12 +28,12 @@ from pathlib import Path
 
 import psutil
 
-from common import defaults
-from common.config import Settings, load_settings
-from common.errors import InputError, NotFoundError, ServiceError
-from common.state import StateStore
-from common.state.connection import mask_url
-from common.sysinfo import usable_cores
+from lipfarm.common import defaults
+from lipfarm.common.config import Settings, load_settings
+from lipfarm.common.errors import InputError, NotFoundError, ServiceError
+from lipfarm.common.state import StateStore
+from lipfarm.common.state.connection import mask_url
+from lipfarm.common.sysinfo import usable_cores
 
 
 class LipfarmProcess:
@@ -338,7 +338,7 @@ class LocalCluster:
 
     def _token(self, env: dict[str, str]) -> str:
         """A fresh read-write API token, as `lipfarm token create` prints it (the token last)."""
-        from common.state import TokenStore
+        from lipfarm.common.state import TokenStore
 
         settings = load_settings({**os.environ, **env})
         store = StateStore.connect(settings.redis_url, settings.key_prefix, tls_ca_file=settings.redis_tls_ca_file)

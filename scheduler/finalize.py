@@ -22,19 +22,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from common import metrics
-from common.config import Settings
-from common.endings import close_job
-from common.errors import LipfarmError
-from common.holds import hold_reached
-from common.identity import WorkerProcess, is_dead_here
-from common.jobfiles import JobFiles
-from common.keepalive import KeepAlive
-from common.plan import Plan
-from common.playlist import listed_segment_keys
-from common.segments import BadSegment, check_segment, reopen
-from common.state import ChunkRecord, ChunkState, Claim, JobState, StateStore, Verdict
-from scheduler.stitch import Segment, stitch
+from lipfarm.common import metrics
+from lipfarm.common.config import Settings
+from lipfarm.job.endings import close_job
+from lipfarm.common.errors import LipfarmError
+from lipfarm.job.holds import hold_reached
+from lipfarm.common.identity import WorkerProcess, is_dead_here
+from lipfarm.job.jobfiles import JobFiles
+from lipfarm.job.keepalive import KeepAlive
+from lipfarm.common.plan import Plan
+from lipfarm.job.playlist import listed_segment_keys
+from lipfarm.job.segments import BadSegment, check_segment, reopen
+from lipfarm.common.state import ChunkRecord, ChunkState, Claim, JobState, StateStore, Verdict
+from lipfarm.scheduler.stitch import Segment, stitch
 
 log = logging.getLogger(__name__)
 

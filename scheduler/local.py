@@ -21,22 +21,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from common import defaults
-from common.audio import normalise_to_16k, probe_audio
-from common.avatar import Avatar
-from common.config import Settings
-from common.errors import InputError
-from common.fileio import replaced_atomically
-from common.identity import new_job_id
-from common.models import inspect_encoder, inspect_generator
-from common.options import RenderOptions
-from common.plan import AssetRef, AudioRef, Plan, Submission, plan_job
-from common.storage import LocalStorage
-from common.storage.layout import avatar_key, input_key, model_key, pcm_key, segment_key
-from scheduler.stitch import Segment, StitchReport, stitch
-from worker.assets import resolve_chunk
-from worker.render import StageTimes, render_chunk
-from worker.templates import process_templates
+from lipfarm.common import defaults
+from lipfarm.common.audio import normalise_to_16k, probe_audio
+from lipfarm.common.avatar import Avatar
+from lipfarm.common.config import Settings
+from lipfarm.common.errors import InputError
+from lipfarm.common.fileio import replaced_atomically
+from lipfarm.common.identity import new_job_id
+from lipfarm.common.models import inspect_encoder, inspect_generator
+from lipfarm.common.options import RenderOptions
+from lipfarm.common.plan import AssetRef, AudioRef, Plan, Submission, plan_job
+from lipfarm.common.storage import LocalStorage
+from lipfarm.common.storage.layout import avatar_key, input_key, model_key, pcm_key, segment_key
+from lipfarm.scheduler.stitch import Segment, StitchReport, stitch
+from lipfarm.worker.assets import resolve_chunk
+from lipfarm.worker.render import StageTimes, render_chunk
+from lipfarm.worker.templates import process_templates
 
 
 @dataclass

@@ -22,15 +22,15 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from common import defaults
-from common.audio import max_samples_16k, normalise_to_16k
-from common.endings import close_job
-from common.errors import LipfarmError
-from common.jobfiles import JobFiles
-from common.plan import AudioRef, Plan, plan_job
-from common.state import JobState, StateStore
-from common.storage.layout import audio_piece_key, audio_track_key, pcm_key
-from scheduler.audiotrack import encode_audio_track
+from lipfarm.common import defaults
+from lipfarm.common.audio import max_samples_16k, normalise_to_16k
+from lipfarm.job.endings import close_job
+from lipfarm.common.errors import LipfarmError
+from lipfarm.job.jobfiles import JobFiles
+from lipfarm.common.plan import AudioRef, Plan, plan_job
+from lipfarm.common.state import JobState, StateStore
+from lipfarm.common.storage.layout import audio_piece_key, audio_track_key, pcm_key
+from lipfarm.scheduler.audiotrack import encode_audio_track
 
 log = logging.getLogger(__name__)
 

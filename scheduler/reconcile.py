@@ -32,15 +32,17 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
-from common import defaults, webhooks
-from common.config import Settings
-from common.endings import close_job, close_jobs
-from common.errors import LipfarmError
-from common.identity import is_dead_here, worker_id
-from common.jobfiles import JobFiles
-from common.state import JobRecord, JobState, Stall, StateStore, Verdict
-from common.storage import Storage
-from common.storage.layout import submitted_job_ids
+from lipfarm.common import defaults
+
+from lipfarm.job import webhooks
+from lipfarm.common.config import Settings
+from lipfarm.job.endings import close_job, close_jobs
+from lipfarm.common.errors import LipfarmError
+from lipfarm.common.identity import is_dead_here, worker_id
+from lipfarm.job.jobfiles import JobFiles
+from lipfarm.common.state import JobRecord, JobState, Stall, StateStore, Verdict
+from lipfarm.common.storage import Storage
+from lipfarm.common.storage.layout import submitted_job_ids
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +105,7 @@ def reconcile(*, store: StateStore, storage: Storage, settings: Settings, now: f
 def _requeued(store: StateStore, storage_at, job_id: str, index: int, move, enqueue: Enqueue,
               report: ReconcileReport, kind: list, reason: str) -> None:
     if move.verdict in (Verdict.REQUEUED, Verdict.FAILED):
-        from common import metrics  # here: a worker sets prometheus_client up before importing it
+        from lipfarm.common import metrics  # here: a worker sets prometheus_client up before importing it
 
         metrics.attempt_failed(reason, retried=move.verdict == Verdict.REQUEUED)
     if move.verdict == Verdict.REQUEUED:

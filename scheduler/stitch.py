@@ -21,9 +21,9 @@ from typing import Callable, Iterable, Iterator
 
 import av
 
-from common import defaults
-from common.errors import JobFailedError
-from scheduler.audiotrack import encode_audio_track
+from lipfarm.common import defaults
+from lipfarm.common.errors import JobFailedError
+from lipfarm.scheduler.audiotrack import encode_audio_track
 
 
 @dataclass(frozen=True)

@@ -15,20 +15,20 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import defaults
-from common.audio import check_audio
-from common.avatar import Avatar, AvatarStore, pack_avatar
-from common.config import Settings
-from common.errors import CancelledError, InputError, JobFailedError, ServiceError
-from common.endings import close_job
-from common.identity import new_job_id
-from common.jobfiles import JobFiles
-from common.models import inspect_encoder, inspect_generator
-from common.options import RenderOptions
-from common.plan import AssetRef, Submission
-from common.state import JobRecord, JobState, JobStatus, StateStore, Verdict
-from common.storage import Storage, open_storage
-from common.storage.layout import avatar_key, model_key
+from lipfarm.common import defaults
+from lipfarm.common.audio import check_audio
+from lipfarm.common.avatar import Avatar, AvatarStore, pack_avatar
+from lipfarm.common.config import Settings
+from lipfarm.common.errors import CancelledError, InputError, JobFailedError, ServiceError
+from lipfarm.job.endings import close_job
+from lipfarm.common.identity import new_job_id
+from lipfarm.job.jobfiles import JobFiles
+from lipfarm.common.models import inspect_encoder, inspect_generator
+from lipfarm.common.options import RenderOptions
+from lipfarm.common.plan import AssetRef, Submission
+from lipfarm.common.state import JobRecord, JobState, JobStatus, StateStore, Verdict
+from lipfarm.common.storage import Storage, open_storage
+from lipfarm.common.storage.layout import avatar_key, model_key
 
 
 def connect_farm(settings: Settings) -> StateStore:
@@ -76,7 +76,7 @@ def submit_job(settings: Settings, *, avatar: str, audio: Path, encoder: Path, g
                options: RenderOptions, priority: str = defaults.PRIORITY,
                job_id: str | None = None, webhook_url: str = "") -> "JobHandle":
     """Validate, upload and queue a job; returns its handle. Nothing is queued on bad input."""
-    from common.celery_app import enqueue_plan
+    from lipfarm.common.celery_app import enqueue_plan
 
     audio = Path(audio)
     webhook_url = check_webhook_url(webhook_url) if webhook_url else ""
@@ -123,7 +123,7 @@ class JobHandle:
     def resume(self) -> int:
         """Go on with a failed or cancelled job: its unfinished chunks are queued again, each with a
         fresh attempt count (the committed ones are kept). Returns the chunks queued."""
-        from common.celery_app import enqueue_finalize, enqueue_plan, enqueue_render
+        from lipfarm.common.celery_app import enqueue_finalize, enqueue_plan, enqueue_render
 
         job = self.store.job(self.job_id)
         if job.state == JobState.DONE:
@@ -195,8 +195,8 @@ def submit(*, avatar: str, audio: str | Path, encoder: str | Path | None = None,
            generator: str | Path | None = None, options: RenderOptions | None = None,
            priority: str = defaults.PRIORITY, settings: Settings | None = None) -> JobHandle:
     """The Python API: ``submit(avatar="may", audio="talk.wav").wait()`` (demo models by default)."""
-    from common.config import load_settings
-    from demo.assets import ensure_demo_assets
+    from lipfarm.common.config import load_settings
+    from lipfarm.demo.assets import ensure_demo_assets
 
     settings = settings or load_settings()
     if encoder is None or generator is None:
@@ -249,7 +249,7 @@ def submit_from_storage(settings: Settings, *, audio_key: str, max_bytes: int, *
     The key is checked, its size bounded by ``max_bytes``; the object is fetched to a temporary
     file and submitted as if uploaded (so it is probed, and copied under the job, like any audio).
     """
-    from common.errors import NotFoundError
+    from lipfarm.common.errors import NotFoundError
 
     checked_storage_key(audio_key)
     storage = open_storage(settings.storage_url, settings)

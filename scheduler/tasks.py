@@ -9,19 +9,19 @@ import threading
 
 from celery import bootsteps
 
-from common import services
-from common.celery_app import (TASK_FINALIZE, TASK_PLAN, TASK_WEBHOOK, app, enqueue_finalize, enqueue_plan,
+from lipfarm.common import services
+from lipfarm.common.celery_app import (TASK_FINALIZE, TASK_PLAN, TASK_WEBHOOK, app, enqueue_finalize, enqueue_plan,
                                enqueue_render, enqueue_webhook, waiting_renders)
-from common.config import Settings
-from common.errors import ServiceError
-from common.identity import this_process
-from common.jobfiles import JobFiles
-from common.state import StateStore
-from common.storage import open_storage
-from common.webhooks import deliver
-from scheduler.finalize import Finalizer, finalize_job
-from scheduler.planning import plan_submitted_job
-from scheduler.reconcile import Enqueue, run_forever
+from lipfarm.common.config import Settings
+from lipfarm.common.errors import ServiceError
+from lipfarm.common.identity import this_process
+from lipfarm.job.jobfiles import JobFiles
+from lipfarm.common.state import StateStore
+from lipfarm.common.storage import open_storage
+from lipfarm.job.webhooks import deliver
+from lipfarm.scheduler.finalize import Finalizer, finalize_job
+from lipfarm.scheduler.planning import plan_submitted_job
+from lipfarm.scheduler.reconcile import Enqueue, run_forever
 
 log = logging.getLogger(__name__)
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.config import load_settings
-from demo.speech import write_wav
+from lipfarm.common.config import load_settings
+from lipfarm.demo.speech import write_wav
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_FIXTURES = ROOT.parent / "shared" / "fixtures"
@@ -31,14 +31,14 @@ def settings(home):
 @pytest.fixture(scope="session")
 def demo(settings):
     """The demo avatar, speech and models, made once per session."""
-    from demo.assets import ensure_demo_assets
+    from lipfarm.demo.assets import ensure_demo_assets
 
     return ensure_demo_assets(settings)
 
 
 @pytest.fixture(scope="session")
 def demo_avatar(settings, demo):
-    from common.avatar import AvatarStore
+    from lipfarm.common.avatar import AvatarStore
 
     return AvatarStore(settings.avatars_dir).get(demo.avatar_name)
 
@@ -54,7 +54,7 @@ def sanders() -> Path:
 
 @pytest.fixture(scope="session")
 def speech_16k(demo) -> np.ndarray:
-    from common.audio import load_16k
+    from lipfarm.common.audio import load_16k
 
     return load_16k(demo.audio)
 

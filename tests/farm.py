@@ -17,14 +17,27 @@ from typing import Callable, Iterator
 import pytest
 import redis
 
-from common import celery_app, services
-from common.config import Settings, load_settings
-from common.state import Keys, StateStore
-from scheduler.cluster import LipfarmProcess, free_ports
+from lipfarm.common import celery_app, services
+from lipfarm.common.config import Settings, load_settings
+from lipfarm.common.state import Keys, StateStore
+from lipfarm.scheduler.cluster import LipfarmProcess, free_ports
 
-TEST_REDIS_DB = 13
+# The tests' Redis: one server (LIPFARM_TEST_REDIS, by default the machine's on 6379), and one database
+# per test module from this table, so modules running side by side never share keys.
+TEST_REDIS = os.environ.get("LIPFARM_TEST_REDIS", "redis://127.0.0.1:6379").rstrip("/")
+REDIS_DB = {"webhooks": 6, "metrics": 7, "progressive-broker": 8, "progressive": 9, "api": 10,
+            "recovery-defaults": 11, "recovery": 12, "state": 13, "farm": 14}
+TEST_REDIS_DB = REDIS_DB["state"]
 TEST_PREFIX = "lipfarm-test"
 S3_KEY, S3_SECRET = "lipfarmtestkey", "lipfarmtestsecret"
+
+
+def redis_url(db: int) -> str:
+    return f"{TEST_REDIS}/{db}"
+
+
+def redis_client(db: int, **kwargs) -> redis.Redis:
+    return redis.Redis.from_url(redis_url(db), **kwargs)
 
 
 def _wait_for(check, timeout_s: float, what: str) -> None:
@@ -101,7 +114,7 @@ class SeaweedS3:
 def farm_env(home: Path, storage_url: str, s3: SeaweedS3 | None, **extra: str) -> dict[str, str]:
     env = {
         "LIPFARM_HOME": str(home),
-        "LIPFARM_BROKER_URL": f"redis://127.0.0.1:6379/{TEST_REDIS_DB}",
+        "LIPFARM_BROKER_URL": redis_url(TEST_REDIS_DB),
         "LIPFARM_KEY_PREFIX": TEST_PREFIX,
         "LIPFARM_STORAGE_URL": storage_url,
         "LIPFARM_INFERENCE_THREADS": "1",
@@ -154,11 +167,11 @@ def delete_prefixed(client: redis.Redis, prefix: str) -> None:
 @contextlib.contextmanager
 def prefixed_store(db: int, prefix: str) -> Iterator[StateStore]:
     """A state store in Redis database ``db`` under ``prefix``, emptied of its keys before and after."""
-    client = redis.Redis(db=db, decode_responses=True, socket_connect_timeout=3)
+    client = redis_client(db, decode_responses=True, socket_connect_timeout=3)
     try:
         client.ping()
     except redis.RedisError as exc:
-        pytest.fail(f"Redis on 127.0.0.1:6379 is needed for these tests ({exc})")
+        pytest.fail(f"Redis at {TEST_REDIS} is needed for these tests ({exc})")
     delete_prefixed(client, prefix)
     try:
         yield StateStore(client, Keys(prefix))

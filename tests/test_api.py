@@ -25,17 +25,16 @@ from pathlib import Path
 import httpx
 import hypothesis
 import pytest
-import redis
 
-from common.config import load_settings
-from demo import avatar as demo_avatar
-from demo.speech import write_wav
-from scheduler.cluster import LipfarmProcess
-from tests.farm import farm_env, free_ports
+from lipfarm.common.config import load_settings
+from lipfarm.demo import avatar as demo_avatar
+from lipfarm.demo.speech import write_wav
+from lipfarm.scheduler.cluster import LipfarmProcess
+from tests.farm import farm_env, free_ports, redis_client, REDIS_DB, redis_url
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-API_DB = 10
+API_DB = REDIS_DB["api"]
 API_PREFIX = "lipfarm-apitest"
 AUDIO_LIMIT_MB, AVATAR_LIMIT_MB = 1, 2
 BROKER_QUEUES = ("jobs", "render", "finalize")
@@ -46,12 +45,12 @@ FUZZ_EXAMPLES, FUZZ_DEADLINE_MS = 25, 20_000  # per operation and mode; a deadli
 # The API process and its tokens (tests/test_jobs_page.py uses these too)
 
 def flush_api_db() -> None:
-    redis.Redis(db=API_DB).flushdb()
+    redis_client(API_DB).flushdb()
 
 
 def api_env(home: Path, **extra: str) -> dict[str, str]:
     """Settings of an API (and of workers beside it): Redis DB 10, a prefix of its own, local storage."""
-    return farm_env(home, str(home / "storage"), None, LIPFARM_BROKER_URL=f"redis://127.0.0.1:6379/{API_DB}",
+    return farm_env(home, str(home / "storage"), None, LIPFARM_BROKER_URL=redis_url(API_DB),
                     LIPFARM_KEY_PREFIX=API_PREFIX, **extra)
 
 
@@ -78,7 +77,7 @@ def make_token(env: dict[str, str], name: str, *flags: str) -> str:
 
 def queued_messages() -> dict[str, int]:
     """Messages waiting in the broker, by Celery queue (kombu keeps one list per priority step)."""
-    client = redis.Redis(db=API_DB, decode_responses=True)
+    client = redis_client(API_DB, decode_responses=True)
     lists = [k for q in BROKER_QUEUES for k in client.keys(f"{q}*") if client.type(k) == "list"]
     return {name: client.llen(name) for name in sorted(lists)}
 
@@ -93,7 +92,7 @@ def bearer(token: str) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def api_home(tmp_path_factory, demo) -> Path:
     """An API home of its own, with the demo assets (avatar 'demo', the models)."""
-    from demo.assets import ensure_demo_assets
+    from lipfarm.demo.assets import ensure_demo_assets
 
     home = tmp_path_factory.mktemp("api-home")
     ensure_demo_assets(load_settings({"LIPFARM_HOME": str(home)}))
@@ -146,7 +145,7 @@ def talk(tmp_path_factory, speech_16k) -> Path:
 def untouched(api_home):
     """Asserts, after the test, that it queued nothing and wrote nothing (storage, avatars, Redis jobs)."""
     def snapshot():
-        client = redis.Redis(db=API_DB)
+        client = redis_client(API_DB)
         storage = api_home / "storage"
         return {"jobs": client.zrange(f"{API_PREFIX}:jobs", 0, -1),
                 "queued": queued_messages(),
@@ -186,7 +185,7 @@ def test_health_answers_without_a_token(api):
 
 
 def test_health_names_the_service_that_does_not_answer(api_home, tmp_path):
-    from scheduler.api.app import create_app
+    from lipfarm.api.app import create_app
     from tests.browser import live_server
 
     down = load_settings({**api_env(api_home), "LIPFARM_BROKER_URL": "redis://:hunter2@127.0.0.1:1/0"})
@@ -200,7 +199,7 @@ def test_health_names_the_service_that_does_not_answer(api_home, tmp_path):
 
 
 def test_an_unexpected_error_is_a_500_without_its_traceback(api_home, caplog):
-    from scheduler.api.app import create_app
+    from lipfarm.api.app import create_app
     from tests.browser import live_server
 
     def broken():
@@ -224,7 +223,7 @@ def test_token_commands_create_list_and_revoke(env, api):
     assert made.stdout.startswith("created token 'ci' (read-only)") and value.startswith("lf_")
     listed = lipfarm(env, "token", "list")
     assert "ci" in listed.stdout and "read-only" in listed.stdout and value not in listed.stdout
-    stored = redis.Redis(db=API_DB, decode_responses=True)  # only its SHA-256 is kept
+    stored = redis_client(API_DB, decode_responses=True)  # only its SHA-256 is kept
     kept = [stored.hgetall(k) for k in stored.keys(f"{API_PREFIX}:api:token*")]
     assert kept and value not in str(kept) and hashlib.sha256(value.encode()).hexdigest() in str(kept)
     assert httpx.get(f"{api}/v1/jobs", headers=bearer(value)).status_code == 200
@@ -305,14 +304,14 @@ def test_the_same_idempotency_key_gives_the_same_job(client, talk):
         header = client.post("/v1/jobs", data={"avatar": "demo", "chunk_frames": "25"},
                              files={"audio": ("talk.wav", handle)}, headers={"Idempotency-Key": "talk-1"})
     assert header.status_code == 200 and header.json()["id"] == first.json()["id"]
-    ids = redis.Redis(db=API_DB, decode_responses=True).zrange(f"{API_PREFIX}:jobs", 0, -1)
+    ids = redis_client(API_DB, decode_responses=True).zrange(f"{API_PREFIX}:jobs", 0, -1)
     assert ids.count(first.json()["id"]) == 1
     jobs_before = len(ids)
     message = error_of(submit(client, talk, idempotency_key="talk-1", priority="low"), 409,
                        "idempotency_conflict", "idempotency_key")
     assert "'talk-1'" in message
-    assert len(redis.Redis(db=API_DB).zrange(f"{API_PREFIX}:jobs", 0, -1)) == jobs_before
-    ttl = redis.Redis(db=API_DB).ttl(next(iter(redis.Redis(db=API_DB).keys(f"{API_PREFIX}:api:idempotency:*"))))
+    assert len(redis_client(API_DB).zrange(f"{API_PREFIX}:jobs", 0, -1)) == jobs_before
+    ttl = redis_client(API_DB).ttl(next(iter(redis_client(API_DB).keys(f"{API_PREFIX}:api:idempotency:*"))))
     assert 23 * 3600 < ttl <= 24 * 3600
     client.delete(f"/v1/jobs/{first.json()['id']}")
 
@@ -344,7 +343,7 @@ def test_jobs_are_listed_newest_first_in_pages(client, talk):
 
 
 def test_signed_urls_expire_and_cannot_be_altered():
-    from scheduler.api.signing import Signer
+    from lipfarm.api.signing import Signer
 
     signer = Signer("secret", ttl_s=6 * 3600)
     url = signer.signed("/v1/jobs/a/output", now=1000.0)
@@ -362,11 +361,11 @@ def test_signed_urls_expire_and_cannot_be_altered():
 
 
 def test_live_files_need_a_signature_of_their_folder(client, api, talk):
-    from scheduler.api.signing import Signer, live_folder
+    from lipfarm.api.signing import Signer, live_folder
 
     job = submit(client, talk).json()
     assert job["playlist_url"] is None and job["playable_until_s"] == 0  # nothing playable yet
-    secret = redis.Redis(db=API_DB, decode_responses=True).get(f"{API_PREFIX}:api:secret")
+    secret = redis_client(API_DB, decode_responses=True).get(f"{API_PREFIX}:api:secret")
     signed = Signer(secret, ttl_s=3600).signed_folder(live_folder(job["id"]), "index.m3u8", now=time.time())
     assert "has no live playlist" in error_of(httpx.get(api + signed), 404, "not_found")
     folder, expires, _, name = signed.rsplit("/", 3)

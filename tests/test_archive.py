@@ -13,8 +13,8 @@ import zipfile
 
 import pytest
 
-from common.archive import ArchiveError, extract_checked
-from common.errors import InputError
+from lipfarm.api.archive import ArchiveError, extract_checked
+from lipfarm.common.errors import InputError
 
 LIMITS = dict(max_members=50, max_total_bytes=50 << 20, max_ratio=100.0)
 BOMB = 200 << 20  # 200 MiB of zeros

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import soundfile
 
-from common.audio import (ArrayPcm, FilePcm, MIN_SAMPLES_16K, check_audio, load_16k, max_samples_16k,
+from lipfarm.common.audio import (ArrayPcm, FilePcm, MIN_SAMPLES_16K, check_audio, load_16k, max_samples_16k,
                           normalise_to_16k, probe_audio)
-from common.errors import AudioError
+from lipfarm.common.errors import AudioError
 from tests.media import tone, write_audio
 
 
@@ -180,17 +180,17 @@ def test_submit_probe_refuses_a_container_that_says_it_is_too_long(three_hours):
 
 
 def test_decoding_stops_as_soon_as_the_bound_is_passed(three_hours, monkeypatch):
-    import common.audio
+    from lipfarm.common import audio as common_audio
 
     decoded = []
-    real = common.audio.iter_decoded
+    real = common_audio.iter_decoded
 
     def counting(path):
         for block, rate in real(path):
             decoded.append(block.shape[-1] / rate)
             yield block, rate
 
-    monkeypatch.setattr(common.audio, "iter_decoded", counting)
+    monkeypatch.setattr(common_audio, "iter_decoded", counting)
     sink = io.BytesIO()
     started = time.monotonic()
     with pytest.raises(AudioError, match=r"three_hours.ogg: audio is longer than the maximum \(expected at most "

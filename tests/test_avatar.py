@@ -11,9 +11,9 @@ import cv2
 import numpy as np
 import pytest
 
-from common.avatar import AvatarStore, load_avatar, pingpong_indices, rect_from_landmarks
-from common.avatar_import import import_avatar, read_landmarks
-from common.errors import AvatarError, NotFoundError
+from lipfarm.common.avatar import AvatarStore, load_avatar, pingpong_indices, rect_from_landmarks
+from lipfarm.common.avatar_import import import_avatar, read_landmarks
+from lipfarm.common.errors import AvatarError, NotFoundError
 from tests.reference import reference_pingpong
 
 

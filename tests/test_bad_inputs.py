@@ -10,9 +10,9 @@ import pytest
 import soundfile
 from onnx import TensorProto, helper
 
-from common.features import frame_count
-from common.audio import load_16k
-from scheduler.cli import main
+from lipfarm.common.features import frame_count
+from lipfarm.common.audio import load_16k
+from lipfarm.cli import main
 from tests.media import tone, video_info
 
 pytestmark = pytest.mark.slow

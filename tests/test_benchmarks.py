@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.local import BenchConfig, draw_chart, run_bench
-from benchmarks.memory import measure_job
+from lipfarm.benchmarks.local import BenchConfig, draw_chart, run_bench
+from lipfarm.benchmarks.memory import measure_job
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +41,7 @@ def test_memory_bench_measures_each_role(settings, demo, tmp_path):
 def test_watch_bench_times_the_first_playable_segment_and_the_tail(settings, demo):
     """Short jobs (449 frames: chunks of 25, 50, 100, 250 and 24 with the fast start) on a real
     worker; the tail job (675 frames) is made of the fast-start job's segments."""
-    from benchmarks.watch import run_watch_bench
+    from lipfarm.benchmarks.watch import run_watch_bench
 
     figures = run_watch_bench(settings, minutes=0.3, tail_minutes=0.45, redis_db=5)
     fast, uniform = figures["fast_start"], figures["uniform"]

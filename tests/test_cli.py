@@ -11,8 +11,8 @@ from dataclasses import fields
 import pytest
 import soundfile
 
-from common.options import RenderOptions
-from scheduler.cli import OPTION_HELP, build_parser, main
+from lipfarm.common.options import RenderOptions
+from lipfarm.cli import OPTION_HELP, build_parser, main
 from tests.media import tone
 from tests.test_models import tiny_model
 
@@ -122,7 +122,7 @@ def test_every_render_option_has_a_flag_with_help():
 
 
 def test_flags_build_the_options(settings):
-    from scheduler.cli import options_from_args
+    from lipfarm.cli import options_from_args
 
     args = build_parser().parse_args(["render", "--avatar", "a", "--audio", "b", "--out", "c",
                                       "--chunk-frames", "50", "--video-qp", "23", "--x264-preset", "ultrafast"])

@@ -17,12 +17,12 @@ import numpy as np
 import psutil
 import pytest
 
-from common.avatar import AvatarStore
-from common.config import load_settings
-from common.options import RenderOptions
-from demo.speech import write_wav
-from scheduler.cluster import free_ports
-from scheduler.local import render_local
+from lipfarm.common.avatar import AvatarStore
+from lipfarm.common.config import load_settings
+from lipfarm.common.options import RenderOptions
+from lipfarm.demo.speech import write_wav
+from lipfarm.scheduler.cluster import free_ports
+from lipfarm.scheduler.local import render_local
 from tests.farm import until
 from tests.media import video_frames, video_info
 
@@ -37,7 +37,7 @@ def lipfarm(env: dict[str, str], *args: str, timeout_s: float = 60) -> subproces
 @pytest.fixture(scope="module")
 def cluster_home(tmp_path_factory, demo) -> Path:
     """A home of its own, with the demo avatar and models (what the API renders with by default)."""
-    from demo.assets import ensure_demo_assets
+    from lipfarm.demo.assets import ensure_demo_assets
 
     home = tmp_path_factory.mktemp("cluster-home")
     ensure_demo_assets(load_settings({"LIPFARM_HOME": str(home)}))
@@ -110,7 +110,7 @@ def test_a_cluster_renders_a_job_over_http_and_goes_away(cluster, cluster_home, 
     assert video_info(output)["frames"] == job["frames_total"] == job["frames_done"] > 0
 
     settings = load_settings({"LIPFARM_HOME": str(cluster_home)})
-    from demo.assets import ensure_demo_assets
+    from lipfarm.demo.assets import ensure_demo_assets
 
     demo = ensure_demo_assets(settings)
     local = render_local(avatar=AvatarStore(settings.avatars_dir).get("demo"), audio=clip, out=tmp_path / "local.mp4",

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from common.config import SETTINGS, load_settings, settings_markdown
-from common.errors import InputError
+from lipfarm.common.config import SETTINGS, load_settings, settings_markdown
+from lipfarm.common.errors import InputError
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -46,6 +46,6 @@ def test_readme_lists_every_setting_as_configured():
 def test_every_setting_is_a_field_of_settings_in_order():
     from dataclasses import fields
 
-    from common.config import Settings
+    from lipfarm.common.config import Settings
 
     assert [f.name for f in fields(Settings)] == [s.name for s in SETTINGS]

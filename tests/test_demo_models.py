@@ -6,7 +6,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from demo.models import MOUTH_CENTER, logit_fit, mouth_template
+from lipfarm.demo.models import MOUTH_CENTER, logit_fit, mouth_template
 from tests.reference import reference_visual_input
 
 

@@ -9,7 +9,6 @@ made strict the way the API server prunes unknown fields).
 from __future__ import annotations
 
 import copy
-import fnmatch
 import json
 import re
 import shutil
@@ -25,7 +24,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from common.config import SETTINGS
+from lipfarm.common.config import SETTINGS
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -136,13 +135,13 @@ def _without_pending_flags(parser, args: list[str]) -> list[str]:
 
 
 def _parse(args):
-    from scheduler.cli import build_parser
+    from lipfarm.cli import build_parser
 
     parser = build_parser()
     try:
         return parser.parse_args(_without_pending_flags(parser, [str(a) for a in args]))
     except SystemExit:
-        pytest.fail(f"`lipfarm {' '.join(map(str, args))}` does not parse with scheduler.cli "
+        pytest.fail(f"`lipfarm {' '.join(map(str, args))}` does not parse with lipfarm.cli "
                     "(argparse's message is in the captured stderr)")
 
 
@@ -193,7 +192,7 @@ def _render_lists() -> set[str]:
     """
     from kombu.transport.redis import Channel
 
-    from common.celery_app import PRIORITIES, app
+    from lipfarm.common.celery_app import PRIORITIES, app
 
     options = app.conf.broker_transport_options
     channel = SimpleNamespace(priority_steps=options["priority_steps"], sep=options["sep"])
@@ -254,7 +253,7 @@ def _k8s_errors(doc: dict, version: str) -> list[str]:
 
 @pytest.mark.parametrize("where,args", list(_commands()), ids=[w for w, _ in _commands()])
 def test_every_container_command_parses(where, args):
-    from common.celery_app import QUEUES
+    from lipfarm.common.celery_app import QUEUES
 
     assert args, f"{where}: a lipfarm container must say which command it runs"
     parsed = _parse(args)
@@ -298,10 +297,9 @@ def test_every_lipfarm_variable_is_a_known_setting():
 
 def test_dockerfiles_set_known_settings_copy_every_package_and_expose_the_ports():
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    patterns = pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
-    packages = {p.name for p in ROOT.iterdir()   # top-level folders of Python code pip would install
-                if p.is_dir() and any(p.glob("*.py")) and any(fnmatch.fnmatch(p.name, pat) for pat in patterns)}
-    assert {"common", "worker", "scheduler"} <= packages
+    # the folders pip installs as lipfarm.<room> (package-dir), each copied into the image
+    packages = set(pyproject["tool"]["setuptools"]["package-dir"].values())
+    assert {"lipfarm", "common", "job", "worker", "scheduler", "api", "cli"} <= packages
     ports = {port["containerPort"] for _w, _d, c in _lipfarm_containers() for port in c.get("ports", [])}
     for path in DEPLOY.glob("Dockerfile*"):
         text = path.read_text()
@@ -584,7 +582,7 @@ def test_grafana_dashboard_queries_only_listed_metrics_correctly():
 
 
 def test_only_the_pending_flags_are_set_aside():
-    from scheduler.cli import build_parser
+    from lipfarm.cli import build_parser
 
     parser = build_parser()
     assert _without_pending_flags(parser, ["worker", "--metrics-port", "9808", "--queues", "render"]) == (
@@ -598,7 +596,7 @@ def test_only_the_pending_flags_are_set_aside():
 def test_the_dashboard_queries_only_series_the_code_exports():
     """Every lipfarm_* series the dashboard names (``DASHBOARD_METRICS``, which the test above keeps
     equal to the dashboard's) is exported by the workers or the API, with the labels it groups by."""
-    from common.metrics import exported_series
+    from lipfarm.common.metrics import exported_series
 
     exported = exported_series()
     missing = {name: sorted(labels) for name, labels in DASHBOARD_METRICS.items()
@@ -616,7 +614,7 @@ def test_the_flower_metrics_the_dashboard_uses_are_flowers():
 
 
 def test_workers_serve_metrics_where_prometheus_and_the_healthcheck_look():
-    from scheduler.cli import build_parser
+    from lipfarm.cli import build_parser
 
     parser = build_parser()
     for where, args in _commands():

@@ -14,25 +14,24 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import redis
 
-from common import celery_app
-from common.config import load_settings
-from common.errors import NotFoundError
-from common.identity import new_job_id
-from common.options import RenderOptions
-from common.state import JobState
-from common.storage import open_storage
-from demo.speech import write_wav
-from scheduler.cli import main
-from scheduler.local import render_local
-from scheduler.reconcile import Enqueue, reconcile
-from scheduler.submit import submit_job
-from tests.farm import TEST_PREFIX, Holds, SeaweedS3, farm_env, running_farm, until
+from lipfarm.common import celery_app
+from lipfarm.common.config import load_settings
+from lipfarm.common.errors import NotFoundError
+from lipfarm.common.identity import new_job_id
+from lipfarm.common.options import RenderOptions
+from lipfarm.common.state import JobState
+from lipfarm.common.storage import open_storage
+from lipfarm.demo.speech import write_wav
+from lipfarm.cli import main
+from lipfarm.scheduler.local import render_local
+from lipfarm.scheduler.reconcile import Enqueue, reconcile
+from lipfarm.scheduler.submit import submit_job
+from tests.farm import farm_env, Holds, redis_client, REDIS_DB, redis_url, running_farm, SeaweedS3, TEST_PREFIX, until
 from tests.media import video_frames, video_info
 
 pytestmark = pytest.mark.slow
-FARM_DB = 14
+FARM_DB = REDIS_DB["farm"]
 BUCKET = "lipfarm-test"
 CHUNK = RenderOptions(chunk_frames=25)
 # The clip: 4.1 s = 65600 samples -> 329 mel frames -> 99 windows -> 101 frames: 5 chunks of <= 25.
@@ -40,7 +39,7 @@ CLIP_FRAMES, CLIP_CHUNKS = 101, 5
 
 
 def _clean_db() -> None:
-    redis.Redis(db=FARM_DB).flushdb()
+    redis_client(FARM_DB).flushdb()
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +63,7 @@ def farm(tmp_path_factory, home, demo, s3, holds):
     the environment and the Celery app's configuration are restored afterwards.
     """
     _clean_db()
-    env = farm_env(home, f"s3://{BUCKET}/farm", s3, LIPFARM_BROKER_URL=f"redis://127.0.0.1:6379/{FARM_DB}",
+    env = farm_env(home, f"s3://{BUCKET}/farm", s3, LIPFARM_BROKER_URL=redis_url(FARM_DB),
                    LIPFARM_HOLD_DIR=str(holds.folder))
     with running_farm(env, tmp_path_factory.mktemp("workers"), holds, _clean_db) as running:
         yield running
@@ -248,7 +247,7 @@ def info_frames(path: Path) -> int:
 
 
 def _queues_empty() -> bool:
-    client = redis.Redis(db=FARM_DB)
+    client = redis_client(FARM_DB)
     return all(client.llen(name) == 0 for name in client.scan_iter("jobs*"))
 
 
@@ -267,7 +266,7 @@ def test_bad_submissions_queue_nothing(farm, s3, demo, clip, tmp_path, capsys, m
         ({}, ["status", "no-such-job"], 4, "unknown job 'no-such-job'"),
         ({}, ["cancel", "no-such-job"], 4, "unknown job 'no-such-job'"),
     ]
-    store = redis.Redis(db=FARM_DB, decode_responses=True)
+    store = redis_client(FARM_DB, decode_responses=True)
     jobs_before = store.zcard(f"{TEST_PREFIX}:jobs")
     for overrides, args, code, text in cases:
         with monkeypatch.context() as patch:

@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.audio import ArrayPcm, load_16k
-from common.features import AudioFeatures, audio_inputs, embeddings, frame_count, window_count, window_start
-from common.mel import _slaney_mel_basis, mel_basis, mel_frame_count, mel_spectrogram, stft_window
-from common.models import inspect_encoder
-from common.runtime import open_runner, run_encoder
+from lipfarm.common.audio import ArrayPcm, load_16k
+from lipfarm.common.features import AudioFeatures, audio_inputs, embeddings, frame_count, window_count, window_start
+from lipfarm.common.mel import _slaney_mel_basis, mel_basis, mel_frame_count, mel_spectrogram, stft_window
+from lipfarm.common.models import inspect_encoder
+from lipfarm.common.runtime import open_runner, run_encoder
 from tests.media import tone
 from tests.reference import reference_audio_inputs, reference_mel, reference_windows
 

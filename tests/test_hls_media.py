@@ -19,14 +19,14 @@ import m3u8
 import numpy as np
 import pytest
 
-from common.hls import (TS_OFFSET_S, SegmentInfo, media_playlist, mux_hls_segment, parse_media_playlist,
+from lipfarm.common.hls import (TS_OFFSET_S, SegmentInfo, media_playlist, mux_hls_segment, parse_media_playlist,
                         read_audio_piece)
-from common.options import RenderOptions
-from scheduler.audiotrack import aac_rate, AudioTrack, encode_audio_track
-from scheduler.stitch import Segment, stitch
+from lipfarm.common.options import RenderOptions
+from lipfarm.scheduler.audiotrack import aac_rate, AudioTrack, encode_audio_track
+from lipfarm.scheduler.stitch import Segment, stitch
 from tests.browser import serve_folder
 from tests.media import Decoded, decode_streams, tone, write_audio
-from worker.encode import SegmentWriter
+from lipfarm.worker.encode import SegmentWriter
 
 ROOT = Path(__file__).resolve().parents[1]
 HLS_JS = ROOT / "scheduler" / "api" / "static" / "vendor" / "hls.min.js"

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from demo.speech import write_wav
+from lipfarm.demo.speech import write_wav
 from tests.browser import chromium_page, collect_errors, screenshot
 from tests.farm import Holds, Workers, until
 from tests.test_api import api_env, bearer, flush_api_db, make_token, start_api
@@ -40,8 +40,8 @@ def clip(tmp_path_factory, speech_16k) -> Path:
 @pytest.fixture(scope="module")
 def farm(tmp_path_factory, demo):
     """The API and (once ``start_workers`` is called) the workers, with hold files; all stopped after."""
-    from common.config import load_settings
-    from demo.assets import ensure_demo_assets
+    from lipfarm.common.config import load_settings
+    from lipfarm.demo.assets import ensure_demo_assets
 
     home = tmp_path_factory.mktemp("page-home")
     ensure_demo_assets(load_settings({"LIPFARM_HOME": str(home)}))

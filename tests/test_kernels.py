@@ -8,10 +8,10 @@ import cv2
 import numpy as np
 import pytest
 
-from worker.compose import generated_to_crop, paste_into_region
-from worker.roi import crop_side, fill_visual_input, mask_slices
-from worker.templates import prepare_template
-from worker.yuv import bgr_to_i420, bgr_to_i420_planes, even_bounds, i420_planes, write_region
+from lipfarm.worker.compose import generated_to_crop, paste_into_region
+from lipfarm.worker.roi import crop_side, fill_visual_input, mask_slices
+from lipfarm.worker.templates import prepare_template
+from lipfarm.worker.yuv import bgr_to_i420, bgr_to_i420_planes, even_bounds, i420_planes, write_region
 from tests.reference import reference_composite, reference_visual_input
 
 RNG = np.random.default_rng(12)

@@ -14,13 +14,15 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("common", "worker", "scheduler", "benchmarks", "demo")
-RENDERING_SCHEDULER_MODULES = {"scheduler.local"}
+# The role folders at the top of the repository, each installed as lipfarm.<folder> (pyproject.toml).
+PACKAGES = ("lipfarm", "common", "job", "worker", "scheduler", "api", "cli", "benchmarks", "demo")
+RENDERING_SCHEDULER_MODULES = {"lipfarm.scheduler.local"}
 
 
 def _module_name(path: Path) -> str:
     parts = list(path.relative_to(ROOT).with_suffix("").parts)
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+    parts = parts[:-1] if parts[-1] == "__init__" else parts
+    return ".".join(parts if parts[0] == "lipfarm" else ["lipfarm", *parts])
 
 
 def _modules() -> dict[str, Path]:
@@ -82,16 +84,16 @@ def test_the_cycle_check_finds_a_cycle():
 
 
 def test_the_scheduler_imports_worker_only_where_it_renders():
-    offenders = {name: sorted(m for m in deps if m.startswith("worker"))
+    offenders = {name: sorted(m for m in deps if m.startswith("lipfarm.worker"))
                  for name, deps in _graph().items()
-                 if name.startswith("scheduler") and name not in RENDERING_SCHEDULER_MODULES}
+                 if name.startswith("lipfarm.scheduler") and name not in RENDERING_SCHEDULER_MODULES}
     assert {name: deps for name, deps in offenders.items() if deps} == {}
 
 
 def test_only_the_state_store_talks_to_redis():
     talkers = []
     for name, path in _modules().items():
-        if name.startswith(("common.state", "common.celery_app", "benchmarks")):
+        if name.startswith(("lipfarm.common.state", "lipfarm.common.celery_app", "lipfarm.benchmarks")):
             continue
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
@@ -100,3 +102,49 @@ def test_only_the_state_store_talks_to_redis():
             if imported:
                 talkers.append(name)
     assert talkers == []
+
+
+# Which room may import which (docs/architecture.md): lower rooms never reach up. The CLI is the top:
+# it starts every role. The scheduler reaches the worker only where it renders locally.
+ROOM_IMPORTS = {
+    "lipfarm": set(),
+    "common": set(),
+    "demo": {"common"},
+    "job": {"common"},
+    "worker": {"common", "job"},
+    "scheduler": {"common", "job", "demo", "worker"},
+    "api": {"common", "job", "scheduler", "demo"},
+    "benchmarks": {"common", "job", "demo", "worker", "scheduler"},
+    "cli": {"common", "job", "demo", "worker", "scheduler", "api", "benchmarks"},
+}
+
+
+def _room(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+def test_rooms_import_only_the_rooms_below_them():
+    reaching_up = sorted(f"{name} -> {dep}" for name, deps in _graph().items() for dep in deps
+                         if _room(dep) != _room(name) and _room(dep) not in ROOM_IMPORTS[_room(name)])
+    assert reaching_up == []
+
+
+def test_every_room_is_a_known_room():
+    assert {_room(name) for name in _modules()} == set(ROOM_IMPORTS)
+
+
+def test_the_wheel_installs_one_lipfarm_namespace(tmp_path):
+    """Nothing of lipfarm lands at the top of site-packages beside other packages' ``common``."""
+    import subprocess
+    import sys
+    import zipfile
+
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet",
+                    "-w", str(tmp_path), str(ROOT)], check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("lipfarm-*.whl")
+    tops = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist()}
+    assert {top for top in tops if not top.endswith(".dist-info")} == {"lipfarm"}
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {"lipfarm/common/state/store.py", "lipfarm/worker/tasks.py", "lipfarm/api/static/index.html",
+            "lipfarm/cli/__init__.py", "lipfarm/job/endings.py"} <= names

@@ -12,20 +12,19 @@ import os
 
 import httpx
 import pytest
-import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from common import celery_app, metrics, services
-from common.config import load_settings
-from common.errors import CancelledError, InputError, ServiceError
-from common.identity import new_job_id
-from common.options import RenderOptions
-from common.state import JobState
-from scheduler.cluster import LipfarmProcess, free_ports
-from scheduler.submit import submit_job
-from tests.farm import Holds, farm_env, until
+from lipfarm.common import celery_app, metrics, services
+from lipfarm.common.config import load_settings
+from lipfarm.common.errors import CancelledError, InputError, ServiceError
+from lipfarm.common.identity import new_job_id
+from lipfarm.common.options import RenderOptions
+from lipfarm.common.state import JobState
+from lipfarm.scheduler.cluster import LipfarmProcess, free_ports
+from lipfarm.scheduler.submit import submit_job
+from tests.farm import farm_env, Holds, redis_client, REDIS_DB, redis_url, until
 
-METRICS_DB = 7
+METRICS_DB = REDIS_DB["metrics"]
 PREFIX = "lipfarm-metricstest"
 CHUNK = RenderOptions(chunk_frames=25)
 CLIP_FRAMES, CLIP_CHUNKS = 101, 5  # 4.1 s of speech (see tests/test_farm.py)
@@ -79,7 +78,7 @@ def test_histograms_kept_in_the_store_are_exported_cumulative():
 # A worker and the API, scraped while a job runs
 
 def _flush() -> None:
-    redis.Redis(db=METRICS_DB).flushdb()
+    redis_client(METRICS_DB).flushdb()
 
 
 @pytest.fixture(scope="module")
@@ -93,10 +92,10 @@ def farm(tmp_path_factory, home, demo, holds):
     API; their settings also in this process's environment (for ``submit_job``) for the module."""
     _flush()
     folder = tmp_path_factory.mktemp("metrics-farm")
-    env = farm_env(home, str(folder / "storage"), None, LIPFARM_BROKER_URL=f"redis://127.0.0.1:6379/{METRICS_DB}",
+    env = farm_env(home, str(folder / "storage"), None, LIPFARM_BROKER_URL=redis_url(METRICS_DB),
                    LIPFARM_KEY_PREFIX=PREFIX, LIPFARM_HOLD_DIR=str(holds.folder))
     worker_port, api_port = free_ports(2)
-    worker = LipfarmProcess.worker(env, folder / "worker.log", "--concurrency", "2", "--queues",
+    worker = LipfarmProcess.worker(env, folder / "lipfarm.worker.log", "--concurrency", "2", "--queues",
                                    "jobs,render,finalize", "--metrics-port", str(worker_port),
                                    "--hostname", f"metrics-{os.getpid()}@test")
     api = LipfarmProcess(["api", "--host", "127.0.0.1", "--port", str(api_port)], env=env, log=folder / "api.log",
@@ -180,7 +179,7 @@ def test_a_running_job_moves_the_figures_and_they_agree_with_its_status(farm, ho
 
 @pytest.mark.slow
 def test_metrics_may_require_a_token(farm, home):
-    from scheduler.api.app import create_app
+    from lipfarm.api.app import create_app
     from tests.browser import live_server
     from tests.test_api import make_token
 

@@ -11,11 +11,11 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from demo.models import build_generator
-from common.errors import InputError, ModelError
-from common.fp16 import to_float16
-from common.models import inspect_encoder, inspect_generator, load_model
-from common.runtime import BoundRunner, open_runner, resolve_backend
+from lipfarm.demo.models import build_generator
+from lipfarm.common.errors import InputError, ModelError
+from lipfarm.common.fp16 import to_float16
+from lipfarm.common.models import inspect_encoder, inspect_generator, load_model
+from lipfarm.common.runtime import BoundRunner, open_runner, resolve_backend
 
 
 def tiny_model(path, inputs: dict, outputs: dict, *, elem=TensorProto.FLOAT):
@@ -202,7 +202,7 @@ def test_openvino_matches_onnxruntime(demo):
 
 
 def test_openvino_compiles_static_shapes_per_batch_and_keeps_a_few(demo):
-    from common.runtime import _openvino
+    from lipfarm.common.runtime import _openvino
 
     runner, run = _openvino(load_model(str(demo.encoder)).SerializeToString(), 1, "fp32")
     rng = np.random.default_rng(6)
@@ -341,7 +341,7 @@ def test_functions_the_model_defines_itself_are_accepted(tmp_path):
 
 
 def _runner(spec, cache_dir, *, backend="cpu", precision="fp32", threads=1):
-    from common.runtime import load_runner
+    from lipfarm.common.runtime import load_runner
 
     return load_runner(spec.path, spec.sha256, backend=backend, precision=precision, threads=threads,
                        fixed_batch=spec.fixed_batch, cache_dir=cache_dir)
@@ -408,7 +408,7 @@ def test_a_damaged_cache_entry_is_rebuilt_and_the_session_is_right(demo, tmp_pat
 
 
 def test_runtime_cache_entries_are_keyed_by_model_and_precision(demo, tmp_path):
-    from common.runtime import RuntimeCache, _CacheSlot
+    from lipfarm.common.runtime import RuntimeCache, _CacheSlot
 
     encoder, generator = inspect_encoder(demo.encoder), inspect_generator(demo.generator)
     assert _runner(encoder, tmp_path).cache == "stored"
@@ -499,7 +499,7 @@ def test_a_damaged_openvino_blob_is_compiled_again(demo, tmp_path):
 
 
 def test_open_runner_finds_the_runtime_cache_in_the_settings(demo, home, monkeypatch, tmp_path):
-    from common.runtime import CACHE_DIR_ENV, default_cache_dir
+    from lipfarm.common.runtime import CACHE_DIR_ENV, default_cache_dir
 
     monkeypatch.delenv(CACHE_DIR_ENV, raising=False)
     monkeypatch.delenv("LIPFARM_CACHE_DIR", raising=False)
@@ -521,7 +521,7 @@ def test_open_runner_finds_the_runtime_cache_in_the_settings(demo, home, monkeyp
 @pytest.fixture
 def counted_checks(monkeypatch):
     """Checks cached from the first second (no settling), and a list of the files actually read."""
-    from common import models
+    from lipfarm.common import models
 
     models.forget_checked_models()
     monkeypatch.setattr(models, "SETTLE_S", 0.0)
@@ -540,7 +540,7 @@ def counted_checks(monkeypatch):
 def test_a_model_is_checked_once_while_its_file_is_unchanged(demo, tmp_path, monkeypatch, counted_checks):
     import shutil
 
-    from common.fileio import file_sha256
+    from lipfarm.common.fileio import file_sha256
 
     path = tmp_path / "encoder.onnx"
     shutil.copyfile(demo.encoder, path)
@@ -585,7 +585,7 @@ def test_a_changed_model_file_is_checked_again(tmp_path, counted_checks):
 
 
 def test_a_model_file_changed_just_now_is_checked_every_time(tmp_path, monkeypatch, counted_checks):
-    from common import models
+    from lipfarm.common import models
 
     monkeypatch.setattr(models, "SETTLE_S", 60.0)  # its timestamps may not yet tell a second change
     path = tiny_model(tmp_path / "e.onnx", {"mel": ["B", 1, 80, 16]}, {"emb": ["B", 512]})
@@ -598,8 +598,8 @@ def test_a_model_file_changed_just_now_is_checked_every_time(tmp_path, monkeypat
 
 
 def test_model_hash_and_parse_come_from_one_read(demo, tmp_path):
-    from common.fileio import file_sha256
-    from common.models import _load_and_hash, load_model
+    from lipfarm.common.fileio import file_sha256
+    from lipfarm.common.models import _load_and_hash, load_model
 
     model, digest = _load_and_hash(demo.generator)
     assert digest == file_sha256(demo.generator)

@@ -10,14 +10,14 @@ import time
 
 import pytest
 
-from common import celery_app, services
-from common.config import load_settings
-from common.identity import new_job_id
-from common.options import RenderOptions
-from common.state import JobRecord, JobState, StateStore
-from demo.speech import write_wav
-from scheduler.cluster import LipfarmProcess
-from scheduler.submit import submit_job
+from lipfarm.common import celery_app, services
+from lipfarm.common.config import load_settings
+from lipfarm.common.identity import new_job_id
+from lipfarm.common.options import RenderOptions
+from lipfarm.common.state import JobRecord, JobState, StateStore
+from lipfarm.demo.speech import write_wav
+from lipfarm.scheduler.cluster import LipfarmProcess
+from lipfarm.scheduler.submit import submit_job
 from tests.farm import Holds, Workers, farm_env, until
 from tests.hosts import RedisServer, require_redis_server
 

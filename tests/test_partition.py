@@ -13,15 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common import celery_app, services
-from common.config import load_settings
-from common.identity import new_job_id
-from common.options import RenderOptions
-from common.state import JobState
-from demo.speech import write_wav
-from scheduler.cluster import LipfarmProcess
-from scheduler.local import render_local
-from scheduler.submit import submit_job
+from lipfarm.common import celery_app, services
+from lipfarm.common.config import load_settings
+from lipfarm.common.identity import new_job_id
+from lipfarm.common.options import RenderOptions
+from lipfarm.common.state import JobState
+from lipfarm.demo.speech import write_wav
+from lipfarm.scheduler.cluster import LipfarmProcess
+from lipfarm.scheduler.local import render_local
+from lipfarm.scheduler.submit import submit_job
 from tests.farm import Holds, farm_env, until
 from tests.hosts import Host, RedisServer, require_hosts, require_redis_server
 from tests.media import video_frames

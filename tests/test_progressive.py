@@ -13,28 +13,27 @@ import av
 import m3u8
 import numpy as np
 import pytest
-import redis
 
-from common import celery_app
-from common.config import load_settings
-from common.hls import TS_OFFSET_S, media_playlist, parse_media_playlist
-from common.identity import new_job_id
-from common.jobfiles import JobFiles
-from common.options import RenderOptions
-from common.playlist import advance_playlist
-from common.state import JobRecord, JobState, Keys, Segment, StateStore
-from common.storage import LocalStorage
-from common.storage.layout import hls_segment_key, playlist_key
-from demo.speech import write_wav
-from scheduler.cli import main
-from scheduler.local import render_local
-from scheduler.submit import submit_job
+from lipfarm.common import celery_app
+from lipfarm.common.config import load_settings
+from lipfarm.common.hls import TS_OFFSET_S, media_playlist, parse_media_playlist
+from lipfarm.common.identity import new_job_id
+from lipfarm.job.jobfiles import JobFiles
+from lipfarm.common.options import RenderOptions
+from lipfarm.job.playlist import advance_playlist
+from lipfarm.common.state import JobRecord, JobState, Keys, Segment, StateStore
+from lipfarm.common.storage import LocalStorage
+from lipfarm.common.storage.layout import hls_segment_key, playlist_key
+from lipfarm.demo.speech import write_wav
+from lipfarm.cli import main
+from lipfarm.scheduler.local import render_local
+from lipfarm.scheduler.submit import submit_job
 from tests.browser import chromium_page, serve_folder
-from tests.farm import Holds, farm_env, running_farm, until
+from tests.farm import farm_env, Holds, redis_client, REDIS_DB, redis_url, running_farm, until
 from tests.media import decode_streams, video_frames
 
 pytestmark = pytest.mark.slow
-DB = 9
+DB = REDIS_DB["progressive"]
 FPS = 25
 CHUNK = RenderOptions(chunk_frames=25)
 CLIP_FRAMES = 101  # 4.1 s of speech: chunks of 25, 25, 25, 25, 1
@@ -47,11 +46,11 @@ def holds(tmp_path_factory) -> Holds:
 
 @pytest.fixture(scope="module")
 def farm(tmp_path_factory, home, demo, holds):
-    redis.Redis(db=DB).flushdb()
+    redis_client(DB).flushdb()
     storage = tmp_path_factory.mktemp("storage")
-    env = farm_env(home, str(storage), None, LIPFARM_BROKER_URL=f"redis://127.0.0.1:6379/{DB}",
+    env = farm_env(home, str(storage), None, LIPFARM_BROKER_URL=redis_url(DB),
                    LIPFARM_HOLD_DIR=str(holds.folder))
-    clean = redis.Redis(db=DB).flushdb
+    clean = redis_client(DB).flushdb
     with running_farm(env, tmp_path_factory.mktemp("workers"), holds, clean) as (settings, _workers):
         yield settings, LocalStorage(storage)
 
@@ -162,9 +161,9 @@ def test_a_fast_start_plan_renders_the_same_frames_as_a_uniform_one(farm, demo, 
 
 def test_a_fast_starts_first_chunks_go_to_the_front_of_their_priority():
     """On a broker no worker reads (Redis DB 8), the lists the messages land in."""
-    client = redis.Redis(db=8)
+    client = redis_client(REDIS_DB["progressive-broker"])
     client.flushdb()
-    celery_app.configure(celery_app.app, load_settings({"LIPFARM_BROKER_URL": "redis://127.0.0.1:6379/8"}))
+    celery_app.configure(celery_app.app, load_settings({"LIPFARM_BROKER_URL": redis_url(REDIS_DB["progressive-broker"])}))
     try:
         celery_app.enqueue_render("x", 3, "normal", "75-99")
         celery_app.enqueue_render("x", 0, "normal", "0-49", first=True)
@@ -224,7 +223,7 @@ def test_a_browser_plays_the_playlist_while_the_job_renders(farm, holds, demo, s
     handle = _submit(settings, demo, audio, job_id=job_id)
     until(lambda: handle.store.job(job_id).playlist_chunks >= 2, what="two chunks playable")
     site = storage.local_path(f"jobs/{job_id}/hls")
-    (site / "hls.min.js").write_bytes((Path(__file__).parents[1] / "scheduler/api/static/vendor/hls.min.js").read_bytes())
+    (site / "hls.min.js").write_bytes((Path(__file__).parents[1] / "api/static/vendor/hls.min.js").read_bytes())
     (site / "watch.html").write_text(WATCH_PAGE)
     with serve_folder(site) as base, chromium_page(tmp_path, extra_args=["--autoplay-policy=no-user-gesture-required"]) as page:
         page.goto(base + "/watch.html")
@@ -253,7 +252,7 @@ def test_segments_a_viewer_may_fetch_outlive_the_cleanup(tmp_path):
     listed stays even when its chunk was rendered again afterwards (a viewer may be playing it)."""
     from types import SimpleNamespace
 
-    from scheduler.finalize import _delete_unused_segments
+    from lipfarm.scheduler.finalize import _delete_unused_segments
 
     storage, job = LocalStorage(tmp_path), "20260101-000000-abcdef"
     names = ["chunks/00000-a.mp4", "chunks/00000-b.mp4", "chunks/00001-c.mp4", "chunks/00001-d.mp4",
@@ -274,7 +273,7 @@ def test_segments_a_viewer_may_fetch_outlive_the_cleanup(tmp_path):
 def test_out_of_order_commits_never_leave_a_gap_or_shrink_the_playlist(tmp_path):
     """Chunks commit in any order, from many processes at once; every playlist written on the way
     lists a run from the start that only grows (the store on Redis DB 13, storage in tmp)."""
-    store = StateStore(redis.Redis(db=13, decode_responses=True), Keys("lipfarm-playlist"))
+    store = StateStore(redis_client(REDIS_DB["state"], decode_responses=True), Keys("lipfarm-playlist"))
     storage = LocalStorage(tmp_path / "storage")
     job_id, chunks = "order", 12
     now = time.time()

@@ -15,30 +15,29 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import redis
 
-from common import celery_app
-from common.avatar import AvatarStore, write_avatar
-from common.config import load_settings
-from common.identity import new_job_id
-from common.options import RenderOptions
-from common.state import JobState
-from common.storage import open_storage
-from demo.speech import write_wav
-from scheduler.local import render_local
-from scheduler.reconcile import Enqueue, reconcile
-from scheduler.submit import submit_job
-from tests.farm import Holds, farm_env, running_farm, until
+from lipfarm.common import celery_app
+from lipfarm.common.avatar import AvatarStore, write_avatar
+from lipfarm.common.config import load_settings
+from lipfarm.common.identity import new_job_id
+from lipfarm.common.options import RenderOptions
+from lipfarm.common.state import JobState
+from lipfarm.common.storage import open_storage
+from lipfarm.demo.speech import write_wav
+from lipfarm.scheduler.local import render_local
+from lipfarm.scheduler.reconcile import Enqueue, reconcile
+from lipfarm.scheduler.submit import submit_job
+from tests.farm import farm_env, Holds, redis_client, REDIS_DB, redis_url, running_farm, until
 from tests.media import video_frames
 
 pytestmark = pytest.mark.slow
-DB = 12
+DB = REDIS_DB["recovery"]
 CHUNK = RenderOptions(chunk_frames=25)
 CLIP_FRAMES, CLIP_CHUNKS = 101, 5  # 4.1 s of speech
 
 
 def _flush() -> None:
-    redis.Redis(db=DB).flushdb()
+    redis_client(DB).flushdb()
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +50,7 @@ def farm(tmp_path_factory, home, demo, holds):
     """Two render workers and a jobs/finalize worker, local storage, leases of 6 s."""
     _flush()
     storage = tmp_path_factory.mktemp("storage")
-    env = farm_env(home, str(storage), None, LIPFARM_BROKER_URL=f"redis://127.0.0.1:6379/{DB}",
+    env = farm_env(home, str(storage), None, LIPFARM_BROKER_URL=redis_url(DB),
                    LIPFARM_HOLD_DIR=str(holds.folder), LIPFARM_LEASE_S="6", LIPFARM_HEARTBEAT_INTERVAL_S="1",
                    LIPFARM_RECONCILE_INTERVAL_S="1", LIPFARM_CACHE_DIR=str(tmp_path_factory.mktemp("cache")))
     with running_farm(env, tmp_path_factory.mktemp("workers"), holds, _flush) as running:

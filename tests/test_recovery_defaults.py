@@ -13,18 +13,17 @@ import signal
 import time
 
 import pytest
-import redis
 
-from common import celery_app, defaults, services
-from common.config import load_settings
-from common.identity import new_job_id
-from common.options import RenderOptions
-from demo.speech import write_wav
-from scheduler.submit import submit_job
-from tests.farm import Holds, Workers, farm_env, until
+from lipfarm.common import celery_app, defaults, services
+from lipfarm.common.config import load_settings
+from lipfarm.common.identity import new_job_id
+from lipfarm.common.options import RenderOptions
+from lipfarm.demo.speech import write_wav
+from lipfarm.scheduler.submit import submit_job
+from tests.farm import farm_env, Holds, redis_client, REDIS_DB, redis_url, until, Workers
 
 pytestmark = pytest.mark.slow
-DB = 11
+DB = REDIS_DB["recovery-defaults"]
 RECLAIMED_WITHIN_S = 30
 
 
@@ -35,9 +34,9 @@ def holds(tmp_path_factory) -> Holds:
 
 @pytest.fixture(scope="module")
 def farm(tmp_path_factory, home, demo, holds):
-    redis.Redis(db=DB).flushdb()
+    redis_client(DB).flushdb()
     env = farm_env(home, str(tmp_path_factory.mktemp("storage")), None,
-                   LIPFARM_BROKER_URL=f"redis://127.0.0.1:6379/{DB}", LIPFARM_HOLD_DIR=str(holds.folder))
+                   LIPFARM_BROKER_URL=redis_url(DB), LIPFARM_HOLD_DIR=str(holds.folder))
     for name in ("LIPFARM_LEASE_S", "LIPFARM_HEARTBEAT_INTERVAL_S", "LIPFARM_RECONCILE_INTERVAL_S"):
         env.pop(name, None)  # the defaults, as a user runs them
     with pytest.MonkeyPatch.context() as patch:
@@ -54,7 +53,7 @@ def farm(tmp_path_factory, home, demo, holds):
         finally:
             workers.stop()
             holds.release()
-            redis.Redis(db=DB).flushdb()
+            redis_client(DB).flushdb()
     celery_app.configure(celery_app.app, load_settings())
     services.reset()
 

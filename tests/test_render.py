@@ -9,25 +9,25 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from common.audio import ArrayPcm, load_16k
-from common.avatar import pingpong_indices
-from common.errors import AvatarError
-from common.features import audio_inputs, frame_count
-from common.models import inspect_encoder
-from common.options import RenderOptions
-from common.runtime import open_runner, run_encoder
-from demo.speech import write_wav
-from scheduler.local import render_local
+from lipfarm.common.audio import ArrayPcm, load_16k
+from lipfarm.common.avatar import pingpong_indices
+from lipfarm.common.errors import AvatarError
+from lipfarm.common.features import audio_inputs, frame_count
+from lipfarm.common.models import inspect_encoder
+from lipfarm.common.options import RenderOptions
+from lipfarm.common.runtime import open_runner, run_encoder
+from lipfarm.demo.speech import write_wav
+from lipfarm.scheduler.local import render_local
 from tests.media import tone, video_frames, video_info, write_audio
 from tests.reference import reference_composite, reference_visual_input
-from worker.yuv import bgr_to_i420
+from lipfarm.worker.yuv import bgr_to_i420
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def demo_render(tmp_path_factory, settings, demo, demo_avatar):
-    out = tmp_path_factory.mktemp("demo") / "demo.mp4"
+    out = tmp_path_factory.mktemp("demo") / "lipfarm.demo.mp4"
     result = render_local(avatar=demo_avatar, audio=demo.audio, out=out, encoder=demo.encoder,
                           generator=demo.generator, options=RenderOptions(), settings=settings,
                           show_progress=False)
@@ -121,7 +121,7 @@ def test_the_mouth_follows_loudness(demo_render, demo_avatar, speech_16k):
 def test_a_failed_render_leaves_no_output_and_no_work_files(settings, demo, demo_avatar, short_audio, tmp_path):
     import shutil
 
-    from common.avatar import load_avatar
+    from lipfarm.common.avatar import load_avatar
 
     broken_root = tmp_path / "broken"
     shutil.copytree(demo_avatar.root, broken_root)
@@ -152,7 +152,7 @@ def test_other_containers_render_with_their_own_audio(settings, demo, demo_avata
 
 
 def test_a_render_checks_each_model_once(settings, demo, demo_avatar, short_audio, tmp_path, monkeypatch):
-    from common import models
+    from lipfarm.common import models
 
     models.forget_checked_models()
     monkeypatch.setattr(models, "SETTLE_S", 0.0)  # the demo models may have been written a moment ago
@@ -171,12 +171,12 @@ def test_the_first_unet_batch_waits_for_one_block_of_features(settings, demo, de
                                                               speech_16k, monkeypatch):
     """Inference starts once the first 64 encoder windows are done; later ones come as batches
     reach them, each once; the video is the same as a render in chunks, which asks for other ranges."""
-    import worker.render
+    from lipfarm.worker import render as worker_render
 
     audio = tmp_path / "clip.wav"
     write_wav(audio, speech_16k[:int(6.0 * 16000)])  # 481 mel frames, 147 windows, 149 frames
     calls = []
-    real_open = worker.render.open_runner
+    real_open = worker_render.open_runner
 
     def watched(spec, **kwargs):
         runner = real_open(spec, **kwargs)
@@ -188,7 +188,7 @@ def test_the_first_unet_batch_waits_for_one_block_of_features(settings, demo, de
 
         return run
 
-    monkeypatch.setattr(worker.render, "open_runner", watched)
+    monkeypatch.setattr(worker_render, "open_runner", watched)
     result = render_local(avatar=demo_avatar, audio=audio, out=tmp_path / "progressive.mp4",
                           encoder=demo.encoder, generator=demo.generator,
                           options=RenderOptions(chunk_frames=250), settings=settings, show_progress=False)
@@ -211,18 +211,18 @@ def test_the_first_unet_batch_waits_for_one_block_of_features(settings, demo, de
 def test_a_unet_session_that_cannot_open_fails_the_render(settings, demo, demo_avatar, short_audio, tmp_path,
                                                           monkeypatch):
     """The UNet's session opens in a thread of its own; its error is the render's."""
-    import worker.render
-    from common.errors import ModelError
-    from common.models import GeneratorSpec
+    from lipfarm.worker import render as worker_render
+    from lipfarm.common.errors import ModelError
+    from lipfarm.common.models import GeneratorSpec
 
-    real_open = worker.render.open_runner
+    real_open = worker_render.open_runner
 
     def failing(spec, **kwargs):
         if isinstance(spec, GeneratorSpec):
             raise ModelError("cannot be loaded by the cpu backend (test)", path=spec.path)
         return real_open(spec, **kwargs)
 
-    monkeypatch.setattr(worker.render, "open_runner", failing)
+    monkeypatch.setattr(worker_render, "open_runner", failing)
     out = tmp_path / "never.mp4"
     with pytest.raises(ModelError, match=r"unet_328.onnx: cannot be loaded by the cpu backend \(test\)"):
         render_local(avatar=demo_avatar, audio=short_audio, out=out, encoder=demo.encoder,

@@ -27,18 +27,18 @@ import pytest
 import redis
 from celery import Celery
 
-from common import celery_app, services
-from common.avatar import AvatarStore
-from common.celery_app import TASK_RENDER
-from common.state.connection import mask_url, redis_failure, redis_tls_options, url_without_tls_params
-from common.config import load_settings
-from common.errors import InputError
-from common.options import RenderOptions
-from common.state import JobState, StateStore
-from demo.speech import write_wav
-from scheduler.cli import main
-from scheduler.cluster import LipfarmProcess
-from scheduler.submit import submit_job
+from lipfarm.common import celery_app, services
+from lipfarm.common.avatar import AvatarStore
+from lipfarm.common.celery_app import TASK_RENDER
+from lipfarm.common.state.connection import mask_url, redis_failure, redis_tls_options, url_without_tls_params
+from lipfarm.common.config import load_settings
+from lipfarm.common.errors import InputError
+from lipfarm.common.options import RenderOptions
+from lipfarm.common.state import JobState, StateStore
+from lipfarm.demo.speech import write_wav
+from lipfarm.cli import main
+from lipfarm.scheduler.cluster import LipfarmProcess
+from lipfarm.scheduler.submit import submit_job
 from tests.farm import farm_env, free_ports, until
 from tests.test_audio import long_silence_ogg
 
@@ -320,7 +320,7 @@ def farm(request, tmp_path_factory, home, demo, certs):
     folder = tmp_path_factory.mktemp(f"farm-{request.param}")
     env = farm_env(home, str(folder / "storage"), None, LIPFARM_BROKER_URL=url, LIPFARM_REDIS_URL=url,
                    LIPFARM_REDIS_TLS_CA_FILE="")
-    worker = LipfarmProcess.worker(env, folder / "worker.log", "--concurrency", "1", "--queues",
+    worker = LipfarmProcess.worker(env, folder / "lipfarm.worker.log", "--concurrency", "1", "--queues",
                                    "jobs,render,finalize", "--hostname", f"sec-{request.param}-{os.getpid()}@test")
     worker.start()
     try:
@@ -478,7 +478,7 @@ def test_submit_refuses_audio_longer_than_the_maximum_before_any_service(three_h
 
 
 def _plans_with_a_bound() -> bool:
-    from scheduler.planning import plan_submitted_job
+    from lipfarm.scheduler.planning import plan_submitted_job
 
     return "max_audio_s" in inspect.signature(plan_submitted_job).parameters
 
@@ -488,10 +488,10 @@ def _plans_with_a_bound() -> bool:
 def test_planning_refuses_audio_that_decodes_longer_than_the_maximum(plain_redis, demo, clip, tmp_path):
     """A container that passed the submit-time probe but decodes longer (as a lying one would): the
     plan fails the job naming the bound, and writes neither PCM nor plan to storage."""
-    from common.jobfiles import JobFiles
-    from common.storage import open_storage
-    from common.storage.layout import pcm_key, plan_key
-    from scheduler.planning import plan_submitted_job
+    from lipfarm.job.jobfiles import JobFiles
+    from lipfarm.common.storage import open_storage
+    from lipfarm.common.storage.layout import pcm_key, plan_key
+    from lipfarm.scheduler.planning import plan_submitted_job
 
     url = plain_redis.url().replace("/0", "/1")  # a database no worker of this module reads
     env = {"LIPFARM_BROKER_URL": url, "LIPFARM_REDIS_URL": url, "LIPFARM_STORAGE_URL": str(tmp_path / "storage"),

@@ -20,16 +20,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common import celery_app, services
-from common.config import load_settings
-from common.errors import ServiceError
-from common.identity import new_job_id
-from common.options import RenderOptions
-from common.state import JobState
-from common.storage import open_storage
-from demo.speech import write_wav
-from scheduler.local import render_local
-from scheduler.submit import submit_job
+from lipfarm.common import celery_app, services
+from lipfarm.common.config import load_settings
+from lipfarm.common.errors import ServiceError
+from lipfarm.common.identity import new_job_id
+from lipfarm.common.options import RenderOptions
+from lipfarm.common.state import JobState
+from lipfarm.common.storage import open_storage
+from lipfarm.demo.speech import write_wav
+from lipfarm.scheduler.local import render_local
+from lipfarm.scheduler.submit import submit_job
 from tests.farm import Holds, Workers, farm_env, until
 from tests.hosts import RedisServer, require_redis_server
 from tests.media import video_frames

@@ -6,11 +6,11 @@ import threading
 
 import pytest
 
-from common.config import load_settings
-from common.errors import NotFoundError
-from common.state import ChunkState, JobRecord, JobState, Segment, StateStore, Verdict
-from common.storage import LocalStorage
-from scheduler.reconcile import Enqueue, reconcile
+from lipfarm.common.config import load_settings
+from lipfarm.common.errors import NotFoundError
+from lipfarm.common.state import ChunkState, JobRecord, JobState, Segment, StateStore, Verdict
+from lipfarm.common.storage import LocalStorage
+from lipfarm.scheduler.reconcile import Enqueue, reconcile
 from tests.farm import TEST_REDIS_DB, prefixed_store
 
 PREFIX = "lipfarm-unit"
@@ -255,7 +255,7 @@ class Recorder(Enqueue):
 
 
 def _failures(reason: str) -> float:
-    from common import metrics
+    from lipfarm.common import metrics
 
     return metrics.CHUNK_FAILURES.labels(reason=reason)._value.get()
 
@@ -310,8 +310,8 @@ def test_ended_jobs_leave_redis_after_their_retention_and_come_back_when_asked(s
     """Redis holds the live farm, not its history: an ended job whose end storage holds leaves it
     after LIPFARM_JOB_RETENTION_S, all its keys at once, and comes back from ended.json when asked
     for. A job still in the outbox, unfinished, recently ended or with a webhook pending stays."""
-    from common.endings import close_job
-    from common.jobfiles import JobFiles
+    from lipfarm.job.endings import close_job
+    from lipfarm.job.jobfiles import JobFiles
 
     storage = LocalStorage(tmp_path)
     store.set_generation(now=T0)

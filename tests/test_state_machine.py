@@ -13,7 +13,7 @@ import itertools
 
 import pytest
 
-from common.state import CHUNK_MOVES, JOB_MOVES, ChunkState, JobRecord, JobState, Segment, StateStore
+from lipfarm.common.state import CHUNK_MOVES, JOB_MOVES, ChunkState, JobRecord, JobState, Segment, StateStore
 from tests.farm import TEST_REDIS_DB, delete_prefixed, prefixed_store
 
 PREFIX = "lipfarm-machine"

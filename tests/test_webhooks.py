@@ -20,28 +20,29 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-import redis
 
-from common import celery_app, services, webhooks
-from common.config import load_settings
-from common.endings import close_job
-from common.errors import ServiceError
-from common.identity import new_job_id
-from common.jobfiles import JobFiles
-from common.options import RenderOptions
-from common.plan import AssetRef, Submission
-from common.state import JobRecord, StateStore
-from common.storage import open_storage
-from demo.speech import write_wav
-from scheduler.api.schemas import Job
-from scheduler.api.signing import Signer
-from scheduler.api.views import job_view
-from scheduler.cluster import LipfarmProcess
-from scheduler.reconcile import Enqueue, reconcile
-from scheduler.submit import submit_job
-from tests.farm import delete_prefixed, farm_env, prefixed_store, until
+from lipfarm.common import celery_app, services
 
-WEBHOOK_DB = 6
+from lipfarm.job import webhooks
+from lipfarm.common.config import load_settings
+from lipfarm.job.endings import close_job
+from lipfarm.common.errors import ServiceError
+from lipfarm.common.identity import new_job_id
+from lipfarm.job.jobfiles import JobFiles
+from lipfarm.common.options import RenderOptions
+from lipfarm.common.plan import AssetRef, Submission
+from lipfarm.common.state import JobRecord, StateStore
+from lipfarm.common.storage import open_storage
+from lipfarm.demo.speech import write_wav
+from lipfarm.api.schemas import Job
+from lipfarm.api.signing import Signer
+from lipfarm.api.views import job_view
+from lipfarm.scheduler.cluster import LipfarmProcess
+from lipfarm.scheduler.reconcile import Enqueue, reconcile
+from lipfarm.scheduler.submit import submit_job
+from tests.farm import delete_prefixed, farm_env, prefixed_store, redis_client, REDIS_DB, redis_url, until
+
+WEBHOOK_DB = REDIS_DB["webhooks"]
 PREFIX = "lipfarm-webhooktest"
 SECRET = "whsec-test-0123456789"
 
@@ -304,12 +305,12 @@ def test_after_redis_loses_its_data_an_undelivered_event_is_sent_again(store, tm
 @pytest.fixture(scope="module")
 def worker(tmp_path_factory, home, demo):
     """One worker on every queue (plans, chunks, finalizers, webhooks), with the backoff shortened."""
-    redis.Redis(db=WEBHOOK_DB).flushdb()
+    redis_client(WEBHOOK_DB).flushdb()
     folder = tmp_path_factory.mktemp("webhook-farm")
-    env = farm_env(home, str(folder / "storage"), None, LIPFARM_BROKER_URL=f"redis://127.0.0.1:6379/{WEBHOOK_DB}",
+    env = farm_env(home, str(folder / "storage"), None, LIPFARM_BROKER_URL=redis_url(WEBHOOK_DB),
                    LIPFARM_KEY_PREFIX=PREFIX, LIPFARM_WEBHOOK_SECRET=SECRET, LIPFARM_WEBHOOK_BACKOFF_S="0.5",
                    LIPFARM_WEBHOOK_TIMEOUT_S="1")
-    process = LipfarmProcess.worker(env, folder / "worker.log", "--concurrency", "1",
+    process = LipfarmProcess.worker(env, folder / "lipfarm.worker.log", "--concurrency", "1",
                                     "--queues", "jobs,render,finalize", "--hostname", f"webhooks-{os.getpid()}@test")
     with pytest.MonkeyPatch.context() as patch:
         for name, value in env.items():
@@ -320,7 +321,7 @@ def worker(tmp_path_factory, home, demo):
             yield load_settings()
         finally:
             process.stop(timeout_s=30)
-            redis.Redis(db=WEBHOOK_DB).flushdb()
+            redis_client(WEBHOOK_DB).flushdb()
     celery_app.configure(celery_app.app, load_settings())
     services.reset()
 

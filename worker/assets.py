@@ -18,15 +18,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from common.audio import FilePcm, PcmSource, StoragePcm
-from common.avatar import MANIFEST, Avatar, load_avatar
-from common.errors import AvatarError, ServiceError
-from common.fileio import folder_replaced_atomically, replaced_atomically
-from common.fileio import file_sha256
-from common.models import inspect_encoder, inspect_generator
-from common.plan import AssetRef, Chunk, Plan
-from common.storage import Storage
-from worker.render import ChunkWork
+from lipfarm.common.audio import FilePcm, PcmSource, StoragePcm
+from lipfarm.common.avatar import MANIFEST, Avatar, load_avatar
+from lipfarm.common.errors import AvatarError, ServiceError
+from lipfarm.common.fileio import folder_replaced_atomically, replaced_atomically
+from lipfarm.common.fileio import file_sha256
+from lipfarm.common.models import inspect_encoder, inspect_generator
+from lipfarm.common.plan import AssetRef, Chunk, Plan
+from lipfarm.common.storage import Storage
+from lipfarm.worker.render import ChunkWork
 
 log = logging.getLogger(__name__)
 

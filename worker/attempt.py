@@ -28,27 +28,27 @@ from enum import Enum
 from pathlib import Path
 from typing import Callable
 
-from common import defaults, metrics
-from common.config import Settings
-from common.endings import close_job
-from common.errors import (AvatarError, CancelledError, InputError, LipfarmError, ModelError, NotFoundError,
+from lipfarm.common import defaults, metrics
+from lipfarm.common.config import Settings
+from lipfarm.job.endings import close_job
+from lipfarm.common.errors import (AvatarError, CancelledError, InputError, LipfarmError, ModelError, NotFoundError,
                            ServiceError)
-from common.fileio import file_sha256
-from common.hls import mux_hls_segment
-from common.identity import WorkerProcess, is_dead_here
-from common.jobfiles import CommitMarker, JobFiles
-from common.holds import hold_reached
-from common.keepalive import KeepAlive
-from common.plan import Plan
-from common.retry import with_retries
-from common.state import Claim, Segment, StateStore, Verdict
-from common.storage import Storage
-from common.playlist import advance_playlist
-from common.storage.layout import audio_piece_key, hls_segment_key, segment_key
-from common.sysinfo import peak_rss_bytes
-from worker.assets import AssetCache, resolve_chunk
-from worker.render import StageTimes, render_chunk
-from worker.templates import TemplateCache
+from lipfarm.common.fileio import file_sha256
+from lipfarm.common.hls import mux_hls_segment
+from lipfarm.common.identity import WorkerProcess, is_dead_here
+from lipfarm.job.jobfiles import CommitMarker, JobFiles
+from lipfarm.job.holds import hold_reached
+from lipfarm.job.keepalive import KeepAlive
+from lipfarm.common.plan import Plan
+from lipfarm.common.retry import with_retries
+from lipfarm.common.state import Claim, Segment, StateStore, Verdict
+from lipfarm.common.storage import Storage
+from lipfarm.job.playlist import advance_playlist
+from lipfarm.common.storage.layout import audio_piece_key, hls_segment_key, segment_key
+from lipfarm.common.sysinfo import peak_rss_bytes
+from lipfarm.worker.assets import AssetCache, resolve_chunk
+from lipfarm.worker.render import StageTimes, render_chunk
+from lipfarm.worker.templates import TemplateCache
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from common import defaults
+from lipfarm.common import defaults
 
 
 def generated_to_crop(generated: np.ndarray, crop: np.ndarray, *, out: np.ndarray,

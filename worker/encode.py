@@ -19,9 +19,9 @@ from pathlib import Path
 import av
 import numpy as np
 
-from common import defaults
-from common.options import RenderOptions
-from worker.yuv import i420_planes
+from lipfarm.common import defaults
+from lipfarm.common.options import RenderOptions
+from lipfarm.worker.yuv import i420_planes
 
 TIME_BASE = Fraction(1, defaults.FPS)
 

@@ -27,19 +27,19 @@ from typing import Callable
 import cv2
 import numpy as np
 
-from common import defaults
-from common.audio import PcmSource
-from common.avatar import Avatar, pingpong_indices
-from common.errors import CancelledError, InputError, ModelError
-from common.features import AudioFeatures
-from common.models import EncoderSpec, GeneratorSpec
-from common.options import RenderOptions
-from common.runtime import open_runner, resolve_backend, run_encoder
-from worker.compose import generated_to_crop, paste_into_region
-from worker.encode import SegmentWriter
-from worker.roi import crop_side, fill_visual_input
-from worker.templates import TemplateCache
-from worker.yuv import i420_planes, write_region
+from lipfarm.common import defaults
+from lipfarm.common.audio import PcmSource
+from lipfarm.common.avatar import Avatar, pingpong_indices
+from lipfarm.common.errors import CancelledError, InputError, ModelError
+from lipfarm.common.features import AudioFeatures
+from lipfarm.common.models import EncoderSpec, GeneratorSpec
+from lipfarm.common.options import RenderOptions
+from lipfarm.common.runtime import open_runner, resolve_backend, run_encoder
+from lipfarm.worker.compose import generated_to_crop, paste_into_region
+from lipfarm.worker.encode import SegmentWriter
+from lipfarm.worker.roi import crop_side, fill_visual_input
+from lipfarm.worker.templates import TemplateCache
+from lipfarm.worker.yuv import i420_planes, write_region
 
 
 @dataclass(frozen=True)

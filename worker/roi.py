@@ -14,7 +14,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from common import defaults
+from lipfarm.common import defaults
 
 
 def crop_side(roi_px: int) -> int:

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import functools
 
-from common import services
-from common.celery_app import TASK_RENDER, app, enqueue_finalize, enqueue_render
-from common.identity import this_process
-from worker.assets import AssetCache
-from worker.attempt import FarmContext, run_attempt
-from worker.templates import process_templates
+from lipfarm.common import services
+from lipfarm.common.celery_app import TASK_RENDER, app, enqueue_finalize, enqueue_render
+from lipfarm.common.identity import this_process
+from lipfarm.worker.assets import AssetCache
+from lipfarm.worker.attempt import FarmContext, run_attempt
+from lipfarm.worker.templates import process_templates
 
 
 @functools.cache

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.avatar import Avatar
-from worker.roi import bicubic_crop
-from worker.yuv import bgr_to_i420, even_bounds
+from lipfarm.common.avatar import Avatar
+from lipfarm.worker.roi import bicubic_crop
+from lipfarm.worker.yuv import bgr_to_i420, even_bounds
 
 
 @dataclass(frozen=True)

@@ -7,11 +7,11 @@
 - ``tokens``: ``TokenStore``, the HTTP API's tokens, URL-signing secret and idempotency keys.
 """
 
-from common.state.keys import Keys
-from common.state.records import (CHUNK_MOVES, JOB_MOVES, AttemptRecord, ChunkRecord, ChunkState, JobRecord,
+from lipfarm.common.state.keys import Keys
+from lipfarm.common.state.records import (CHUNK_MOVES, JOB_MOVES, AttemptRecord, ChunkRecord, ChunkState, JobRecord,
                                   JobState, JobStatus, RunningChunk, Verdict, WebhookRecord)
-from common.state.store import Claim, Lease, Move, Resumed, Segment, Stall, StalledJob, StateStore
-from common.state.tokens import ApiToken, IdempotencyClaim, TokenStore
+from lipfarm.common.state.store import Claim, Lease, Move, Resumed, Segment, Stall, StalledJob, StateStore
+from lipfarm.common.state.tokens import ApiToken, IdempotencyClaim, TokenStore
 
 __all__ = ["CHUNK_MOVES", "JOB_MOVES", "AttemptRecord", "ChunkRecord", "ChunkState", "Claim", "JobRecord",
            "JobState", "JobStatus", "Keys", "Lease", "Move", "Resumed", "RunningChunk", "Segment", "Stall", "StalledJob",

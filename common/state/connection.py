@@ -14,7 +14,7 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import redis
 
-from common.errors import InputError
+from lipfarm.common.errors import InputError
 
 TLS_CA_ENV = "LIPFARM_REDIS_TLS_CA_FILE"
 # The TLS parameters a rediss:// URL may carry (redis-py's and Celery's names for them).

@@ -15,9 +15,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, replace
 from enum import Enum
 
-from common import defaults
-from common.errors import ServiceError
-from common.storage.layout import playlist_key
+from lipfarm.common import defaults
+from lipfarm.common.errors import ServiceError
+from lipfarm.common.storage.layout import playlist_key
 
 JOB_RECORD_VERSION = 1
 

@@ -33,12 +33,12 @@ from typing import Callable
 
 import redis
 
-from common.errors import NotFoundError, ServiceError
-from common.retry import retry_delay_s
-from common.state import scripts
-from common.state.connection import mask_url, redis_failure, redis_tls_options, url_without_tls_params
-from common.state.keys import Keys
-from common.state.records import (JOB_MOVES, AttemptRecord, ChunkRecord, ChunkState, JobRecord, JobState,
+from lipfarm.common.errors import NotFoundError, ServiceError
+from lipfarm.common.retry import retry_delay_s
+from lipfarm.common.state import scripts
+from lipfarm.common.state.connection import mask_url, redis_failure, redis_tls_options, url_without_tls_params
+from lipfarm.common.state.keys import Keys
+from lipfarm.common.state.records import (JOB_MOVES, AttemptRecord, ChunkRecord, ChunkState, JobRecord, JobState,
                                   JobStatus, Verdict, WebhookRecord)
 
 SCRIPTS = ("claim", "beat", "commit", "requeue", "fail", "release", "reopen", "take_finalize",

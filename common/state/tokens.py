@@ -26,9 +26,9 @@ from dataclasses import dataclass
 
 import redis
 
-from common.errors import InputError, NotFoundError
-from common.state.keys import Keys
-from common.state.store import StateStore, _guarded
+from lipfarm.common.errors import InputError, NotFoundError
+from lipfarm.common.state.keys import Keys
+from lipfarm.common.state.store import StateStore, _guarded
 
 TOKEN_PREFIX = "lf_"
 _NAME_MAX = 64

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from common.storage.base import Storage
-from common.storage.local import LocalStorage
+from lipfarm.common.storage.base import Storage
+from lipfarm.common.storage.local import LocalStorage
 
 if TYPE_CHECKING:
-    from common.config import Settings
+    from lipfarm.common.config import Settings
 
 __all__ = ["LocalStorage", "Storage", "open_storage"]
 
@@ -21,7 +21,7 @@ __all__ = ["LocalStorage", "Storage", "open_storage"]
 def open_storage(url: str, settings: "Settings | None" = None) -> Storage:
     """The storage at ``url``, with ``settings``' S3 endpoint and credentials where it is S3."""
     if url.startswith("s3://"):
-        from common.storage.s3 import S3Storage
+        from lipfarm.common.storage.s3 import S3Storage
 
         bucket, _, prefix = url[len("s3://"):].partition("/")
         return S3Storage(bucket, prefix, **(settings.s3_settings() if settings else {}))

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import re
 
-from common.errors import InputError
+from lipfarm.common.errors import InputError
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 

@@ -12,9 +12,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from common.errors import InputError, NotFoundError, ServiceError
-from common.fileio import replaced_atomically
-from common.storage.base import Storage
+from lipfarm.common.errors import InputError, NotFoundError, ServiceError
+from lipfarm.common.fileio import replaced_atomically
+from lipfarm.common.storage.base import Storage
 
 
 class LocalStorage(Storage):

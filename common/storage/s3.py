@@ -12,9 +12,9 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-from common.errors import NotFoundError, ServiceError
-from common.fileio import replaced_atomically
-from common.storage.base import Storage
+from lipfarm.common.errors import NotFoundError, ServiceError
+from lipfarm.common.fileio import replaced_atomically
+from lipfarm.common.storage.base import Storage
 
 _MULTIPART_THRESHOLD = 16 * 1024 * 1024
 _PRESIGN_EXPIRES_S = 7 * 24 * 3600

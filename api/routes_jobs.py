@@ -1,0 +1,108 @@
+"""``/v1/jobs``: submit, list, follow, cancel and resume jobs: the CLI's ``submit``, ``jobs``,
+``status``, ``cancel`` and ``resume`` over HTTP, calling the same functions."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+
+from lipfarm.common import defaults
+from lipfarm.common.state import ApiToken, JobState
+from lipfarm.common.storage.layout import checked_part
+from lipfarm.api.auth import reader, writer
+from lipfarm.api.context import Farm, farm
+from lipfarm.api.errors import ApiError, documented
+from lipfarm.api.listing import page_of_jobs
+from lipfarm.api.params import JOB_ID, JobFields, JobFromStorage, request_body_schema, validated
+from lipfarm.api.schemas import Job, JobList, JobStateName
+from lipfarm.api.submission import JobRequest, submit_request
+from lipfarm.api.uploads import MB, read_form, read_json, upload_folder
+from lipfarm.api.views import job_view
+from lipfarm.scheduler.submit import safe_file_name
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+
+async def _job_request(request: Request, folder: Path, the_farm: Farm) -> JobRequest:
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == "multipart/form-data":
+        limit = int(the_farm.settings.api_max_audio_mb * MB)
+        form = await read_form(request, folder, file_limits={"audio": limit})
+        audio = form.files.get("audio")
+        if audio is None:
+            raise ApiError(422, "audio: the form has no audio file", field="audio")
+        named = audio.path.with_name(safe_file_name(audio.filename))
+        audio.path.rename(named)
+        return JobRequest(validated(JobFields, form.fields), audio_file=named, audio_sha256=audio.sha256)
+    if content_type == "application/json":
+        params = validated(JobFromStorage, await read_json(request))
+        return JobRequest(params, audio_key=params.audio_key)
+    raise ApiError(415, "send multipart/form-data (an audio upload) or application/json (audio already in "
+                        "the farm's storage, as audio_key)", field="Content-Type")
+
+
+def _view(the_farm: Farm, job_id: str) -> dict:
+    return job_view(the_farm.store().status(job_id, now=time.time()), the_farm.signer(), now=time.time())
+
+
+@router.post("", status_code=201, response_model=Job, summary="Submit a job",
+             openapi_extra={"requestBody": request_body_schema()},
+             responses={200: {"model": Job, "description": "The job an earlier request with this idempotency key "
+                                                            "made, with the same parameters"},
+                        **documented(401, 403, 404, 409, 413, 415, 422, 503)})
+async def create_job(request: Request, response: Response,
+                     idempotency_key: str | None = Header(None, alias="Idempotency-Key", max_length=255),
+                     token: ApiToken = Depends(writer), the_farm: Farm = Depends(farm)) -> dict:
+    """Render ``audio`` onto ``avatar``: a multipart upload (the ``audio`` file and the fields), or a
+    JSON body naming audio already in the farm's storage (``audio_key``). Checked, uploaded and queued
+    as by ``lipfarm submit``; nothing is queued on bad input."""
+    with upload_folder(the_farm.settings) as folder:
+        job_request = await _job_request(request, folder, the_farm)
+        submitted = await run_in_threadpool(submit_request, the_farm, token, job_request, idempotency_key)
+    response.status_code = 201 if submitted.created else 200
+    return await run_in_threadpool(_view, the_farm, submitted.handle.job_id)
+
+
+@router.get("", response_model=JobList, summary="List jobs, newest first", responses=documented(401, 422, 503))
+def list_jobs(state: JobStateName | None = Query(None, description="only jobs in this state"),
+              limit: int = Query(defaults.API_PAGE_JOBS, ge=1, le=defaults.API_MAX_PAGE_JOBS),
+              cursor: str | None = Query(None, max_length=512, description="next_cursor of the previous page"),
+              token: ApiToken = Depends(reader), the_farm: Farm = Depends(farm)) -> dict:
+    store, now = the_farm.store(), time.time()
+    page = page_of_jobs(store, state=JobState(state) if state else None, limit=limit, cursor=cursor)
+    signer = the_farm.signer()
+    return {"jobs": [job_view(store.status(job_id, now=now), signer, now=now) for job_id in page.job_ids],
+            "next_cursor": page.next_cursor}
+
+
+@router.get("/{job_id}", response_model=Job, summary="A job's state and progress",
+            responses=documented(401, 404, 422, 503))
+def get_job(job_id: str = JOB_ID, token: ApiToken = Depends(reader), the_farm: Farm = Depends(farm)) -> dict:
+    return _view(the_farm, checked_part(job_id, "job_id"))
+
+
+@router.delete("/{job_id}", response_model=Job, summary="Cancel a job",
+               responses=documented(401, 403, 404, 409, 422, 503))
+def cancel_job(job_id: str = JOB_ID, token: ApiToken = Depends(writer), the_farm: Farm = Depends(farm)) -> dict:
+    """Running chunks stop at their next batch, queued ones are dropped; nothing is published.
+    409 if the job had already ended."""
+    handle = the_farm.handle(job_id)
+    if not handle.cancel():
+        raise ApiError(409, f"job {job_id} already ended: {handle.status().state.value}", field="job_id")
+    return _view(the_farm, job_id)
+
+
+@router.post("/{job_id}/resume", response_model=Job, summary="Go on with a failed or cancelled job",
+             responses=documented(401, 403, 404, 409, 422, 503))
+def resume_job(job_id: str = JOB_ID, token: ApiToken = Depends(writer), the_farm: Farm = Depends(farm)) -> dict:
+    """Its unfinished chunks are queued again (committed ones are kept). 409 unless it failed or was cancelled."""
+    handle = the_farm.handle(job_id)
+    state = handle.status().state
+    if state not in (JobState.FAILED, JobState.CANCELLED):
+        raise ApiError(409, f"job {job_id} is {state.value}: only a failed or cancelled job can be resumed",
+                       field="job_id")
+    handle.resume()
+    return _view(the_farm, job_id)

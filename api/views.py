@@ -1,0 +1,37 @@
+"""A job's JSON (``schemas.Job``): its ``JobStatus``, as ``lipfarm status --json`` has it, plus URLs.
+
+The output URL is signed (``signing``), so the page's ``<video>`` can load it without a token. The
+live playlist's URL is given where the status names a playlist (``playlist_key``, with how far it
+can be watched in ``playable_until_s``); statuses without those fields give none.
+"""
+
+from __future__ import annotations
+
+from lipfarm.common.state import JobState, JobStatus
+from lipfarm.api.signing import Signer, live_folder, output_path
+
+
+def job_view(status: JobStatus, signer: Signer, *, now: float) -> dict:
+    """The ``Job`` JSON of ``status``."""
+    playlist_key = status.playlist_key
+    published = status.state == JobState.DONE and bool(status.output_key)
+    return {
+        "id": status.job_id, "state": status.state.value, "priority": status.priority,
+        "avatar": status.avatar, "audio": status.audio, "created_at": status.created_at,
+        "finished_at": status.finished_at, "elapsed_s": round(status.elapsed_s, 3),
+        "eta_s": None if status.eta_s is None else round(status.eta_s, 1),
+        "frames_done": status.frames_done, "frames_total": status.frames_total, "chunks": status.chunks,
+        "reason": status.reason,
+        "output_url": signer.signed(output_path(status.job_id), now=now) if published else None,
+        "playlist_url": (signer.signed_folder(live_folder(status.job_id), playlist_key.rsplit("/", 1)[-1], now=now)
+                         if playlist_key else None),
+        "playable_until_s": float(status.playable_until_s),
+        "running": [{"index": r.index, "frames": r.frames, "worker": r.worker, "attempt": r.attempt,
+                     "frames_done": r.frames_done, "heartbeat_age_s": r.heartbeat_age_s,
+                     "lease_expired": r.lease_expired} for r in status.running],
+        "webhook": ({key: status.webhook[key] for key in _WEBHOOK_FIELDS} if status.webhook else None),
+    }
+
+
+_WEBHOOK_FIELDS = ("event_id", "type", "url", "state", "attempts", "last_status", "last_error", "next_at",
+                   "delivered_at")

@@ -1,0 +1,135 @@
+"""``lipfarm worker|flower|reconcile``: the farm's long-running processes."""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import time
+
+from lipfarm.common import defaults
+from lipfarm.common.config import Settings
+from lipfarm.common.errors import InputError
+
+
+def add_commands(commands) -> None:
+    worker = commands.add_parser("worker", help="run a Celery worker (render, plan, finalize)")
+    worker.add_argument("--concurrency", type=int, default=0,
+                        help="render processes (default: LIPFARM_WORKER_CONCURRENCY, 1)")
+    worker.add_argument("--queues", default="jobs,render,finalize", help="queues to take work from")
+    worker.add_argument("--hostname", help="Celery node name (default lipfarm-<pid>@<host>)")
+    worker.add_argument("--loglevel", default="INFO")
+    worker.add_argument("--metrics-port", type=int, default=0,
+                        help=f"serve this worker's Prometheus metrics on this port (0: off; the deploy files use "
+                             f"{defaults.METRICS_PORT})")
+    worker.add_argument("--metrics-address", default=defaults.METRICS_ADDRESS,
+                        help=f"address the metrics are served on (default {defaults.METRICS_ADDRESS}; 0.0.0.0 in "
+                             "containers, for Prometheus to reach)")
+    worker.set_defaults(func=cmd_worker)
+
+    flower = commands.add_parser("flower", help="run Flower (the Celery dashboard) on loopback")
+    flower.add_argument("--address", default="127.0.0.1")
+    flower.add_argument("--port", type=int, default=5555)
+    flower.set_defaults(func=cmd_flower)
+
+    recon = commands.add_parser("reconcile", help="recover lost work now (workers also do it on their own)")
+    recon.add_argument("--loop", action="store_true",
+                       help="run every LIPFARM_RECONCILE_INTERVAL_S, riding out outages, until stopped")
+    recon.add_argument("--rebuild", action="store_true",
+                       help="rebuild from storage on the first pass even if Redis seems to have its data")
+    recon.set_defaults(func=cmd_reconcile)
+
+
+def cmd_worker(args, settings: Settings) -> int:
+    if args.metrics_port:  # first: prometheus_client picks its mode when it is first imported
+        _metrics_in_every_process(args.metrics_port, args.metrics_address)
+    from lipfarm.scheduler.submit import connect_farm
+
+    concurrency = args.concurrency or settings.worker_concurrency
+    os.environ["LIPFARM_WORKER_CONCURRENCY"] = str(concurrency)  # children size their threads by it
+    connect_farm(settings)
+    from lipfarm.common.celery_app import app
+
+    argv = ["worker", f"--concurrency={concurrency}", "--pool=prefork", f"--queues={args.queues}",
+            f"--loglevel={args.loglevel}", "--task-events",
+            f"--hostname={args.hostname or f'lipfarm-{os.getpid()}@{socket.gethostname()}'}"]
+    app.worker_main(argv)
+    return 0
+
+
+def _metrics_in_every_process(port: int, address: str) -> None:
+    """Prometheus multiprocess mode for this worker: a fresh directory of its own (a shared or reused
+    one would add other workers' or earlier runs' counts), set before the pool forks so every render
+    process writes there; the main process serves the sum once the pool is up (``worker_ready``), and
+    a pool process that exits has its live-only gauges dropped (``worker_process_shutdown``)."""
+    if "prometheus_client" in sys.modules:
+        raise RuntimeError("prometheus_client was imported before its multiprocess directory was set")
+    _check_port_free(port, address)
+    folder = tempfile.mkdtemp(prefix=f"lipfarm-metrics-{os.getpid()}-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+
+    from celery import signals
+
+    @signals.worker_ready.connect(weak=False)
+    def _serve(**_kwargs) -> None:
+        from lipfarm.common.metrics import serve_worker_metrics
+
+        serve_worker_metrics(port, address)
+        print(f"metrics on http://{address}:{port}/metrics", flush=True)
+
+    @signals.worker_process_shutdown.connect(weak=False)
+    def _exited(pid=None, **_kwargs) -> None:
+        from lipfarm.common.metrics import process_exited
+
+        process_exited(pid or os.getpid())
+
+
+def _check_port_free(port: int, address: str) -> None:
+    """Fail now, naming the port, rather than after the worker has started its pool."""
+    with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((address, port))
+        except OSError as exc:
+            raise InputError(f"cannot serve metrics on {address}:{port} ({exc.strerror})", field="--metrics-port",
+                             found=port) from None
+
+
+def cmd_flower(args, settings: Settings) -> int:
+    from lipfarm.scheduler.submit import connect_farm
+
+    connect_farm(settings)
+    if args.address in ("127.0.0.1", "localhost", "::1"):
+        os.environ.setdefault("FLOWER_UNAUTHENTICATED_API", "true")  # loopback only: no one else can call it
+    command = [sys.executable, "-m", "celery", "-A", "lipfarm.common.celery_app", "flower",
+               f"--address={args.address}", f"--port={args.port}"]
+    os.execvp(command[0], command)
+    return 0
+
+
+def cmd_reconcile(args, settings: Settings) -> int:
+    from lipfarm.scheduler.reconcile import reconcile, run_forever
+    from lipfarm.scheduler.tasks import celery_enqueue, connect_recovery
+
+    enqueue = celery_enqueue()
+    if args.loop:
+        print(f"reconciling every {settings.reconcile_interval_s:g} s (Ctrl-C stops)", flush=True)
+        run_forever(functools.partial(connect_recovery, settings), settings, enqueue, rebuild_first=args.rebuild,
+                    on_pass=_print_report)
+        return 0
+    store, storage_at = connect_recovery(settings)
+    _print_report(reconcile(store=store, storage=storage_at(settings.storage_url), settings=settings,
+                            now=time.time(), enqueue=enqueue, rebuild=args.rebuild, storage_at=storage_at),
+                  always=True)
+    return 0
+
+
+def _print_report(report, *, always: bool = False) -> None:
+    done = {kind: items for kind, items in report.__dict__.items() if items}
+    if done or always:
+        print(", ".join(f"{kind} {len(items)}" for kind, items in done.items()) or "nothing to recover", flush=True)
