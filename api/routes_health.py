@@ -9,6 +9,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 
+from lipfarm.common import defaults
 from lipfarm.common.errors import LipfarmError
 from lipfarm.common.state import StateStore
 from lipfarm.api.context import Farm, farm
@@ -37,4 +38,10 @@ def _redis(the_farm: Farm) -> None:
 def health(the_farm: Farm = Depends(farm)) -> JSONResponse:
     checks = {"redis": _check(lambda: _redis(the_farm)), "storage": _check(lambda: the_farm.storage().check())}
     ok = all(result == "ok" for result in checks.values())
-    return JSONResponse({"status": "ok" if ok else "unavailable", "checks": checks}, status_code=200 if ok else 503)
+    body = {"status": "ok" if ok else "unavailable", "checks": checks}
+    if checks["redis"] == "ok":  # the farm keeps time by Redis; a host far off it is worth a look
+        drift = the_farm.store().clock_drift()
+        body["clock_drift_s"] = round(drift, 3)
+        if abs(drift) > defaults.CLOCK_DRIFT_WARN_S:
+            body["warnings"] = [f"this host's clock is {drift:+.1f} s off Redis's: fix its clock (NTP)"]
+    return JSONResponse(body, status_code=200 if ok else 503)

@@ -45,7 +45,7 @@ async def _job_request(request: Request, folder: Path, the_farm: Farm) -> JobReq
 
 
 def _view(the_farm: Farm, job_id: str) -> dict:
-    return job_view(the_farm.store().status(job_id, now=time.time()), the_farm.signer(), now=time.time())
+    return job_view(the_farm.store().status(job_id), the_farm.signer(), now=time.time())
 
 
 @router.post("", status_code=201, response_model=Job, summary="Submit a job",
@@ -74,7 +74,7 @@ def list_jobs(state: JobStateName | None = Query(None, description="only jobs in
     store, now = the_farm.store(), time.time()
     page = page_of_jobs(store, state=JobState(state) if state else None, limit=limit, cursor=cursor)
     signer = the_farm.signer()
-    return {"jobs": [job_view(store.status(job_id, now=now), signer, now=now) for job_id in page.job_ids],
+    return {"jobs": [job_view(store.status(job_id), signer, now=now) for job_id in page.job_ids],
             "next_cursor": page.next_cursor}
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import tempfile
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -79,16 +78,16 @@ def _encode_audio_track(files: JobFiles, plan: Plan) -> None:
 def plan_submitted_job(job_id: str, *, store: StateStore, files: JobFiles, enqueue_render: EnqueueRender,
                        max_audio_s: float = 0.0) -> str:
     """Plan job ``job_id``, queue its chunks, encode its audio; returns what happened, for the task."""
-    if not store.start_planning(job_id, now=time.time()):
+    if not store.start_planning(job_id):
         return f"skipped: job is {store.job(job_id).state.value}"
     try:
         plan = files.plan() if files.has_plan() else _decode_and_plan(files, max_audio_s=max_audio_s)
     except LipfarmError as exc:
-        store.finish(job_id, JobState.FAILED, now=time.time(), reason=str(exc))
+        store.finish(job_id, JobState.FAILED, reason=str(exc))
         close_job(store, files.storage, job_id)
         return f"failed: {exc}"
     ranges = [(c.start_frame, c.stop_frame) for c in plan.chunks]
-    if not store.start_rendering(job_id, ranges, output_key=plan.output_key, now=time.time()):
+    if not store.start_rendering(job_id, ranges, output_key=plan.output_key):
         return f"stopped: job is {store.job(job_id).state.value}"
     priority = store.job(job_id).priority
     full = plan.options.chunk_frames

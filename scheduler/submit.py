@@ -91,14 +91,14 @@ def submit_job(settings: Settings, *, avatar: str, audio: Path, encoder: Path, g
     submission = Submission(files.job_id, inputs.avatar.name, avatar_ref,
                             AssetRef(inputs.encoder.sha256, inputs.encoder.key),
                             AssetRef(inputs.generator.sha256, inputs.generator.key),
-                            files.put_input(audio, audio.name), audio.name, options, priority, time.time(),
+                            files.put_input(audio, audio.name), audio.name, options, priority, store.now(),
                             webhook_url=webhook_url)
     files.put_submission(submission)
     store.create_job(JobRecord.queued(submission, storage.url))
     try:
         enqueue_plan(files.job_id, priority)
     except ServiceError as exc:  # the broker went away between the check and now
-        store.finish(files.job_id, JobState.FAILED, now=time.time(), reason=f"could not be queued: {exc}")
+        store.finish(files.job_id, JobState.FAILED, reason=f"could not be queued: {exc}")
         close_job(store, storage, files.job_id)
         raise
     return JobHandle(files.job_id, store, storage)
@@ -111,11 +111,11 @@ class JobHandle:
         self.job_id, self.store, self.storage = job_id, store, storage
 
     def status(self) -> JobStatus:
-        return self.store.status(self.job_id, now=time.time())
+        return self.store.status(self.job_id)
 
     def cancel(self) -> bool:
         """Cancel the job (False if it had ended); its end is recorded in storage at once."""
-        cancelled = self.store.cancel(self.job_id, now=time.time())
+        cancelled = self.store.cancel(self.job_id)
         if cancelled:
             close_job(self.store, self.storage, self.job_id)
         return cancelled
@@ -128,7 +128,7 @@ class JobHandle:
         job = self.store.job(self.job_id)
         if job.state == JobState.DONE:
             raise InputError(f"job {self.job_id} is done: there is nothing to resume", field="job")
-        resumed = self.store.resume(self.job_id, now=time.time())
+        resumed = self.store.resume(self.job_id)
         if resumed.verdict == Verdict.REFUSED:
             raise InputError(f"job {self.job_id} is {resumed.detail}: only a failed or cancelled job can be resumed",
                              field="job")
@@ -140,7 +140,7 @@ class JobHandle:
             if chunk.index in resumed.queued:
                 enqueue_render(self.job_id, chunk.index, job.priority, chunk.frames_label)
         if not resumed.queued:
-            self.store.mark_finalizer_enqueued(self.job_id, now=time.time())
+            self.store.mark_finalizer_enqueued(self.job_id)
             enqueue_finalize(self.job_id, job.priority)
         return len(resumed.queued)
 

@@ -7,6 +7,7 @@ import pytest
 
 from lipfarm.benchmarks.local import BenchConfig, draw_chart, run_bench
 from lipfarm.benchmarks.memory import measure_job
+from tests.farm import REDIS_DB
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +44,7 @@ def test_watch_bench_times_the_first_playable_segment_and_the_tail(settings, dem
     worker; the tail job (675 frames) is made of the fast-start job's segments."""
     from lipfarm.benchmarks.watch import run_watch_bench
 
-    figures = run_watch_bench(settings, minutes=0.3, tail_minutes=0.45, redis_db=5)
+    figures = run_watch_bench(settings, minutes=0.3, tail_minutes=0.45, redis_db=REDIS_DB["bench-watch"])
     fast, uniform = figures["fast_start"], figures["uniform"]
     assert fast["frames"] == uniform["frames"] == 449  # 18 s of audio
     assert (fast["chunks"], uniform["chunks"]) == (5, 2)

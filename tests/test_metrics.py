@@ -96,7 +96,7 @@ def farm(tmp_path_factory, home, demo, holds):
                    LIPFARM_KEY_PREFIX=PREFIX, LIPFARM_HOLD_DIR=str(holds.folder))
     worker_port, api_port = free_ports(2)
     worker = LipfarmProcess.worker(env, folder / "lipfarm.worker.log", "--concurrency", "2", "--queues",
-                                   "jobs,render,finalize", "--metrics-port", str(worker_port),
+                                   "jobs,finalize,render", "--metrics-port", str(worker_port),
                                    "--hostname", f"metrics-{os.getpid()}@test")
     api = LipfarmProcess(["api", "--host", "127.0.0.1", "--port", str(api_port)], env=env, log=folder / "api.log",
                          ready_text=b"Uvicorn running on")

@@ -321,7 +321,7 @@ def farm(request, tmp_path_factory, home, demo, certs):
     env = farm_env(home, str(folder / "storage"), None, LIPFARM_BROKER_URL=url, LIPFARM_REDIS_URL=url,
                    LIPFARM_REDIS_TLS_CA_FILE="")
     worker = LipfarmProcess.worker(env, folder / "lipfarm.worker.log", "--concurrency", "1", "--queues",
-                                   "jobs,render,finalize", "--hostname", f"sec-{request.param}-{os.getpid()}@test")
+                                   "jobs,finalize,render", "--hostname", f"sec-{request.param}-{os.getpid()}@test")
     worker.start()
     try:
         worker.wait_ready(timeout_s=120)

@@ -311,7 +311,7 @@ def worker(tmp_path_factory, home, demo):
                    LIPFARM_KEY_PREFIX=PREFIX, LIPFARM_WEBHOOK_SECRET=SECRET, LIPFARM_WEBHOOK_BACKOFF_S="0.5",
                    LIPFARM_WEBHOOK_TIMEOUT_S="1")
     process = LipfarmProcess.worker(env, folder / "lipfarm.worker.log", "--concurrency", "1",
-                                    "--queues", "jobs,render,finalize", "--hostname", f"webhooks-{os.getpid()}@test")
+                                    "--queues", "jobs,finalize,render", "--hostname", f"webhooks-{os.getpid()}@test")
     with pytest.MonkeyPatch.context() as patch:
         for name, value in env.items():
             patch.setenv(name, value)
