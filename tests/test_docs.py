@@ -100,3 +100,21 @@ def test_the_configuration_doc_names_every_setting():
     missing = [setting.env for setting in SETTINGS if f"`{setting.env}`" not in text]
     assert SETTINGS and missing == []
     assert [s.name for s in SETTINGS if f"| {s.name} |" not in text] == []
+
+
+def _body(source: str, name: str) -> list[str]:
+    """The statements of function ``name`` in ``source``, docstring left out."""
+    import ast
+
+    function = next(node for node in ast.walk(ast.parse(source))
+                    if isinstance(node, ast.FunctionDef) and node.name == name)
+    statements = function.body[1:] if isinstance(function.body[0], ast.Expr) else function.body
+    return [ast.unparse(statement) for statement in statements]
+
+
+def test_the_webhook_recipe_is_the_one_tested():
+    """docs/api.md's signature check is the code tests/test_webhooks.py runs against real deliveries."""
+    doc = (ROOT / "docs" / "api.md").read_text()
+    recipe = next(block for block in re.findall(r"```python\n(.*?)```", doc, re.S) if "def verify" in block)
+    tested = (ROOT / "tests" / "test_webhooks.py").read_text()
+    assert _body(recipe, "verify") == _body(tested, "readme_verify")
