@@ -1,7 +1,7 @@
 """Settings of a lipfarm installation, read once from the environment.
 
-Each setting has one environment variable, a default and a line saying what it does; the README's
-configuration table is generated from ``SETTINGS`` (``lipfarm config --markdown``) and a test keeps
+Each setting has one environment variable, a default and a line saying what it does; docs/configuration.md's
+settings table is generated from ``SETTINGS`` (``lipfarm config --markdown``) and a test keeps
 the two in step. Settings say where things are and how hard a machine may work; what a render
 looks like is ``RenderOptions``, fixed per job.
 """
@@ -208,7 +208,7 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
 
 
 def settings_markdown() -> str:
-    """The configuration table for the README."""
+    """The settings table of docs/configuration.md."""
     rows = ["| setting | environment variable | default | what it does |", "| --- | --- | --- | --- |"]
     rows += [f"| {s.name} | `{s.env}` | {f'`{s.default_text}`' if s.default_text else '(unset)'} | {s.doc} |"
              for s in SETTINGS]

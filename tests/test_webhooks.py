@@ -112,7 +112,7 @@ def receiver():
 
 
 def readme_verify(secret: str, header: str, body: bytes, tolerance_s: float = 300) -> bool:
-    """The README's recipe, word for word."""
+    """The recipe of docs/api.md (Webhooks, Signatures), word for word."""
     parts = dict(item.split("=", 1) for item in header.split(","))
     signed = parts["t"].encode() + b"." + body
     expected = hmac.new(secret.encode(), signed, hashlib.sha256).hexdigest()
