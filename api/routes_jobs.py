@@ -74,7 +74,7 @@ def list_jobs(state: JobStateName | None = Query(None, description="only jobs in
     store, now = the_farm.store(), time.time()
     page = page_of_jobs(store, state=JobState(state) if state else None, limit=limit, cursor=cursor)
     signer = the_farm.signer()
-    return {"jobs": [job_view(store.status(job_id), signer, now=now) for job_id in page.job_ids],
+    return {"jobs": [job_view(status, signer, now=now) for status in store.statuses(page.job_ids)],
             "next_cursor": page.next_cursor}
 
 

@@ -114,8 +114,8 @@ def cmd_jobs(args, settings: Settings) -> int:
         print("no jobs")
         return 0
     print(f"{'job':<24} {'state':<11} {'frames':>15} {'priority':<8} {'submitted':<19} avatar / audio")
-    for job_id in ids:
-        s = store.status(job_id)
+    for s in store.statuses(ids):
+        job_id = s.job_id
         when = datetime.fromtimestamp(s.created_at).strftime("%Y-%m-%d %H:%M:%S")
         print(f"{job_id:<24} {s.state.value:<11} {f'{s.frames_done}/{s.frames_total}':>15} "
               f"{s.priority:<8} {when:<19} {s.avatar} / {s.audio}")

@@ -136,6 +136,18 @@ def enqueue_render(job_id: str, index: int, priority: str, frames: str = "", del
             f"queue chunk {index} of job {job_id}")
 
 
+def enqueue_slots(priority: str, count: int) -> None:
+    """``count`` render messages in ``priority``'s lane, bound to a chunk only when a worker takes
+    one (``StateStore.claim_next``: the least served tenant's least served job): one message per
+    chunk offered, so the broker carries what the work needs and no more."""
+    def send() -> None:
+        for _ in range(count):
+            app.send_task(TASK_RENDER, kwargs={"lane": priority}, queue="render", priority=PRIORITIES[priority],
+                          retry=False)
+
+    _broker(send, f"queue {count} render slots of priority {priority}")
+
+
 def enqueue_finalize(job_id: str, priority: str) -> None:
     _broker(lambda: app.send_task(TASK_FINALIZE, kwargs={"job_id": job_id}, queue="finalize",
                                   priority=CONTROL_PRIORITY, retry=False), f"queue the finalizer of job {job_id}")

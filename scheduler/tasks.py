@@ -11,7 +11,7 @@ from celery import bootsteps
 
 from lipfarm.common import services
 from lipfarm.common.celery_app import (TASK_FINALIZE, TASK_PLAN, TASK_WEBHOOK, app, enqueue_finalize, enqueue_plan,
-                               enqueue_render, enqueue_webhook, pending_control_messages,
+                               enqueue_render, enqueue_slots, enqueue_webhook, pending_control_messages,
                                        waiting_renders)
 from lipfarm.common.config import Settings
 from lipfarm.common.errors import ServiceError
@@ -35,7 +35,8 @@ def _job_files(job_id: str) -> JobFiles:
 def plan_job_task(job_id: str) -> str:
     """Plan job ``job_id``: normalise its audio, write plan.json, queue its chunks."""
     return plan_submitted_job(job_id, store=services.state_store(), files=_job_files(job_id),
-                              enqueue_render=enqueue_render, max_audio_s=services.settings().max_audio_s)
+                              enqueue_render=enqueue_render, enqueue_slots=enqueue_slots,
+                              max_audio_s=services.settings().max_audio_s)
 
 
 @app.task(name=TASK_FINALIZE)

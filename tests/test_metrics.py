@@ -22,7 +22,7 @@ from lipfarm.common.options import RenderOptions
 from lipfarm.common.state import JobState
 from lipfarm.scheduler.cluster import LipfarmProcess, free_ports
 from lipfarm.scheduler.submit import submit_job
-from tests.farm import farm_env, Holds, redis_client, REDIS_DB, redis_url, until
+from tests.farm import farm_env, redis_client, REDIS_DB, redis_url, until
 
 METRICS_DB = REDIS_DB["metrics"]
 PREFIX = "lipfarm-metricstest"
@@ -79,11 +79,6 @@ def test_histograms_kept_in_the_store_are_exported_cumulative():
 
 def _flush() -> None:
     redis_client(METRICS_DB).flushdb()
-
-
-@pytest.fixture(scope="module")
-def holds(tmp_path_factory) -> Holds:
-    return Holds(tmp_path_factory.mktemp("metrics-holds"))
 
 
 @pytest.fixture(scope="module")

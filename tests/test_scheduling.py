@@ -118,3 +118,83 @@ def test_a_complete_job_gets_one_finalizer_message_while_it_waits(broker, store,
                      now=t0 + 3605).finalizers == []
     assert reconcile(store=store, storage=storage, settings=settings, enqueue=enqueue,
                      now=t0 + 3600 + 2 * LEASE_S + 1).finalizers == [job]
+
+
+# --- fair share: which chunk a lane's slot is bound to ---------------------------------------------------
+
+def _rendering_job(store, job_id: str, chunks: int, *, at: float, priority: str = "normal",
+                   tenant: str = "") -> str:
+    _queued_job(store, job_id, at=at, priority=priority)
+    if tenant:
+        store.redis.hset(store.keys.job(job_id), "tenant", tenant)
+    assert store.start_planning(job_id) and store.start_rendering(
+        job_id, [(25 * i, 25 * (i + 1)) for i in range(chunks)], output_key=f"{job_id}.mp4")
+    assert store.offer(job_id, list(range(chunks))) == chunks
+    return job_id
+
+
+def _next(store, priority="normal", worker="w"):
+    return store.claim_next(priority, worker=worker, lease_s=LEASE_S, max_attempts=3)
+
+
+def test_two_jobs_of_one_priority_share_the_workers_instead_of_first_come_first_served(store):
+    t0 = store.now()
+    long = _rendering_job(store, "long", 40, at=t0)
+    short = _rendering_job(store, "short", 6, at=t0 + 1)  # sent after the long job's 40 chunks
+    running = [_next(store), _next(store)]  # two workers
+    order = [c.job_id for c in running]
+    while running:
+        done = running.pop(0)  # the older attempt finishes first; its worker takes the next slot
+        assert store.commit(done.job_id, done.index, done.token, frames=25, segment=SEG) in ("ok", "complete")
+        claim = _next(store)
+        if claim.ok:
+            running.append(claim)
+            order.append(claim.job_id)
+    assert order[:2] == ["long", "short"]  # the short job starts at once, not after 40 chunks
+    assert order[:12].count("short") == 6  # and has half the workers until it is done
+    assert sorted(order) == sorted(["long"] * 40 + ["short"] * 6)  # every chunk once
+    assert store.job(short).chunks_committed == 6 and store.job(long).chunks_committed == 40
+    assert _next(store).verdict == "skip"  # the lane is empty: a slot left over finds nothing
+
+
+def test_within_a_job_chunks_go_in_order_and_each_is_bound_once(store):
+    t0 = store.now()
+    job = _rendering_job(store, "one", 5, at=t0)
+    claims = [_next(store) for _ in range(6)]
+    assert [c.index for c in claims[:5]] == [0, 1, 2, 3, 4] and {c.job_id for c in claims[:5]} == {job}
+    assert claims[5].verdict == "skip"
+    # a chunk requeued after a lost worker is bound by its own message, not offered again
+    move = store.requeue(job, 2, reason="lease expired", max_attempts=3, now=store.now() + LEASE_S + 1)
+    assert move.verdict == "requeued" and _next(store).verdict == "skip"
+
+
+def test_busy_tenants_share_the_workers_by_weight(store):
+    t0 = store.now()
+    store.set_tenant_weight("big", 3)
+    store.set_tenant_weight("small", 1)
+    _rendering_job(store, "b1", 200, at=t0, tenant="big")
+    _rendering_job(store, "s1", 100, at=t0 + 1, tenant="small")
+    _rendering_job(store, "s2", 100, at=t0 + 2, tenant="small")  # more jobs do not buy more share
+    running = [_next(store) for _ in range(8)]  # eight workers
+    tenants = [store.redis.hget(store.keys.job(c.job_id), "tenant") for c in running]
+    assert tenants.count("big") == 6 and tenants.count("small") == 2  # 3 : 1
+    served = {"big": 0, "small": 0}
+    for _ in range(200):  # a minute of a busy farm: the oldest attempt ends, its worker takes a slot
+        done = running.pop(0)
+        store.commit(done.job_id, done.index, done.token, frames=25, segment=SEG)
+        claim = _next(store)
+        running.append(claim)
+        served["big" if claim.job_id == "b1" else "small"] += 1
+    assert abs(served["big"] / 200 - 0.75) <= 0.10
+    small = [store.job(j).chunks_committed for j in ("s1", "s2")]
+    assert abs(small[0] - small[1]) <= 2  # within the small tenant, its two jobs share alike
+
+
+def test_priorities_still_order_and_an_ended_job_leaves_its_lane(store):
+    t0 = store.now()
+    _rendering_job(store, "low", 3, at=t0, priority="low")
+    _rendering_job(store, "gone", 3, at=t0 + 1)
+    assert store.cancel("gone")
+    assert _next(store, "normal").verdict == "skip"  # cancelled: nothing of it is bound
+    assert store.redis.exists(store.keys.sched_waiting("gone")) == 0
+    assert _next(store, "low").job_id == "low"

@@ -343,3 +343,13 @@ def test_ended_jobs_leave_redis_after_their_retention_and_come_back_when_asked(s
     assert sorted(store.redis.zrange(store.keys.jobs(), 0, -1)) == sorted(set(jobs) - {"old", "outbox"})
     assert reconcile(store=store, storage=storage, settings=load_settings({"LIPFARM_JOB_RETENTION_S": "0"}),
                      now=T0 + 10 ** 6, enqueue=Recorder()).forgotten == []  # 0: kept for ever
+
+
+def test_statuses_of_many_jobs_equal_each_jobs_status(store):
+    jobs = [make_job(store, f"s{i}", chunks=i + 1) for i in range(4)]
+    c = claim(store, jobs[2], 1)
+    store.beat(jobs[2], 1, c.token, now=T0 + 3, lease_s=LEASE, frames_done=7)
+    assert store.cancel(jobs[3], now=T0 + 4)
+    many = store.statuses([*jobs, "not-a-job"], now=T0 + 5)
+    assert [s.job_id for s in many] == jobs
+    assert many == [store.status(job_id, now=T0 + 5) for job_id in jobs]

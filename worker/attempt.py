@@ -172,9 +172,19 @@ def _broken_or_unknown(cached_copy_broken: Callable[[BaseException], bool], exc:
 
 
 def run_attempt(ctx: FarmContext, job_id: str, index: int, *,
-                report: Callable[[int, int], None] | None = None) -> AttemptResult:
-    """Claim chunk ``index`` of ``job_id``, render it, upload its segment and commit it."""
-    claim = _claim(ctx, job_id, index)
+                report: Callable[[int, int], None] | None = None, lane: str = "",
+                on_bound: Callable[[str, int], None] | None = None) -> AttemptResult:
+    """Claim chunk ``index`` of ``job_id`` (or, given a ``lane``, the chunk fair share binds the
+    lane's slot to: ``on_bound`` hears which), render it, upload its segment and commit it."""
+    if lane:
+        claim = ctx.store.claim_next(lane, worker=ctx.process.id, worker_started=ctx.process.started,
+                                     lease_s=ctx.settings.lease_s, max_attempts=ctx.settings.max_attempts)
+        if claim.job_id:
+            job_id, index = claim.job_id, claim.index
+            if on_bound is not None:
+                on_bound(job_id, index)
+    else:
+        claim = _claim(ctx, job_id, index)
     if not claim.ok:
         outcome = Outcome.FAILED if claim.verdict == Verdict.FAILED else Outcome.SKIPPED
         return AttemptResult(outcome, claim.detail)

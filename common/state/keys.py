@@ -97,6 +97,29 @@ class Keys:
         """Hash: one histogram observed where it happens (bucket bound -> count, "count", "sum")."""
         return f"{self.prefix}:metrics:hist:{name}"
 
+    # --- fair share (the scripts build these names from the prefix: common.state.scripts PRELUDE) --
+
+    def sched_waiting(self, job_id: str) -> str:
+        """Sorted set: the job's chunks offered in its lane, waiting for a slot (score: the index)."""
+        return f"{self.prefix}:sched:waiting:{job_id}"
+
+    def sched_lane(self, priority: str, tenant: str) -> str:
+        """Sorted set: a tenant's jobs with chunks waiting in a priority's lane, the least served
+        first (score: running chunks x 1e12 + created at)."""
+        return f"{self.prefix}:sched:lane:{priority}:{tenant}"
+
+    def sched_tenants(self, priority: str) -> str:
+        """Sorted set: tenants with jobs in a priority's lane (score: running chunks / weight)."""
+        return f"{self.prefix}:sched:tenants:{priority}"
+
+    def sched_running(self, priority: str) -> str:
+        """Hash: tenant -> chunks of that priority running now."""
+        return f"{self.prefix}:sched:running:{priority}"
+
+    def tenant_weights(self) -> str:
+        """Hash: tenant -> its weight in the fair share of workers (1 when absent)."""
+        return f"{self.prefix}:sched:weights"
+
     # --- webhooks (common.webhooks) -----------------------------------------------------------------
 
     def webhook(self, job_id: str) -> str:

@@ -30,7 +30,7 @@ import functools
 import json
 import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Callable
 
@@ -44,7 +44,7 @@ from lipfarm.common.state.keys import Keys
 from lipfarm.common.state.records import (JOB_MOVES, AttemptRecord, ChunkRecord, ChunkState, JobRecord, JobState,
                                   JobStatus, Verdict, WebhookRecord)
 
-SCRIPTS = ("claim", "beat", "commit", "requeue", "fail", "release", "reopen", "take_finalize",
+SCRIPTS = ("claim", "claim_next", "offer", "beat", "commit", "requeue", "fail", "release", "reopen", "take_finalize",
            "beat_finalize", "finish_done", "release_finalize", "job_move", "resume",
            "observe", "first_commit", "webhook_open", "webhook_begin", "webhook_end", "forget")
 
@@ -60,6 +60,8 @@ class Claim:
     owner: str = ""  # on SKIP because another attempt runs: its worker, process start, token
     owner_started: str = ""
     owner_token: str = ""
+    job_id: str = ""  # what a lane's slot was bound to (claim_next)
+    index: int = -1
 
     @property
     def ok(self) -> bool:
@@ -202,7 +204,7 @@ class StateStore:
         keys = self.keys
         chunk = keys.chunk(job_id, index) if isinstance(index, int) else ""
         log = keys.attempts(job_id, index if isinstance(index, int) else "finalize")
-        prefixes = f"{keys.chunk(job_id, '')} {keys.attempts(job_id, '')}"
+        prefixes = f"{keys.chunk(job_id, '')} {keys.attempts(job_id, '')} {keys.prefix}"
         result = self._scripts[name](
             keys=[keys.job(job_id), chunk, keys.leases(), keys.active(), log, keys.unrecorded(),
                   keys.finalize_leases(), keys.metrics_totals()],
@@ -227,6 +229,36 @@ class StateStore:
         token = secrets.token_hex(8)
         return self._claim(self._call("claim", job_id, index, now, worker, token, repr(now + lease_s),
                                       max_attempts, worker_started), token)
+
+    @_guarded
+    def offer(self, job_id: str, indexes: list[int], *, now: float | None = None) -> int:
+        """Offer a rendering job's chunks in its priority's lane; the caller sends one slot message
+        (``claim_next``) per chunk offered. Returns how many were (0 if the job is not rendering)."""
+        if not indexes:
+            return 0
+        return int(self._call("offer", job_id, None, now, *indexes)[0])
+
+    @_guarded
+    def claim_next(self, priority: str, *, worker: str, now: float | None = None, lease_s: float,
+                   max_attempts: int, worker_started: str = "") -> Claim:
+        """Bind a slot of ``priority``'s lane to the chunk fair share picks, and claim it: the
+        claim names the chunk (``job_id``, ``index``); SKIP when nothing waits in the lane."""
+        now = self._at(now)
+        token = secrets.token_hex(8)
+        result = self._call("claim_next", "", None, now, worker, token, repr(now + lease_s), max_attempts,
+                            worker_started, priority)
+        if result[0] == "empty":
+            return Claim(Verdict.SKIP, f"nothing waits in the {priority} lane")
+        claim = self._claim(result[:-2], token)
+        return replace(claim, job_id=result[-2], index=int(result[-1]))
+
+    @_guarded
+    def set_tenant_weight(self, tenant: str, weight: float) -> None:
+        """A tenant's weight in the fair share of workers (each busy tenant gets weight / sum of
+        the busy tenants' weights); takes effect at the next claim."""
+        if not weight > 0:
+            raise ValueError(f"a tenant's weight must be above 0, not {weight}")
+        self.redis.hset(self.keys.tenant_weights(), tenant, repr(float(weight)))
 
     @_guarded
     def beat(self, job_id: str, index: int, token: str, *, now: float | None = None, lease_s: float,
@@ -703,6 +735,35 @@ class StateStore:
         webhook = self.webhook(job_id)
         status.webhook = webhook.to_dict() if webhook else None
         return status
+
+    @_guarded
+    def statuses(self, job_ids: list[str], *, now: float | None = None) -> list[JobStatus]:
+        """The status of each of ``job_ids`` still in Redis, in order, in two round trips whatever
+        their number (the job lists of the CLI and the API). Jobs that left Redis are left out."""
+        now = self._at(now)
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hgetall(self.keys.job(job_id))
+                pipe.hgetall(self.keys.webhook(job_id))
+                pipe.lrange(self.keys.webhook_attempts(job_id), 0, -1)
+            raw = pipe.execute()
+        found = [(JobRecord.from_hash(job), hook, log) for job, hook, log in zip(raw[0::3], raw[1::3], raw[2::3]) if job]
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job, _, _ in found:
+                for index in range(job.chunks_total):
+                    pipe.hgetall(self.keys.chunk(job.job_id, index))
+                if job.chunks_total:
+                    pipe.zmscore(self.keys.leases(), [f"{job.job_id}:{i}" for i in range(job.chunks_total)])
+            replies = iter(pipe.execute())
+        statuses = []
+        for job, hook, log in found:
+            chunks = [next(replies) for _ in range(job.chunks_total)]
+            deadlines = next(replies) if job.chunks_total else []
+            status = JobStatus.of(job, [ChunkRecord.from_hash(i, c, lease_until=d)
+                                        for i, (c, d) in enumerate(zip(chunks, deadlines)) if c], now=now)
+            status.webhook = WebhookRecord.from_hash(hook, [json.loads(e) for e in log]).to_dict() if hook else None
+            statuses.append(status)
+        return statuses
 
     # --- farm-wide figures, for the API's /metrics (common.metrics names and buckets them) ---------
     # Figures of the farm as a whole are kept here rather than in a process's memory: a job's first
