@@ -117,6 +117,9 @@ SETTINGS = (
     Setting("api_metrics_auth", "LIPFARM_API_METRICS_AUTH", 0, int,
             "`lipfarm api`: 1: `/metrics` needs an API token (a read-only one will do); 0: it is open, "
             "as Prometheus scrapes usually are (it holds counts only: no job ids, names or URLs)."),
+    Setting("allow_evicting_redis", "LIPFARM_ALLOW_EVICTING_REDIS", 0, int,
+            "1: accept a Redis whose `maxmemory-policy` is not `noeviction` (it may drop some of lipfarm's keys "
+            "and strand jobs); 0: every role refuses one at start (exit 5) and `/v1/health` answers 503."),
 )
 
 
@@ -161,6 +164,7 @@ class Settings:
     webhook_backoff_s: float
     webhook_timeout_s: float
     api_metrics_auth: int
+    allow_evicting_redis: int
 
     @property
     def avatars_dir(self) -> Path:

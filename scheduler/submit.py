@@ -10,6 +10,7 @@ content hash, the audio is uploaded under the job, the submission is recorded in
 from __future__ import annotations
 
 import functools
+import logging
 import tempfile
 import time
 from dataclasses import dataclass
@@ -26,16 +27,18 @@ from lipfarm.job.jobfiles import JobFiles
 from lipfarm.common.models import inspect_encoder, inspect_generator
 from lipfarm.common.options import RenderOptions
 from lipfarm.common.plan import AssetRef, Submission
+from lipfarm.common.services import connect_state
 from lipfarm.common.state import JobRecord, JobState, JobStatus, StateStore, Verdict
 from lipfarm.common.storage import Storage, open_storage
 from lipfarm.common.storage.layout import avatar_key, model_key
 
 
 def connect_farm(settings: Settings) -> StateStore:
-    """The state store, after checking the broker and state Redis answer (``ServiceError`` if not)."""
-    store = StateStore.connect(settings.redis_url, settings.key_prefix, tls_ca_file=settings.redis_tls_ca_file)
+    """The state store, after checking the broker and state Redis answer and keep every key
+    (``ServiceError`` if not)."""
+    store = connect_state(settings)
     if settings.broker_url != settings.redis_url:
-        StateStore.connect(settings.broker_url, settings.key_prefix, tls_ca_file=settings.redis_tls_ca_file)
+        connect_state(settings, settings.broker_url)
     storage = functools.cache(lambda: open_storage(settings.storage_url, settings))
     # an ended job that left Redis (LIPFARM_JOB_RETENTION_S) comes back from the farm's storage when asked for
     return store.recall_ended_from(lambda job_id: JobFiles(storage(), job_id).ended())
@@ -87,14 +90,18 @@ def submit_job(settings: Settings, *, avatar: str, audio: Path, encoder: Path, g
     storage.check()
 
     files = JobFiles(storage, job_id or new_job_id())
-    avatar_ref = _upload_once(storage, inputs)
-    submission = Submission(files.job_id, inputs.avatar.name, avatar_ref,
-                            AssetRef(inputs.encoder.sha256, inputs.encoder.key),
-                            AssetRef(inputs.generator.sha256, inputs.generator.key),
-                            files.put_input(audio, audio.name), audio.name, options, priority, time.time(),
-                            webhook_url=webhook_url)
-    files.put_submission(submission)
-    store.create_job(JobRecord.queued(submission, storage.url))
+    avatar_ref = _upload_once(storage, inputs)  # by content, shared by jobs: kept whatever follows
+    try:  # all or nothing: a job Redis did not record leaves no files for a rebuild to find and render
+        submission = Submission(files.job_id, inputs.avatar.name, avatar_ref,
+                                AssetRef(inputs.encoder.sha256, inputs.encoder.key),
+                                AssetRef(inputs.generator.sha256, inputs.generator.key),
+                                files.put_input(audio, audio.name), audio.name, options, priority, time.time(),
+                                webhook_url=webhook_url)
+        files.put_submission(submission)
+        store.create_job(JobRecord.queued(submission, storage.url))
+    except BaseException:
+        _discard(files)
+        raise
     try:
         enqueue_plan(files.job_id, priority)
     except ServiceError as exc:  # the broker went away between the check and now
@@ -102,6 +109,16 @@ def submit_job(settings: Settings, *, avatar: str, audio: Path, encoder: Path, g
         close_job(store, storage, files.job_id)
         raise
     return JobHandle(files.job_id, store, storage)
+
+
+def _discard(files: JobFiles) -> None:
+    """Remove a submission's files after Redis refused it; storage failing too is logged, not raised
+    (the error to report is the first)."""
+    try:
+        files.discard()
+    except Exception as exc:  # noqa: BLE001 - the caller re-raises the error that matters
+        logging.getLogger(__name__).warning("job %s: could not remove its files after a failed submission: %s",
+                                            files.job_id, exc)
 
 
 class JobHandle:

@@ -139,6 +139,9 @@ def _guarded(method):
             return method(self, *args, **kwargs)
         except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, redis.ReadOnlyError) as exc:
             raise ServiceError(f"cannot reach Redis at {self.where} ({exc.__class__.__name__}: {exc})") from None
+        except (redis.OutOfMemoryError, redis.exceptions.ExecAbortError) as exc:  # full, and it evicts nothing
+            raise ServiceError(f"Redis at {self.where} refused a write: {' '.join(str(exc).split())[:200]} "
+                               "(raise its maxmemory or free memory)") from None
 
     return guarded
 

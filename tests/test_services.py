@@ -1,0 +1,139 @@
+"""A farm beside services it does not own (docs/farm.md): a Redis that may evict keys, a Redis that
+is full, a disk that fills at publication, processes killed with -9, two farms on one storage.
+
+Every case is real: redis-server processes of the tests' own on free ports, ``lipfarm`` commands as
+processes, HTTP on loopback, kill -9.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from tests.farm import until
+from tests.hosts import RedisServer, free_port, require_redis_server
+
+LIPFARM = str(Path(sys.executable).parent / "lipfarm")
+PREFIX = "lipfarm-services-test"
+
+
+def lipfarm(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([LIPFARM, *args], env={**os.environ, **env}, capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def farm_env(home: Path, server: RedisServer, storage: Path, **extra: str) -> dict[str, str]:
+    """A farm's settings: ``home`` is the session's (the demo avatar is imported there)."""
+    env = {"LIPFARM_HOME": str(home), "LIPFARM_BROKER_URL": server.url(), "LIPFARM_REDIS_URL": server.url(),
+           "LIPFARM_KEY_PREFIX": PREFIX, "LIPFARM_STORAGE_URL": str(storage),
+           "LIPFARM_INFERENCE_THREADS": "1", "LIPFARM_CACHE_DIR": str(storage.parent / "cache")}
+    env.update(extra)
+    return env
+
+
+def one_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    return lines[0]
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """Start redis-server processes with extra arguments; every one is killed at the end."""
+    require_redis_server()
+    started = []
+
+    def start(*extra: str) -> RedisServer:
+        server = RedisServer(tmp_path / f"redis{len(started)}", extra=list(extra)).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.kill()
+
+
+class Api:
+    """``lipfarm api`` as a process on a free loopback port."""
+
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        self.port = free_port(["127.0.0.1"])
+        self.url = f"http://127.0.0.1:{self.port}"
+        with open(log, "wb") as handle:
+            self.process = subprocess.Popen([LIPFARM, "api", "--port", str(self.port)], env={**os.environ, **env},
+                                            stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+        until(lambda: self._answers() or self.process.poll() is not None, timeout_s=60, what="the API")
+        assert self.process.poll() is None, log.read_text()
+
+    def _answers(self) -> bool:
+        try:
+            httpx.get(f"{self.url}/v1/health", timeout=2)
+            return True
+        except httpx.HTTPError:
+            return False
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+
+
+# --- 1. an evicting Redis is refused ----------------------------------------------------------------
+
+# Each role's start, as a user types it. `cluster up` uses the Redis it finds answering.
+ROLES = {"worker": ("worker", "--concurrency", "1"), "reconcile": ("reconcile",),
+         "reconcile --loop": ("reconcile", "--loop"), "token": ("token", "list"),
+         "cluster up": ("cluster", "up", "--workers", "1", "--api-port", "0", "--flower-port", "0")}
+
+
+@pytest.mark.parametrize("config", ["CONFIG", "hidden"], ids=["config-get", "config-disabled"])
+def test_every_role_refuses_a_redis_that_may_evict(tmp_path, home, redis_server, demo, config):
+    """With CONFIG renamed away (as managed Redis does) the policy is read from INFO memory."""
+    extra = ["--maxmemory-policy", "allkeys-lru"]
+    if config == "hidden":
+        extra += ["--rename-command", "CONFIG", "lipfarm-test-no-config"]
+    server = redis_server(*extra)
+    if config == "hidden":
+        with pytest.raises(redis.ResponseError):
+            server.client().config_get("maxmemory-policy")
+    env = farm_env(home, server, tmp_path / "storage")
+    commands = {**ROLES, "api": ("api", "--port", str(free_port(["127.0.0.1"]))),
+                "submit": ("submit", "--avatar", demo.avatar_name, "--audio", str(demo.audio),
+                           "--encoder", str(demo.encoder), "--generator", str(demo.generator))}
+    for role, args in commands.items():
+        result = lipfarm(env, *args)
+        line = one_line(result.stderr)
+        assert result.returncode == 5, (role, result.stderr)
+        assert "maxmemory-policy allkeys-lru" in line and "noeviction" in line, (role, line)
+        assert "LIPFARM_ALLOW_EVICTING_REDIS" in line, (role, line)
+    assert not (tmp_path / "storage" / "jobs").exists()  # submit refused before uploading
+    assert not list(server.client().scan_iter(f"{PREFIX}:*"))
+
+
+def test_accepting_the_risk_is_a_setting(tmp_path, home, redis_server):
+    server = redis_server("--maxmemory-policy", "volatile-lru")
+    env = farm_env(home, server, tmp_path / "storage")
+    assert lipfarm(env, "reconcile").returncode == 5
+    allowed = lipfarm({**env, "LIPFARM_ALLOW_EVICTING_REDIS": "1"}, "reconcile")
+    assert allowed.returncode == 0, allowed.stderr
+
+
+def test_health_names_a_policy_changed_under_a_running_api(tmp_path, home, redis_server):
+    server = redis_server("--maxmemory-policy", "noeviction")
+    env = farm_env(home, server, tmp_path / "storage")
+    api = Api(env, tmp_path / "api.log")
+    try:
+        assert httpx.get(f"{api.url}/v1/health").status_code == 200
+        server.client().config_set("maxmemory-policy", "allkeys-random")
+        answer = httpx.get(f"{api.url}/v1/health")
+        assert answer.status_code == 503
+        assert "maxmemory-policy allkeys-random" in answer.json()["checks"]["redis"]
+        server.client().config_set("maxmemory-policy", "noeviction")
+        assert httpx.get(f"{api.url}/v1/health").status_code == 200
+    finally:
+        api.stop()
