@@ -20,7 +20,7 @@ from lipfarm.common import defaults
 from lipfarm.common.audio import check_audio
 from lipfarm.common.avatar import Avatar, AvatarStore, pack_avatar
 from lipfarm.common.config import Settings
-from lipfarm.common.errors import CancelledError, InputError, JobFailedError, ServiceError
+from lipfarm.common.errors import CancelledError, InputError, JobFailedError
 from lipfarm.job.endings import close_job
 from lipfarm.common.identity import new_job_id
 from lipfarm.job.jobfiles import JobFiles
@@ -91,7 +91,7 @@ def submit_job(settings: Settings, *, avatar: str, audio: Path, encoder: Path, g
 
     files = JobFiles(storage, job_id or new_job_id())
     avatar_ref = _upload_once(storage, inputs)  # by content, shared by jobs: kept whatever follows
-    try:  # all or nothing: a job Redis did not record leaves no files for a rebuild to find and render
+    try:  # all or nothing: a job Redis or the broker refused leaves nothing for a rebuild to find and render
         submission = Submission(files.job_id, inputs.avatar.name, avatar_ref,
                                 AssetRef(inputs.encoder.sha256, inputs.encoder.key),
                                 AssetRef(inputs.generator.sha256, inputs.generator.key),
@@ -99,26 +99,22 @@ def submit_job(settings: Settings, *, avatar: str, audio: Path, encoder: Path, g
                                 webhook_url=webhook_url)
         files.put_submission(submission)
         store.create_job(JobRecord.queued(submission, storage.url))
-    except BaseException:
-        _discard(files)
-        raise
-    try:
         enqueue_plan(files.job_id, priority)
-    except ServiceError as exc:  # the broker went away between the check and now
-        store.finish(files.job_id, JobState.FAILED, now=time.time(), reason=f"could not be queued: {exc}")
-        close_job(store, storage, files.job_id)
+    except BaseException:
+        _withdraw(store, files)
         raise
     return JobHandle(files.job_id, store, storage)
 
 
-def _discard(files: JobFiles) -> None:
-    """Remove a submission's files after Redis refused it; storage failing too is logged, not raised
-    (the error to report is the first)."""
-    try:
-        files.discard()
-    except Exception as exc:  # noqa: BLE001 - the caller re-raises the error that matters
-        logging.getLogger(__name__).warning("job %s: could not remove its files after a failed submission: %s",
-                                            files.job_id, exc)
+def _withdraw(store: StateStore, files: JobFiles) -> None:
+    """Take back a submission that failed half-way: its record (if made) and its files. A failure
+    here is logged, not raised: the error to report is the one that stopped the submission."""
+    for what, undo in (("record", lambda: store.withdraw(files.job_id)), ("files", files.discard)):
+        try:
+            undo()
+        except Exception as exc:  # noqa: BLE001 - the caller re-raises the error that matters
+            logging.getLogger(__name__).warning("job %s: could not remove its %s after a failed submission: %s",
+                                                files.job_id, what, exc)
 
 
 class JobHandle:

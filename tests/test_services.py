@@ -137,3 +137,50 @@ def test_health_names_a_policy_changed_under_a_running_api(tmp_path, home, redis
         assert httpx.get(f"{api.url}/v1/health").status_code == 200
     finally:
         api.stop()
+
+
+# --- 2. a submission Redis refuses leaves nothing --------------------------------------------------
+
+def _fill(server: RedisServer) -> int:
+    """Bound Redis's memory a little above what it uses, and write from another client until it
+    refuses (it evicts nothing); returns the keys written."""
+    client = server.client()
+    client.config_set("maxmemory", client.info("memory")["used_memory"] + 256 * 1024)
+    for count in range(1_000_000):
+        try:
+            client.set(f"filler:{count}", "x" * 1000)
+        except redis.exceptions.OutOfMemoryError:
+            return count
+    raise AssertionError("Redis never filled")
+
+
+def _job_folders(storage: Path) -> list[str]:
+    return sorted(p.name for p in (storage / "jobs").iterdir()) if (storage / "jobs").is_dir() else []
+
+
+def test_a_submission_redis_refuses_is_not_left_in_storage(tmp_path, home, redis_server, demo, clip):
+    server = redis_server("--maxmemory-policy", "noeviction")
+    storage = tmp_path / "storage"
+    env = farm_env(home, server, storage)
+    token = lipfarm(env, "token", "create", "--name", "full").stdout.split()[-1]  # while there is room
+    api = Api(env, tmp_path / "api.log")
+    try:
+        assert _fill(server) > 0
+        result = lipfarm(env, "submit", "--avatar", demo.avatar_name, "--audio", str(clip),
+                         "--encoder", str(demo.encoder), "--generator", str(demo.generator))
+        assert result.returncode == 5, result.stderr
+        assert "maxmemory" in one_line(result.stderr)
+        assert _job_folders(storage) == [], result.stderr  # neither job.json nor the audio stayed
+
+        with open(clip, "rb") as handle:
+            answer = httpx.post(f"{api.url}/v1/jobs", headers={"Authorization": f"Bearer {token}"},
+                                data={"avatar": demo.avatar_name}, files={"audio": ("talk.wav", handle, "audio/wav")},
+                                timeout=60)
+        assert answer.status_code == 503, answer.text
+        assert _job_folders(storage) == []
+    finally:
+        api.stop()
+    server.client().config_set("maxmemory", 0)  # room again: a rebuild finds nothing to render
+    rebuilt = lipfarm(env, "reconcile", "--rebuild")
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert lipfarm(env, "jobs").stdout.strip() == "no jobs"

@@ -300,6 +300,16 @@ class StateStore:
                 pipe.sadd(self.keys.active(), record.job_id)
             pipe.execute()
 
+    @_guarded
+    def withdraw(self, job_id: str) -> None:
+        """Remove a job whose submission failed before it was queued (deletes free memory: allowed
+        even in a full Redis, outside MULTI, which a full Redis refuses whole)."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.delete(self.keys.job(job_id))
+            pipe.zrem(self.keys.jobs(), job_id)
+            pipe.srem(self.keys.active(), job_id)
+            pipe.execute()
+
     def _job_move(self, job_id: str, to: JobState, *, now: float, reason: str = "",
                   fields: dict | None = None) -> bool:
         """Move a job along ``JOB_MOVES``; False if its current state does not allow the move."""
