@@ -117,6 +117,10 @@ SETTINGS = (
     Setting("api_metrics_auth", "LIPFARM_API_METRICS_AUTH", 0, int,
             "`lipfarm api`: 1: `/metrics` needs an API token (a read-only one will do); 0: it is open, "
             "as Prometheus scrapes usually are (it holds counts only: no job ids, names or URLs)."),
+    Setting("temp_dir", "LIPFARM_TEMP_DIR", "", str,
+            "Where farm processes keep temporary folders (finalize work, chunk work, API uploads), each under a "
+            "folder of its own process; those of dead processes are removed at every role's start. "
+            "Unset: the system's temporary folder."),
     Setting("allow_evicting_redis", "LIPFARM_ALLOW_EVICTING_REDIS", 0, int,
             "1: accept a Redis whose `maxmemory-policy` is not `noeviction` (it may drop some of lipfarm's keys "
             "and strand jobs); 0: every role refuses one at start (exit 5) and `/v1/health` answers 503."),
@@ -164,6 +168,7 @@ class Settings:
     webhook_backoff_s: float
     webhook_timeout_s: float
     api_metrics_auth: int
+    temp_dir: str
     allow_evicting_redis: int
 
     @property

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 
+from lipfarm.common import scratch
 from lipfarm.common.config import Settings, load_settings
 from lipfarm.common.state import StateStore
 from lipfarm.common.state.connection import check_eviction_policy
@@ -25,6 +26,7 @@ def connect_state(current: Settings, url: str = "") -> StateStore:
     exit 5) unless ``LIPFARM_ALLOW_EVICTING_REDIS`` accepts the risk."""
     store = StateStore.connect(url or current.redis_url, current.key_prefix, tls_ca_file=current.redis_tls_ca_file)
     check_store_policy(store, current)
+    scratch.sweep(current.temp_dir)  # every role starts here: what dead processes of this host left goes
     return store
 
 

@@ -24,6 +24,7 @@ from lipfarm.common.errors import CancelledError, InputError, JobFailedError
 from lipfarm.job.endings import close_job
 from lipfarm.common.identity import new_job_id
 from lipfarm.job.jobfiles import JobFiles
+from lipfarm.job.playlist import reopen_playlist
 from lipfarm.common.models import inspect_encoder, inspect_generator
 from lipfarm.common.options import RenderOptions
 from lipfarm.common.plan import AssetRef, Submission
@@ -145,7 +146,9 @@ class JobHandle:
         if resumed.verdict == Verdict.REFUSED:
             raise InputError(f"job {self.job_id} is {resumed.detail}: only a failed or cancelled job can be resumed",
                              field="job")
-        JobFiles(self.storage, self.job_id).delete_ended()
+        files = JobFiles(self.storage, self.job_id)
+        files.delete_ended()
+        reopen_playlist(files)  # its playlist's end ("job failed") is taken back with ended.json
         if resumed.replan:
             enqueue_plan(self.job_id, job.priority)
             return 0

@@ -184,3 +184,141 @@ def test_a_submission_redis_refuses_is_not_left_in_storage(tmp_path, home, redis
     rebuilt = lipfarm(env, "reconcile", "--rebuild")
     assert rebuilt.returncode == 0, rebuilt.stderr
     assert lipfarm(env, "jobs").stdout.strip() == "no jobs"
+
+
+# --- 3. a full disk at publication is retried ------------------------------------------------------
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real filesystem that fills up: a 2 MB tmpfs (root only)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)]).returncode:
+        pytest.skip("cannot mount a tmpfs here (root is needed)")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)])
+
+
+def _fill_disk(folder: Path) -> Path:
+    """Fill the filesystem of ``folder`` to the last byte."""
+    filler = folder / "filler"
+    with open(filler, "wb", buffering=0) as out:
+        for block in (1 << 16, 4096, 1):
+            try:
+                while out.write(bytes(block)):
+                    pass
+            except OSError:
+                pass
+    return filler
+
+
+class Farm:
+    """A farm of processes on a Redis of its own: one render worker, one jobs/finalize worker (with
+    its own extra settings), the recovery pass every second."""
+
+    def __init__(self, env: dict[str, str], folder: Path, jobs_env: dict[str, str] | None = None) -> None:
+        from lipfarm.common.state import StateStore
+        from lipfarm.scheduler.cluster import LipfarmProcess
+
+        self.env = {**env, "LIPFARM_LEASE_S": "4", "LIPFARM_HEARTBEAT_INTERVAL_S": "0.5",
+                    "LIPFARM_RECONCILE_INTERVAL_S": "1", "LIPFARM_HOLD_DIR": str(folder / "holds")}
+        (folder / "holds").mkdir(parents=True, exist_ok=True)
+        self.holds = folder / "holds"
+        self.render = LipfarmProcess.worker(self.env, folder / "render.log", "--concurrency", "1",
+                                            "--queues", "render", "--hostname", f"render-{os.getpid()}@test")
+        self.jobs = LipfarmProcess.worker({**self.env, **(jobs_env or {})}, folder / "jobs.log", "--concurrency", "1",
+                                          "--queues", "jobs,finalize", "--hostname", f"jobs-{os.getpid()}@test")
+        self.store = StateStore.connect(env["LIPFARM_REDIS_URL"], env["LIPFARM_KEY_PREFIX"])
+
+    def start(self) -> "Farm":
+        for process in (self.render, self.jobs):
+            process.start()
+        for process in (self.render, self.jobs):
+            process.wait_ready(timeout_s=120)
+        return self
+
+    def stop(self) -> None:
+        for process in (self.render, self.jobs):
+            if process.process is not None and process.running():
+                process.stop(timeout_s=20)
+
+    def submit(self, demo, audio: Path) -> str:
+        result = lipfarm(self.env, "submit", "--avatar", demo.avatar_name, "--audio", str(audio), "--encoder",
+                         str(demo.encoder), "--generator", str(demo.generator), "--chunk-frames", "25")
+        assert result.returncode == 0, result.stderr
+        return result.stdout.split()[-1]
+
+    def state(self, job_id: str) -> str:
+        return self.store.job(job_id).state.value
+
+
+@pytest.fixture
+def short_clip(tmp_path, speech_16k) -> Path:
+    """1.2 s of the demo speech: 30 frames, two chunks of 25."""
+    from lipfarm.demo.speech import write_wav
+
+    path = tmp_path / "short.wav"
+    write_wav(path, speech_16k[:int(1.2 * 16000)])
+    return path
+
+
+def _files(env: dict[str, str], job_id: str):
+    from lipfarm.common.config import load_settings
+    from lipfarm.common.storage import open_storage
+    from lipfarm.job.jobfiles import JobFiles
+
+    return JobFiles(open_storage(env["LIPFARM_STORAGE_URL"], load_settings(env)), job_id)
+
+
+def _playlist(env: dict[str, str], job_id: str) -> str:
+    from lipfarm.common.storage.layout import playlist_key
+
+    return _files(env, job_id).storage.get_bytes(playlist_key(job_id)).decode()
+
+
+def _retried_publication(farm: Farm, job_id: str, disk: Path) -> Path:
+    """Hold the job's finalizer, fill the disk under it, let it go: its first attempt meets a full
+    disk. Returns the filler (remove it to give the space back)."""
+    (farm.holds / f"{job_id}.finalize.hold").write_text("0")
+    until(lambda: farm.state(job_id) == "finalizing", timeout_s=300, what="the job to reach its finalizer")
+    filler = _fill_disk(disk)
+    (farm.holds / f"{job_id}.finalize.hold").unlink()
+    first = until(lambda: [a for a in farm.store.finalize_attempts(job_id) if a.ended_at], timeout_s=120,
+                  what="the first finalize attempt to end")[0]
+    assert first.outcome == "retry", first
+    assert "No space left on device" in first.reason or "ENOSPC" in first.reason, first.reason
+    assert farm.state(job_id) == "finalizing"  # not failed for good
+    return filler
+
+
+def test_a_full_disk_at_publication_is_retried_until_space_returns(tmp_path, home, redis_server, demo,
+                                                                  short_clip, small_disk):
+    server = redis_server("--maxmemory-policy", "noeviction")
+    env = farm_env(home, server, tmp_path / "storage")
+    farm = Farm(env, tmp_path / "farm", jobs_env={"LIPFARM_TEMP_DIR": str(small_disk)}).start()
+    try:
+        # space comes back: the next finalizer the recovery pass queues publishes
+        job_id = farm.submit(demo, short_clip)
+        filler = _retried_publication(farm, job_id, small_disk)
+        filler.unlink()
+        until(lambda: farm.state(job_id) == "done", timeout_s=120, what="publication once space returned")
+        outcomes = [a.outcome for a in farm.store.finalize_attempts(job_id)]
+        assert outcomes[0] == "retry" and outcomes[-1] == "done", outcomes
+
+        # a job cancelled while its publication waits, then resumed: playlist, ended.json and state agree
+        job_id = farm.submit(demo, short_clip)
+        filler = _retried_publication(farm, job_id, small_disk)
+        assert lipfarm(env, "cancel", job_id).returncode == 0
+        until(lambda: _files(env, job_id).ended() is not None, what="the cancel recorded")
+        assert "# lipfarm: job cancelled" in _playlist(env, job_id)
+        filler.unlink()
+        resumed = lipfarm(env, "resume", job_id)
+        assert resumed.returncode == 0, resumed.stderr
+        until(lambda: farm.state(job_id) == "done", timeout_s=120, what="the resumed job to publish")
+        ended = until(lambda: _files(env, job_id).ended(), what="its end recorded")
+        assert ended["job"]["state"] == "done"
+        playlist = _playlist(env, job_id)
+        assert playlist.rstrip().endswith("#EXT-X-ENDLIST") and "# lipfarm: job" not in playlist, playlist
+        assert _files(env, job_id).storage.exists(f"jobs/{job_id}/output.mp4")
+    finally:
+        farm.stop()
