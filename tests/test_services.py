@@ -322,3 +322,61 @@ def test_a_full_disk_at_publication_is_retried_until_space_returns(tmp_path, hom
         assert _files(env, job_id).storage.exists(f"jobs/{job_id}/output.mp4")
     finally:
         farm.stop()
+
+
+# --- 4. kill -9 leaks nothing ---------------------------------------------------------------------
+
+def _roots(temp: Path) -> dict[Path, list[str]]:
+    """Each process root under ``temp`` and the folders in it."""
+    return {root: sorted(p.name for p in root.iterdir()) for root in temp.glob("lipfarm-proc.*")}
+
+
+def test_a_killed_workers_temporary_folders_go_when_another_starts(tmp_path, home, redis_server, demo, short_clip):
+    from lipfarm.common.scratch import process_root
+    from lipfarm.scheduler.cluster import LipfarmProcess
+
+    server = redis_server("--maxmemory-policy", "noeviction")
+    temp = tmp_path / "temp"
+    env = farm_env(home, server, tmp_path / "storage", LIPFARM_TEMP_DIR=str(temp))
+    farm = Farm(env, tmp_path / "farm").start()
+    mine = process_root(temp)  # a live process's root: never swept
+    try:
+        job_id = _submit_held(farm, demo, short_clip)
+        until(lambda: any(name.startswith("lipfarm-chunk-") for names in _roots(temp).values() for name in names),
+              timeout_s=300, what="the chunk's work folder")
+        (dead_root,) = [root for root, names in _roots(temp).items() if any(n.startswith("lipfarm-chunk-") for n in names)]
+        os.killpg(farm.render.pid, 9)  # the worker and its render process, mid-chunk
+        farm.render.process.wait()
+        assert dead_root.is_dir()  # left behind: nothing of the dead process removed it
+        replacement = LipfarmProcess.worker(farm.env, tmp_path / "farm" / "render2.log", "--concurrency", "1",
+                                            "--queues", "render", "--hostname", f"render2-{os.getpid()}@test")
+        replacement.start().wait_ready(timeout_s=120)
+        try:
+            assert not dead_root.exists()
+            assert mine.is_dir()
+            (farm.holds / f"{job_id}.0.hold").unlink()
+            until(lambda: farm.state(job_id) == "done", timeout_s=300, what="the job, on the new worker")
+        finally:
+            replacement.stop(timeout_s=20)
+    finally:
+        farm.stop()
+
+
+def _submit_held(farm: Farm, demo, audio: Path) -> str:
+    """Submit a job (in this process: its id is chosen first) whose chunk 0 pauses after 5 frames."""
+    from lipfarm.common import celery_app
+    from lipfarm.common.config import load_settings
+    from lipfarm.common.identity import new_job_id
+    from lipfarm.common.options import RenderOptions
+    from lipfarm.scheduler.submit import submit_job
+
+    job_id = new_job_id()
+    (farm.holds / f"{job_id}.0.hold").write_text("5")
+    settings = load_settings({**os.environ, **farm.env})
+    celery_app.configure(celery_app.app, settings)
+    try:
+        submit_job(settings, avatar=demo.avatar_name, audio=audio, encoder=demo.encoder, generator=demo.generator,
+                   options=RenderOptions(chunk_frames=25), job_id=job_id)
+    finally:
+        celery_app.configure(celery_app.app, load_settings())
+    return job_id
