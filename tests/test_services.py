@@ -380,3 +380,31 @@ def _submit_held(farm: Farm, demo, audio: Path) -> str:
     finally:
         celery_app.configure(celery_app.app, load_settings())
     return job_id
+
+
+def test_a_killed_apis_partial_upload_goes_when_it_starts_again(tmp_path, home, redis_server):
+    import socket
+
+    server = redis_server("--maxmemory-policy", "noeviction")
+    temp = tmp_path / "temp"
+    env = farm_env(home, server, tmp_path / "storage", LIPFARM_TEMP_DIR=str(temp))
+    token = lipfarm(env, "token", "create", "--name", "uploader").stdout.split()[-1]
+    api = Api(env, tmp_path / "api.log")
+    boundary = "lipfarmboundary"
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"audio\"; filename=\"big.wav\"\r\n"
+            "Content-Type: audio/wav\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", api.port)) as conn:
+        conn.sendall((f"POST /v1/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n"
+                      f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
+                      f"Content-Length: {50 << 20}\r\n\r\n").encode() + head + bytes(4 << 20))
+        partial = until(lambda: [p for p in temp.glob("lipfarm-proc.*/lipfarm-upload-*/*") if p.stat().st_size > 0],
+                        timeout_s=60, what="the partial upload on disk")
+        os.killpg(api.process.pid, 9)  # mid-upload
+        api.process.wait()
+    dead_root = partial[0].parents[1]
+    assert dead_root.is_dir()
+    again = Api(env, tmp_path / "api2.log")
+    try:
+        assert not dead_root.exists()
+    finally:
+        again.stop()
