@@ -121,6 +121,10 @@ SETTINGS = (
             "Where farm processes keep temporary folders (finalize work, chunk work, API uploads), each under a "
             "folder of its own process; those of dead processes are removed at every role's start. "
             "Unset: the system's temporary folder."),
+    Setting("farm_id", "LIPFARM_FARM_ID", "", str,
+            "This farm's id, stamped in every job it submits; a rebuild from storage adopts only its own farm's "
+            "jobs. Unset: one made once and kept in Redis (or, if Redis lost it, the storage's first farm's). Set "
+            "it where farms share a storage."),
     Setting("allow_evicting_redis", "LIPFARM_ALLOW_EVICTING_REDIS", 0, int,
             "1: accept a Redis whose `maxmemory-policy` is not `noeviction` (it may drop some of lipfarm's keys "
             "and strand jobs); 0: every role refuses one at start (exit 5) and `/v1/health` answers 503."),
@@ -169,6 +173,7 @@ class Settings:
     webhook_timeout_s: float
     api_metrics_auth: int
     temp_dir: str
+    farm_id: str
     allow_evicting_redis: int
 
     @property

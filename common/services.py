@@ -10,6 +10,7 @@ import functools
 
 from lipfarm.common import scratch
 from lipfarm.common.config import Settings, load_settings
+from lipfarm.common.farm import check_farm_id
 from lipfarm.common.state import StateStore
 from lipfarm.common.state.connection import check_eviction_policy
 from lipfarm.common.storage import Storage, open_storage
@@ -23,10 +24,13 @@ def settings() -> Settings:
 def connect_state(current: Settings, url: str = "") -> StateStore:
     """The state store at ``url`` (default ``LIPFARM_REDIS_URL``), reachable and safe: every role
     connects through here, so each refuses at start a Redis that may evict keys (``ServiceError``,
-    exit 5) unless ``LIPFARM_ALLOW_EVICTING_REDIS`` accepts the risk."""
+    exit 5) unless ``LIPFARM_ALLOW_EVICTING_REDIS`` accepts the risk, and one that keeps another
+    farm's id than ``LIPFARM_FARM_ID``. Temporary folders of this host's dead processes are swept
+    first (``common.scratch``): every role starts here, reachable Redis or not."""
+    scratch.sweep(current.temp_dir)
     store = StateStore.connect(url or current.redis_url, current.key_prefix, tls_ca_file=current.redis_tls_ca_file)
     check_store_policy(store, current)
-    scratch.sweep(current.temp_dir)  # every role starts here: what dead processes of this host left goes
+    check_farm_id(store, current)
     return store
 
 

@@ -22,6 +22,7 @@ from lipfarm.common.avatar import Avatar, AvatarStore, pack_avatar
 from lipfarm.common.config import Settings
 from lipfarm.common.errors import CancelledError, InputError, JobFailedError
 from lipfarm.job.endings import close_job
+from lipfarm.common.farm import farm_id
 from lipfarm.common.identity import new_job_id
 from lipfarm.job.jobfiles import JobFiles
 from lipfarm.job.playlist import reopen_playlist
@@ -91,13 +92,14 @@ def submit_job(settings: Settings, *, avatar: str, audio: Path, encoder: Path, g
     storage.check()
 
     files = JobFiles(storage, job_id or new_job_id())
+    farm = farm_id(store, settings, storage)
     avatar_ref = _upload_once(storage, inputs)  # by content, shared by jobs: kept whatever follows
     try:  # all or nothing: a job Redis or the broker refused leaves nothing for a rebuild to find and render
         submission = Submission(files.job_id, inputs.avatar.name, avatar_ref,
                                 AssetRef(inputs.encoder.sha256, inputs.encoder.key),
                                 AssetRef(inputs.generator.sha256, inputs.generator.key),
                                 files.put_input(audio, audio.name), audio.name, options, priority, time.time(),
-                                webhook_url=webhook_url)
+                                webhook_url=webhook_url, farm_id=farm)
         files.put_submission(submission)
         store.create_job(JobRecord.queued(submission, storage.url))
         enqueue_plan(files.job_id, priority)

@@ -7,6 +7,7 @@ processes, HTTP on loopback, kill -9.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -408,3 +409,34 @@ def test_a_killed_apis_partial_upload_goes_when_it_starts_again(tmp_path, home, 
         assert not dead_root.exists()
     finally:
         again.stop()
+
+
+# --- 5. two farms on one storage -----------------------------------------------------------------
+
+def _job_ids(server: RedisServer) -> set[str]:
+    return {key.decode().rsplit(":", 1)[1] for key in server.client().scan_iter(f"{PREFIX}:job:*")}
+
+
+def test_two_farms_on_one_storage_each_rebuild_only_their_own_jobs(tmp_path, home, redis_server, demo, short_clip):
+    storage = tmp_path / "storage"
+    first, second = redis_server("--maxmemory-policy", "noeviction"), redis_server("--maxmemory-policy", "noeviction")
+    env_a = farm_env(home, first, storage)  # no id set: made once, and the storage's first farm
+    env_b = farm_env(home, second, storage, LIPFARM_FARM_ID="farm-b")
+    submit = ("submit", "--avatar", demo.avatar_name, "--audio", str(short_clip), "--encoder", str(demo.encoder),
+              "--generator", str(demo.generator))
+    job_a, job_b = (lipfarm(env, *submit).stdout.split()[-1] for env in (env_a, env_b))
+    assert _job_ids(first) == {job_a} and _job_ids(second) == {job_b}
+    stamps = {job: json.loads((storage / "jobs" / job / "job.json").read_text())["farm_id"] for job in (job_a, job_b)}
+    assert stamps[job_b] == "farm-b" and stamps[job_a] not in ("", "farm-b")
+
+    for server, env, own, other in ((first, env_a, job_a, job_b), (second, env_b, job_b, job_a)):
+        asked = lipfarm(env, "reconcile", "--rebuild")  # Redis intact: the other farm's job stays the other's
+        assert asked.returncode == 0 and "other_farms 1" in asked.stdout, asked.stdout + asked.stderr
+        server.client().flushall()  # Redis lost everything, its farm id too
+        lost = lipfarm(env, "reconcile")
+        assert lost.returncode == 0, lost.stderr
+        assert _job_ids(server) == {own}, (lost.stdout, lost.stderr)
+        assert lipfarm(env, "status", other).returncode == 4
+
+    clash = lipfarm({**env_a, "LIPFARM_FARM_ID": "farm-b"}, "reconcile")  # two ids for one Redis: refused
+    assert clash.returncode == 5 and "farm" in one_line(clash.stderr)

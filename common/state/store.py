@@ -451,6 +451,17 @@ class StateStore:
     # --- recovery ---------------------------------------------------------------------------------
 
     @_guarded
+    def farm_id(self) -> str | None:
+        """The farm id kept in this Redis (None: never made, or Redis lost its data)."""
+        return self.redis.get(self.keys.farm_id())
+
+    @_guarded
+    def claim_farm_id(self, candidate: str) -> str:
+        """Keep ``candidate`` as the farm id unless one is kept already; returns the one kept."""
+        self.redis.set(self.keys.farm_id(), candidate, nx=True)
+        return self.redis.get(self.keys.farm_id())
+
+    @_guarded
     def generation(self) -> str | None:
         """The marker the last rebuild left; None means Redis lost its data since (or never had it)."""
         return self.redis.get(self.keys.generation())
