@@ -1,7 +1,8 @@
 """``/v1/health``: whether this API can serve, for load balancers and probes (no token needed).
 
 200 when Redis (state and broker) and the storage answer; 503 naming each that does not, with the
-same line the CLI would print (the Redis password masked).
+same line the CLI would print (the Redis password masked). A Redis that may evict keys
+(``maxmemory-policy`` other than ``noeviction``) is a 503 too, unless ``LIPFARM_ALLOW_EVICTING_REDIS``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from fastapi.responses import JSONResponse
 
 from lipfarm.common import defaults
 from lipfarm.common.errors import LipfarmError
-from lipfarm.common.state import StateStore
+from lipfarm.common import services
 from lipfarm.api.context import Farm, farm
 from lipfarm.api.schemas import Health
 
@@ -28,9 +29,11 @@ def _check(action) -> str:
 
 def _redis(the_farm: Farm) -> None:
     settings = the_farm.settings
-    the_farm.store().generation()  # one read: the connection answers
+    store = the_farm.store()
+    store.generation()  # one read: the connection answers
+    services.check_store_policy(store, settings)  # asked each time: a policy can change under a running API
     if settings.broker_url != settings.redis_url:
-        StateStore.connect(settings.broker_url, settings.key_prefix, tls_ca_file=settings.redis_tls_ca_file)
+        services.connect_state(settings, settings.broker_url)
 
 
 @router.get("/v1/health", response_model=Health, summary="Whether Redis and the storage answer",

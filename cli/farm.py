@@ -118,6 +118,7 @@ def cmd_reconcile(args, settings: Settings) -> int:
 
     enqueue = celery_enqueue()
     if args.loop:
+        _refuse_evicting_redis(settings)
         print(f"reconciling every {settings.reconcile_interval_s:g} s (Ctrl-C stops)", flush=True)
         run_forever(functools.partial(connect_recovery, settings), settings, enqueue, rebuild_first=args.rebuild,
                     on_pass=_print_report)
@@ -127,6 +128,20 @@ def cmd_reconcile(args, settings: Settings) -> int:
                             enqueue=enqueue, rebuild=args.rebuild, storage_at=storage_at),
                   always=True)
     return 0
+
+
+def _refuse_evicting_redis(settings: Settings) -> None:
+    """The loop rides out a Redis that does not answer yet, but not one that may evict keys: exit 5."""
+    from lipfarm.common.errors import ServiceError
+    from lipfarm.common.state.connection import EvictingRedisError
+    from lipfarm.scheduler.submit import connect_farm
+
+    try:
+        connect_farm(settings)
+    except EvictingRedisError:
+        raise
+    except ServiceError:
+        pass
 
 
 def _print_report(report, *, always: bool = False) -> None:

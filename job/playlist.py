@@ -78,6 +78,19 @@ def _write(store: StateStore, files: JobFiles, enqueue_render, max_reopens: int)
     store.set_playlist(files.job_id, chunks=len(entries), frames=frames, frames_total=job.frames_total)
 
 
+def reopen_playlist(files: JobFiles) -> bool:
+    """A resumed job has not ended after all: its playlist loses its end (and the comment saying
+    why), keeping every segment it listed, so the end its publication writes is the one it shows.
+    Returns whether there was an end to take back."""
+    listed, ended = _listed(files)
+    if not ended:
+        return False
+    target_s = math.ceil(max([duration for _, duration in listed] or [1.0]))
+    files.storage.put_bytes(playlist_key(files.job_id),
+                            media_playlist(listed, ended=False, target_duration_s=target_s).encode())
+    return True
+
+
 def listed_segment_keys(files: JobFiles) -> set[str]:
     """The keys of the HLS segments the job's playlist lists: a viewer may fetch them, so they stay
     even when their chunk was later rendered again."""

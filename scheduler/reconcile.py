@@ -37,6 +37,7 @@ from lipfarm.job import webhooks
 from lipfarm.common.config import Settings
 from lipfarm.job.endings import close_job, close_jobs
 from lipfarm.common.errors import LipfarmError
+from lipfarm.common.farm import farm_id
 from lipfarm.common.identity import is_dead_here, worker_id
 from lipfarm.job.jobfiles import JobFiles
 from lipfarm.common.state import JobRecord, JobState, Stall, StateStore, Verdict
@@ -71,6 +72,7 @@ class ReconcileReport:
     resent: list[str] = field(default_factory=list)
     webhooks_resent: list[str] = field(default_factory=list)
     forgotten: list[str] = field(default_factory=list)
+    other_farms: list[str] = field(default_factory=list)  # jobs in the storage another farm submitted: left alone
 
 
 def reconcile(*, store: StateStore, storage: Storage, settings: Settings, enqueue: Enqueue,
@@ -222,11 +224,26 @@ def _lost_webhook_messages(store: StateStore, settings: Settings, now: float, en
 
 def _rebuild(store: StateStore, storage: Storage, settings: Settings, now: float, enqueue: Enqueue,
              report: ReconcileReport) -> None:
+    farm = farm_id(store, settings, storage)
     for job_id in submitted_job_ids(storage.list("jobs/")):
         if store.exists(job_id):
             continue
-        _rebuild_job(store, JobFiles(storage, job_id), settings, now, enqueue, report)
+        files = JobFiles(storage, job_id)
+        if not _of_farm(files, farm):
+            report.other_farms.append(job_id)
+            continue
+        _rebuild_job(store, files, settings, now, enqueue, report)
         report.rebuilt.append(job_id)
+
+
+def _of_farm(files: JobFiles, farm: str) -> bool:
+    """Whether the job is this farm's to adopt: stamped with its id, or with none (submitted before
+    farm ids, or a job.json too broken to tell: the rebuild reports that as before)."""
+    try:
+        stamped = files.submission().farm_id
+    except LipfarmError:
+        return True
+    return stamped in ("", farm)
 
 
 def _rebuild_job(store: StateStore, files: JobFiles, settings: Settings, now: float, enqueue: Enqueue,

@@ -62,7 +62,7 @@ def celery_enqueue() -> Enqueue:
 
 def connect_recovery(settings: Settings):
     """A state store and storage opener of the recovery loop's own (not shared with tasks)."""
-    store = StateStore.connect(settings.redis_url, settings.key_prefix, tls_ca_file=settings.redis_tls_ca_file)
+    store = services.connect_state(settings)
     return store, functools.lru_cache(maxsize=8)(lambda url: open_storage(url, settings))
 
 

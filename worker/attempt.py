@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from enum import Enum
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Callable
 
 from lipfarm.common import defaults, metrics
+from lipfarm.common.scratch import scratch_dir
 from lipfarm.common.config import Settings
 from lipfarm.job.endings import close_job
 from lipfarm.common.errors import (AvatarError, CancelledError, InputError, LipfarmError, ModelError, NotFoundError,
@@ -242,8 +242,8 @@ def _render_and_upload(ctx: FarmContext, storage: Storage, plan: Plan, index: in
     chunk = plan.chunks[index]
     started = time.perf_counter()
     with Heartbeat(ctx, plan.job_id, index, claim.token, chunk.frames, report) as beat, \
-            tempfile.TemporaryDirectory(prefix="lipfarm-chunk-") as temp:
-        output = Path(temp) / "segment.mp4"
+            scratch_dir("lipfarm-chunk-", ctx.settings.temp_dir) as temp:
+        output = temp / "segment.mp4"
         work = resolve_chunk(plan, chunk, storage=storage, cache=ctx.cache, output=output)
         fetched = time.perf_counter()
         times = render_chunk(work, threads=ctx.settings.threads_per_process(), templates=ctx.templates,

@@ -60,6 +60,10 @@ class Keys:
         """String with a TTL: the process rebuilding state from storage (one at a time)."""
         return f"{self.prefix}:rebuild:lock"
 
+    def farm_id(self) -> str:
+        """String: this farm's id, made once (``common.farm``); stamped in every job.json it submits."""
+        return f"{self.prefix}:farm"
+
     def generation(self) -> str:
         """String: set by the last rebuild from storage; its absence means Redis lost its data."""
         return f"{self.prefix}:generation"

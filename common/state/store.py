@@ -144,6 +144,9 @@ def _guarded(method):
             return method(self, *args, **kwargs)
         except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, redis.ReadOnlyError) as exc:
             raise ServiceError(f"cannot reach Redis at {self.where} ({exc.__class__.__name__}: {exc})") from None
+        except (redis.OutOfMemoryError, redis.exceptions.ExecAbortError) as exc:  # full, and it evicts nothing
+            raise ServiceError(f"Redis at {self.where} refused a write: {' '.join(str(exc).split())[:200]} "
+                               "(raise its maxmemory or free memory)") from None
 
     return guarded
 
@@ -362,6 +365,16 @@ class StateStore:
                 pipe.sadd(self.keys.active(), record.job_id)
             pipe.execute()
 
+    @_guarded
+    def withdraw(self, job_id: str) -> None:
+        """Remove a job whose submission failed before it was queued (deletes free memory: allowed
+        even in a full Redis, outside MULTI, which a full Redis refuses whole)."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.delete(self.keys.job(job_id))
+            pipe.zrem(self.keys.jobs(), job_id)
+            pipe.srem(self.keys.active(), job_id)
+            pipe.execute()
+
     def _job_move(self, job_id: str, to: JobState, *, now: float | None = None, reason: str = "",
                   fields: dict | None = None) -> bool:
         """Move a job along ``JOB_MOVES``; False if its current state does not allow the move."""
@@ -517,6 +530,17 @@ class StateStore:
             pipe.execute()
 
     # --- recovery ---------------------------------------------------------------------------------
+
+    @_guarded
+    def farm_id(self) -> str | None:
+        """The farm id kept in this Redis (None: never made, or Redis lost its data)."""
+        return self.redis.get(self.keys.farm_id())
+
+    @_guarded
+    def claim_farm_id(self, candidate: str) -> str:
+        """Keep ``candidate`` as the farm id unless one is kept already; returns the one kept."""
+        self.redis.set(self.keys.farm_id(), candidate, nx=True)
+        return self.redis.get(self.keys.farm_id())
 
     @_guarded
     def generation(self) -> str | None:
