@@ -76,7 +76,7 @@ def _checked(farm: Farm, request: JobRequest) -> dict:
     """The keyword arguments of ``submit_job``, every cheap check passed."""
     params = request.params
     options = render_options(params, farm.settings)
-    webhook_url = check_webhook_url(params.webhook_url) if params.webhook_url else ""
+    webhook_url = check_webhook_url(params.webhook_url, farm.settings.outbound_allow) if params.webhook_url else ""
     encoder, generator = _models(farm, params)
     avatars = farm.avatars()
     try:

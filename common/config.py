@@ -114,6 +114,9 @@ SETTINGS = (
             "Wait before a webhook's first retry; it doubles with each attempt (at most an hour)."),
     Setting("webhook_timeout_s", "LIPFARM_WEBHOOK_TIMEOUT_S", defaults.WEBHOOK_TIMEOUT_S, float,
             "How long one webhook POST may take (connect, send, answer) before it counts as failed."),
+    Setting("outbound_allow", "LIPFARM_OUTBOUND_ALLOW", "", str,
+            "CIDRs and host names (comma-separated) the farm may send webhooks to although they are "
+            "inside a private network (loopback, RFC 1918, link-local...). Unset: only public addresses."),
     Setting("api_metrics_auth", "LIPFARM_API_METRICS_AUTH", 0, int,
             "`lipfarm api`: 1: `/metrics` needs an API token (a read-only one will do); 0: it is open, "
             "as Prometheus scrapes usually are (it holds counts only: no job ids, names or URLs)."),
@@ -160,6 +163,7 @@ class Settings:
     webhook_retry_s: float
     webhook_backoff_s: float
     webhook_timeout_s: float
+    outbound_allow: str
     api_metrics_auth: int
 
     @property

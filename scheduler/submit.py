@@ -79,7 +79,7 @@ def submit_job(settings: Settings, *, avatar: str, audio: Path, encoder: Path, g
     from lipfarm.common.celery_app import enqueue_plan
 
     audio = Path(audio)
-    webhook_url = check_webhook_url(webhook_url) if webhook_url else ""
+    webhook_url = check_webhook_url(webhook_url, settings.outbound_allow) if webhook_url else ""
     inputs = _check_inputs(settings, avatar=avatar, audio=audio, encoder=Path(encoder),
                            generator=Path(generator), priority=priority)
     store = connect_farm(settings)
@@ -208,19 +208,12 @@ def submit(*, avatar: str, audio: str | Path, encoder: str | Path | None = None,
 
 # --- Submissions that do not start from a file on this machine (the HTTP API) ----------------------
 
-def check_webhook_url(url: str) -> str:
-    """``url`` if it is an http(s) URL with a host (what the webhook is POSTed to), else ``InputError``."""
-    from urllib.parse import urlsplit
+def check_webhook_url(url: str, allow: str = "") -> str:
+    """``url`` if it is an http(s) URL whose host is a public address, or one ``allow``
+    (``LIPFARM_OUTBOUND_ALLOW``) lets through; else ``InputError`` naming ``webhook_url``."""
+    from lipfarm.common.netguard import check_url
 
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname
-    except ValueError:
-        parts, host = None, None
-    if parts is None or parts.scheme not in ("http", "https") or not host or any(c.isspace() for c in url):
-        raise InputError("not an http(s) URL with a host", field="webhook_url",
-                         expected="http://host/... or https://host/...", found=repr(url[:200]))
-    return url
+    return check_url(url, allow, field="webhook_url").url
 
 
 def checked_storage_key(key: str, field: str = "audio_key") -> str:
