@@ -28,7 +28,7 @@ log = logging.getLogger("lipfarm.api")
 
 _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
                405: "method_not_allowed", 409: "conflict", 413: "too_large", 415: "unsupported_media_type",
-               422: "invalid", 503: "service_unavailable"}
+               422: "invalid", 429: "too_many_requests", 503: "service_unavailable"}
 
 
 class ApiError(Exception):
@@ -106,5 +106,6 @@ def documented(*statuses: int) -> dict:
     words = {401: "No token, or a token the farm does not know", 403: "A read-only token asked to write",
              404: "Not found", 409: "Conflicts with the current state", 413: "The upload is larger than allowed",
              415: "Not the content type this operation takes", 422: "Bad input, naming the field",
+             429: "Over the tenant's requests per second or queued jobs (see Retry-After and RateLimit)",
              503: "A service the farm needs is unreachable"}
     return {status: {"model": ErrorBody, "description": words[status]} for status in statuses}

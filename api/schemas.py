@@ -51,6 +51,7 @@ class Webhook(BaseModel):
 
 class Job(BaseModel):
     id: str
+    tenant: str = Field(description="whose job: the tenant of the token that submitted it")
     state: JobStateName
     priority: str
     avatar: str

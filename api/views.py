@@ -17,7 +17,7 @@ def job_view(status: JobStatus, signer: Signer, *, now: float) -> dict:
     playlist_key = status.playlist_key
     published = status.state == JobState.DONE and bool(status.output_key)
     return {
-        "id": status.job_id, "state": status.state.value, "priority": status.priority,
+        "id": status.job_id, "tenant": status.tenant, "state": status.state.value, "priority": status.priority,
         "avatar": status.avatar, "audio": status.audio, "created_at": status.created_at,
         "finished_at": status.finished_at, "elapsed_s": round(status.elapsed_s, 3),
         "eta_s": None if status.eta_s is None else round(status.eta_s, 1),

@@ -113,6 +113,8 @@ API_MAX_PAGE_JOBS = 100
 API_LIST_SCAN_JOBS = 2000  # job ids one page may look through for a state filter (then it returns a cursor)
 IDEMPOTENCY_TTL_S = 24 * 3600  # an Idempotency-Key answers with its job for this long
 IDEMPOTENCY_PENDING_S = 15 * 60  # a key whose request died mid-submission is free again after this
+IDEMPOTENCY_RETRY_AFTER_S = 2  # Retry-After of a 409 for a key whose first request is still submitting
+TENANT_QUEUED_RETRY_S = 30  # Retry-After of a 429 for a tenant at its limit of jobs not yet ended
 # Avatar archives uploaded to the API are checked by common.archive before anything is written.
 ARCHIVE_MAX_MEMBERS = 100_000  # a 30-minute dataset: 45,000 frames and as many landmark files
 ARCHIVE_MAX_MB = 8192.0  # bytes all members may declare together

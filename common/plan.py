@@ -83,6 +83,7 @@ class Submission:
     priority: str
     submitted_at: float
     webhook_url: str = ""  # told (POST, signed) when the job ends
+    tenant: str = "default"  # whose job (kept here too, so a rebuild from storage keeps it)
     version: int = SUBMISSION_VERSION
 
     def to_json(self) -> str:

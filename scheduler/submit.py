@@ -74,7 +74,7 @@ def _upload_once(storage: Storage, inputs: _CheckedInputs) -> AssetRef:
 
 def submit_job(settings: Settings, *, avatar: str, audio: Path, encoder: Path, generator: Path,
                options: RenderOptions, priority: str = defaults.PRIORITY,
-               job_id: str | None = None, webhook_url: str = "") -> "JobHandle":
+               job_id: str | None = None, webhook_url: str = "", tenant: str = "default") -> "JobHandle":
     """Validate, upload and queue a job; returns its handle. Nothing is queued on bad input."""
     from lipfarm.common.celery_app import enqueue_plan
 
@@ -92,7 +92,7 @@ def submit_job(settings: Settings, *, avatar: str, audio: Path, encoder: Path, g
                             AssetRef(inputs.encoder.sha256, inputs.encoder.key),
                             AssetRef(inputs.generator.sha256, inputs.generator.key),
                             files.put_input(audio, audio.name), audio.name, options, priority, time.time(),
-                            webhook_url=webhook_url)
+                            webhook_url=webhook_url, tenant=tenant)
     files.put_submission(submission)
     store.create_job(JobRecord.queued(submission, storage.url))
     try:
