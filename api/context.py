@@ -19,6 +19,7 @@ from lipfarm.common.errors import NotFoundError
 from lipfarm.common.state import ApiToken, JobRecord, StateStore, TenantStore, TokenStore
 from lipfarm.common.storage import Storage, open_storage
 from lipfarm.common.storage.layout import checked_part
+from lipfarm.api.redact import Redactor
 from lipfarm.api.signing import Signer
 from lipfarm.scheduler.submit import JobHandle, connect_farm
 
@@ -31,6 +32,7 @@ class Farm:
         self._store: StateStore | None = None
         self._signer: Signer | None = None
         self._tenants: TenantStore | None = None
+        self._redactor: Redactor | None = None
         self._lock = threading.Lock()
         self.storage_at = functools.lru_cache(maxsize=8)(self._open_storage)
 
@@ -40,6 +42,12 @@ class Farm:
             if self._store is None:
                 self._store = connect_farm(self.settings)
             return self._store
+
+    def redactor(self) -> Redactor:
+        """What hides the storage URL and server paths from clients (``api.redact``)."""
+        if self._redactor is None:
+            self._redactor = Redactor(self.settings)
+        return self._redactor
 
     def tokens(self) -> TokenStore:
         return TokenStore.of(self.store())

@@ -44,7 +44,8 @@ async def _job_request(request: Request, folder: Path, the_farm: Farm) -> JobReq
 
 
 def _view(the_farm: Farm, job_id: str) -> dict:
-    return job_view(the_farm.store().status(job_id, now=time.time()), the_farm.signer(), now=time.time())
+    return job_view(the_farm.store().status(job_id, now=time.time()), the_farm.signer(), now=time.time(),
+                    public=the_farm.redactor().text)
 
 
 @router.post("", status_code=201, response_model=Job, summary="Submit a job",
@@ -75,7 +76,9 @@ def list_jobs(state: JobStateName | None = Query(None, description="only jobs in
     page = page_of_jobs(store, state=JobState(state) if state else None, limit=limit, cursor=cursor,
                         tenant=None if token.admin else token.tenant)
     signer = the_farm.signer()
-    return {"jobs": [job_view(store.status(job_id, now=now), signer, now=now) for job_id in page.job_ids],
+    public = the_farm.redactor().text
+    return {"jobs": [job_view(store.status(job_id, now=now), signer, now=now, public=public)
+                     for job_id in page.job_ids],
             "next_cursor": page.next_cursor}
 
 

@@ -8,12 +8,14 @@ can be watched in ``playable_until_s``); statuses without those fields give none
 
 from __future__ import annotations
 
+from typing import Callable
+
 from lipfarm.common.state import JobState, JobStatus
 from lipfarm.api.signing import Signer, live_folder, output_path
 
 
-def job_view(status: JobStatus, signer: Signer, *, now: float) -> dict:
-    """The ``Job`` JSON of ``status``."""
+def job_view(status: JobStatus, signer: Signer, *, now: float, public: Callable[[str], str] = str) -> dict:
+    """The ``Job`` JSON of ``status``; ``public`` rewrites its reason for clients (``Redactor.text``)."""
     playlist_key = status.playlist_key
     published = status.state == JobState.DONE and bool(status.output_key)
     return {
@@ -22,7 +24,7 @@ def job_view(status: JobStatus, signer: Signer, *, now: float) -> dict:
         "finished_at": status.finished_at, "elapsed_s": round(status.elapsed_s, 3),
         "eta_s": None if status.eta_s is None else round(status.eta_s, 1),
         "frames_done": status.frames_done, "frames_total": status.frames_total, "chunks": status.chunks,
-        "reason": status.reason,
+        "reason": public(status.reason),
         "output_url": signer.signed(output_path(status.job_id), now=now) if published else None,
         "playlist_url": (signer.signed_folder(live_folder(status.job_id), playlist_key.rsplit("/", 1)[-1], now=now)
                          if playlist_key else None),

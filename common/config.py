@@ -94,6 +94,9 @@ SETTINGS = (
             "`lipfarm api`: largest avatar archive upload, in MB; larger ones get 413."),
     Setting("api_max_model_mb", "LIPFARM_API_MAX_MODEL_MB", defaults.API_MAX_MODEL_MB, float,
             "`lipfarm api`: largest ONNX model upload, in MB; larger ones get 413."),
+    Setting("api_body_timeout_s", "LIPFARM_API_BODY_TIMEOUT_S", defaults.API_BODY_TIMEOUT_S, float,
+            "`lipfarm api`: a request body that sends nothing for this many seconds is cut off (408), so a "
+            "client that declares a body and never sends it does not hold a connection."),
     Setting("api_secret_key", "LIPFARM_API_SECRET", "", str,
             "`lipfarm api`: the secret that signs output URLs (HMAC-SHA256). Unset: a random one made once "
             "and kept in Redis, shared by every API process."),
@@ -154,6 +157,7 @@ class Settings:
     api_max_audio_mb: float
     api_max_avatar_mb: float
     api_max_model_mb: float
+    api_body_timeout_s: float
     api_secret_key: str
     api_url_ttl_s: float
     archive_max_members: int

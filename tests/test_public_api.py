@@ -1,12 +1,18 @@
-"""Tenants against a real ``lipfarm api`` on loopback and real Redis: each tenant sees, steers and
-downloads only its own jobs (404 for others'), an admin sees all; tokens and job records from before
-tenants belong to ``default``; quotas (jobs not yet ended, requests per second) answer 429 with
-``Retry-After`` and the ``RateLimit`` headers. The token bucket itself is driven with explicit times.
+"""A public API, safe for several teams, against a real ``lipfarm api`` on loopback and real Redis.
+
+- Tenants: each sees, steers and downloads only its own jobs (404 for others'), an admin sees all;
+  tokens and job records from before tenants belong to ``default``.
+- Quotas: jobs not yet ended, requests per second: 429 with ``Retry-After`` and the ``RateLimit``
+  headers. The token bucket itself is driven with explicit times.
+- Hygiene: no server path or storage URL in an answer; a body declared and never sent is cut off
+  (408, connection closed) after ``LIPFARM_API_BODY_TIMEOUT_S``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import socket
+import time
 
 import httpx
 import pytest
@@ -14,11 +20,13 @@ import pytest
 from lipfarm.common.config import load_settings
 from lipfarm.common.state import TenantStore
 from lipfarm.api.params import JobFields, fingerprint, validated
+from lipfarm.api.redact import Redactor
 from tests.farm import farm_env, prefixed_store, redis_client, REDIS_DB, redis_url
 from tests.test_api import bearer, error_of, lipfarm, make_token, start_api, submit
 
 DB = REDIS_DB["tenants"]
 PREFIX = "lipfarm-tenanttest"
+BODY_TIMEOUT_S = 1.5
 
 
 # ---------------------------------------------------------------------------------------------
@@ -70,7 +78,7 @@ def tenant_home(tmp_path_factory, demo):
 @pytest.fixture(scope="module")
 def env(tenant_home):
     return farm_env(tenant_home, str(tenant_home / "storage"), None, LIPFARM_BROKER_URL=redis_url(DB), LIPFARM_KEY_PREFIX=PREFIX,
-                    LIPFARM_API_MAX_AUDIO_MB="1")
+                    LIPFARM_API_MAX_AUDIO_MB="1", LIPFARM_API_BODY_TIMEOUT_S=str(BODY_TIMEOUT_S))
 
 
 @pytest.fixture(scope="module")
@@ -206,3 +214,49 @@ def test_a_key_still_being_submitted_answers_409_with_retry_after(api, tokens, t
         busy = submit(alpha, talk, idempotency_key="pending-1")
         error_of(busy, 409, "idempotency_in_progress", "idempotency_key")
         assert int(busy.headers["Retry-After"]) > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Hygiene
+
+def test_answers_name_neither_server_paths_nor_the_storage_url(tmp_path):
+    settings = load_settings({"LIPFARM_HOME": str(tmp_path / "home")})
+    public = Redactor(settings).text
+    storage = settings.storage_url
+    assert public(f"no object 'uploads/a.wav' in file://{storage}") == "no object 'uploads/a.wav' in the farm's storage"
+    assert public(f"cannot write '{storage}/jobs/x' (denied)") == "cannot write 'the farm's storage/jobs/x' (denied)"
+    assert public(f"{settings.work_dir}/lipfarm-upload-1/part-1: not a readable media file") == \
+        "part-1: not a readable media file"
+    assert public("/tmp/lipfarm-audio-x: gone; see POST /v1/models") == "(a server path): gone; see POST /v1/models"
+    s3 = Redactor(load_settings({"LIPFARM_STORAGE_URL": "s3://bucket/farm"})).text
+    assert s3("no object 'k' in s3://bucket/farm") == "no object 'k' in the farm's storage"
+
+
+@pytest.mark.slow
+def test_a_missing_storage_object_is_named_by_its_key_only(api, tokens, tenant_home):
+    with _client(api, tokens["alpha"]) as alpha:
+        message = error_of(alpha.post("/v1/jobs", json={"avatar": "demo", "audio_key": "uploads/none.wav"}), 404,
+                           "not_found", "audio_key")
+    assert "uploads/none.wav" in message and "storage" in message
+    assert str(tenant_home) not in message and "file://" not in message
+
+
+def _declared_but_never_sent(api: str, token: str, content_type: str) -> tuple[bytes, float]:
+    """Declare a 1000-byte body, send 10 bytes, wait: the answer and how long it took."""
+    host, port = api.rsplit("/", 1)[-1].split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall((f"POST /v1/jobs HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {token}\r\n"
+                      f"Content-Type: {content_type}\r\nContent-Length: 1000\r\n\r\n").encode() + b"--x\r\nabcde")
+        started = time.monotonic()
+        answer = b""
+        while data := sock.recv(65536):  # until the server closes the connection
+            answer += data
+        return answer, time.monotonic() - started
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("content_type", ["application/json", "multipart/form-data; boundary=x"])
+def test_a_body_declared_and_never_sent_is_cut_off(api, tokens, content_type):
+    answer, waited = _declared_but_never_sent(api, tokens["alpha"], content_type)
+    assert answer.startswith(b"HTTP/1.1 408 ") and b'"field":"body"' in answer
+    assert BODY_TIMEOUT_S <= waited < BODY_TIMEOUT_S + 20  # then the connection was closed
