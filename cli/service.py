@@ -54,8 +54,10 @@ def cmd_api(args, settings: Settings) -> int:
         return 0
     import uvicorn
 
+    # a route that reads no body answers at once; the connection, with a body declared and never
+    # sent, is then closed once idle this long (bodies that are read have their own timeout: api.uploads)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", server_header=False,
-                timeout_graceful_shutdown=30)
+                timeout_graceful_shutdown=30, timeout_keep_alive=defaults.API_KEEP_ALIVE_S)
     return 0
 
 

@@ -108,6 +108,7 @@ API_MAX_MODEL_MB = 1024.0  # one ONNX model (UNet-328 is 48 MB in fp32)
 API_FORM_FIELD_BYTES = 64 * 1024  # one non-file form field (a name, an option, a URL)
 API_FORM_MAX_PARTS = 64  # parts of one multipart form
 API_BODY_TIMEOUT_S = 30.0  # a request body that sends nothing for this long is cut off (408)
+API_KEEP_ALIVE_S = 5  # an idle connection (or one whose unread body never comes) is closed after this
 API_URL_TTL_S = 6 * 3600.0  # a signed output URL (a <video>'s src, which cannot send a token) lives this long
 API_PAGE_JOBS = 20  # jobs per page of GET /v1/jobs unless asked
 API_MAX_PAGE_JOBS = 100

@@ -17,6 +17,7 @@ import time
 import httpx
 import pytest
 
+from lipfarm.common import defaults
 from lipfarm.common.config import load_settings
 from lipfarm.common.state import TenantStore
 from lipfarm.api.params import JobFields, fingerprint, validated
@@ -241,11 +242,11 @@ def test_a_missing_storage_object_is_named_by_its_key_only(api, tokens, tenant_h
     assert str(tenant_home) not in message and "file://" not in message
 
 
-def _declared_but_never_sent(api: str, token: str, content_type: str) -> tuple[bytes, float]:
-    """Declare a 1000-byte body, send 10 bytes, wait: the answer and how long it took."""
+def _declared_but_never_sent(api: str, token: str, content_type: str, method: str = "POST") -> tuple[bytes, float]:
+    """Declare a 1000-byte body, send 10 bytes, wait: the answer and how long until the connection closed."""
     host, port = api.rsplit("/", 1)[-1].split(":")
     with socket.create_connection((host, int(port)), timeout=30) as sock:
-        sock.sendall((f"POST /v1/jobs HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {token}\r\n"
+        sock.sendall((f"{method} /v1/jobs HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {token}\r\n"
                       f"Content-Type: {content_type}\r\nContent-Length: 1000\r\n\r\n").encode() + b"--x\r\nabcde")
         started = time.monotonic()
         answer = b""
@@ -260,3 +261,10 @@ def test_a_body_declared_and_never_sent_is_cut_off(api, tokens, content_type):
     answer, waited = _declared_but_never_sent(api, tokens["alpha"], content_type)
     assert answer.startswith(b"HTTP/1.1 408 ") and b'"field":"body"' in answer
     assert BODY_TIMEOUT_S <= waited < BODY_TIMEOUT_S + 20  # then the connection was closed
+
+
+@pytest.mark.slow
+def test_a_declared_body_a_route_does_not_read_does_not_hold_the_connection(api, tokens):
+    answer, waited = _declared_but_never_sent(api, tokens["alpha"], "application/json", method="GET")
+    assert answer.startswith(b"HTTP/1.1 200 ")  # answered at once, then closed once idle
+    assert waited < defaults.API_KEEP_ALIVE_S + 20
