@@ -113,9 +113,13 @@ def cmd_tenant_set(args, settings: Settings) -> int:
 
 
 def cmd_tenant_list(args, settings: Settings) -> int:
+    """Tenants that were set, and those that only have tokens (with no limits)."""
     print(f"{'tenant':<32}  {'max queued':>10}  {'requests/s':>10}  {'weight':>6}  {'unfinished':>10}")
     store = _tenants(settings)
-    for tenant in store.list():
+    known = {tenant.name: tenant for tenant in store.list()}
+    for token in _tokens(settings).list():
+        known.setdefault(token.tenant, store.get(token.tenant))
+    for tenant in (known[name] for name in sorted(known)):
         print(f"{tenant.name:<32}  {_limit(tenant.max_queued):>10}  {_limit(tenant.rps):>10}  {tenant.weight:>6g}  "
               f"{store.unfinished_jobs(tenant.name):>10}")
     return 0

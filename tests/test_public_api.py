@@ -123,6 +123,8 @@ def test_token_commands_name_the_tenant(env, tokens):
     listed = lipfarm(env, "token", "list").stdout
     assert [line.split()[2] for line in listed.splitlines()[1:]] == ["alpha", "beta", "ops", "default"]
     assert "admin, read-write" in listed
+    tenants = [line.split()[0] for line in lipfarm(env, "tenant", "list").stdout.splitlines()[1:]]
+    assert tenants == ["alpha", "beta", "default", "ops"]  # those with tokens, though never set
     made = lipfarm(env, "token", "create", "--name", "ro", "--tenant", "alpha", "--read-only")
     assert made.returncode == 0 and "of tenant 'alpha' (read-only)" in made.stdout
     assert made.stdout.split()[-1].startswith("lf_")  # still the last word
