@@ -91,6 +91,16 @@ class Keys:
         """String with a TTL: a job submission's idempotency key -> its parameters' fingerprint and job."""
         return f"{self.prefix}:api:idempotency:{scope}:{key_digest}"
 
+    # --- tenants (common.state.tenants) -------------------------------------------------------------
+
+    def tenants(self) -> str:
+        """Hash: tenant name -> its quotas and fair-share weight (JSON: max_queued, rps, weight)."""
+        return f"{self.prefix}:tenants"
+
+    def tenant_bucket(self, tenant: str) -> str:
+        """Hash with a TTL: the tenant's request token bucket (tokens left, when it was last filled)."""
+        return f"{self.prefix}:tenant:{tenant}:bucket"
+
     # --- farm-wide figures, exported by the API's /metrics (common.metrics) ---------------------------
 
     def metrics_totals(self) -> str:
