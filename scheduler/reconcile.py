@@ -8,15 +8,17 @@ Every ``lipfarm worker`` runs it in a thread (at most one pass per interval acro
 2. rebuilds from storage when Redis lost its data (its generation marker is gone) or when asked:
    unfinished jobs are restored from their submission, plan and commit markers, ended ones from
    their end records;
-3. takes back, at once, chunks and finalizers whose process died on this host;
-4. requeues attempts whose lease expired (their worker died or stalled elsewhere), or fails their
+3. repairs, once a minute across the farm, jobs whose state Redis lost part of (a record, its
+   entry in the active set, some chunk records): restored from storage one by one as a rebuild would;
+4. takes back, at once, chunks and finalizers whose process died on this host;
+5. requeues attempts whose lease expired (their worker died or stalled elsewhere), or fails their
    chunk and job when out of attempts; queues a new finalizer for a job whose finalizer's lease
    expired;
-5. gives jobs that will not move on by themselves the message they lack (``Stall``), and re-queues
+6. gives jobs that will not move on by themselves the message they lack (``Stall``), and re-queues
    queued chunks whose render message was lost (none waits in the broker, yet they stay queued);
-6. re-sends webhook events whose delivery message was lost (their next attempt is long overdue):
+7. re-sends webhook events whose delivery message was lost (their next attempt is long overdue):
    attempts are fenced by number, so a message that was only late finds its attempt made.
-7. removes from Redis ended jobs whose end storage holds, ``LIPFARM_JOB_RETENTION_S`` after their
+8. removes from Redis ended jobs whose end storage holds, ``LIPFARM_JOB_RETENTION_S`` after their
    end (the CLI and the API bring one back from storage when it is asked for).
 
 The state store finds what is stuck; this module decides what to queue. ``reconcile`` never sleeps
@@ -40,7 +42,7 @@ from lipfarm.common.errors import LipfarmError
 from lipfarm.common.farm import farm_id
 from lipfarm.common.identity import is_dead_here, worker_id
 from lipfarm.job.jobfiles import JobFiles
-from lipfarm.common.state import JobRecord, JobState, Stall, StateStore, Verdict
+from lipfarm.common.state import Damage, JobRecord, JobState, Stall, StateStore, Verdict
 from lipfarm.common.storage import Storage
 from lipfarm.common.storage.layout import submitted_job_ids
 
@@ -72,6 +74,7 @@ class ReconcileReport:
     resent: list[str] = field(default_factory=list)
     webhooks_resent: list[str] = field(default_factory=list)
     forgotten: list[str] = field(default_factory=list)
+    repaired: list[str] = field(default_factory=list)  # "<job>: <what was lost>", restored from storage
     other_farms: list[str] = field(default_factory=list)  # jobs in the storage another farm submitted: left alone
 
 
@@ -93,6 +96,7 @@ def reconcile(*, store: StateStore, storage: Storage, settings: Settings, enqueu
             store.set_generation(now=now)
         finally:
             store.release_rebuild_lock(owner)
+    _repair_partial_loss(store, storage, settings, now, enqueue, report)
     _dead_local_owners(store, storage_at, settings, now, enqueue, report)
     _expired_leases(store, storage_at, settings, now, enqueue, report)
     _stalled_jobs(store, settings, now, enqueue, report)
@@ -104,6 +108,29 @@ def reconcile(*, store: StateStore, storage: Storage, settings: Settings, enqueu
         if items:
             log.info("reconcile %s: %s", kind, ", ".join(items))
     return report
+
+
+def _repair_partial_loss(store: StateStore, storage: Storage, settings: Settings, now: float,
+                         enqueue: Enqueue, report: ReconcileReport) -> None:
+    """State Redis lost part of is worse than state it lost whole: a job missing from the active set
+    is never looked at again, a job without some chunk records never ends. Once a minute across the
+    farm, such jobs are found and repaired: put back in the active set, or purged and restored from
+    storage one by one, as a full rebuild restores every job."""
+    if not store.take_repair_turn(worker_id(), interval_s=defaults.REPAIR_INTERVAL_S):
+        return
+    for job_id, damage in store.damaged_jobs():
+        if damage == Damage.NOT_ACTIVE:
+            store.reactivate(job_id)
+        else:
+            files = JobFiles(storage, job_id)
+            try:
+                files.submission()  # there, and readable: else the job is left as it is, and said so
+                store.purge(job_id)
+                _rebuild_job(store, files, settings, now, enqueue, report)
+            except LipfarmError as exc:  # one job that cannot be restored must not stop the others
+                log.warning("job %s: %s, and it cannot be restored from storage: %s", job_id, damage.value, exc)
+                continue
+        report.repaired.append(f"{job_id}: {damage.value}")
 
 
 def _requeued(store: StateStore, storage_at, job_id: str, index: int, move, enqueue: Enqueue,

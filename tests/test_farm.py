@@ -261,6 +261,32 @@ def test_unfinished_jobs_are_rebuilt_from_storage_after_redis_loses_its_data(far
     assert all(len(a) == 1 and a[0].outcome == "committed" for a in attempts[2:])
 
 
+def test_a_job_redis_lost_part_of_is_repaired_from_storage(farm, holds, demo, speech_16k, tmp_path):
+    """Some of a running job's keys vanish (its entry in the active set, two chunk records): the
+    recovery pass restores the job from storage as a rebuild would, and it completes."""
+    settings, _ = farm
+    audio = tmp_path / "partial.wav"
+    write_wav(audio, speech_16k[:int(6.2 * 16000)])  # 154 frames, 7 chunks
+    job_id = new_job_id()
+    holds.hold(job_id, 2, 3)
+    handle = _submit(settings, demo, audio, job_id=job_id)
+    until(lambda: handle.status().chunks == {"committed": 2, "running": 2, "queued": 3},
+          what="chunks 0 and 1 committed, 2 and 3 held")
+    client = redis_client(FARM_DB)
+    client.srem(f"{TEST_PREFIX}:jobs:active", job_id)
+    client.delete(f"{TEST_PREFIX}:chunk:{job_id}:4", f"{TEST_PREFIX}:chunk:{job_id}:5")
+    client.delete(f"{TEST_PREFIX}:repair:turn")  # the workers' next recovery pass may look at once
+    until(lambda: client.sismember(f"{TEST_PREFIX}:jobs:active", job_id)
+          and client.exists(*[f"{TEST_PREFIX}:chunk:{job_id}:{i}" for i in range(7)]) == 7,
+          what="the workers' recovery pass to restore the job")
+    holds.release(job_id)
+    status = handle.wait(timeout_s=300)
+    assert status.state == JobState.DONE and status.frames_done == status.frames_total == 154
+    assert info_frames(_download(settings, status, tmp_path / "repaired.mp4")) == 154
+    attempts = _attempts(handle, 7)
+    assert attempts[0] == attempts[1] == []  # restored as committed from their markers: not rendered again
+
+
 def info_frames(path: Path) -> int:
     return video_info(path)["frames"]
 

@@ -353,3 +353,19 @@ def test_statuses_of_many_jobs_equal_each_jobs_status(store):
     many = store.statuses([*jobs, "not-a-job"], now=T0 + 5)
     assert [s.job_id for s in many] == jobs
     assert many == [store.status(job_id, now=T0 + 5) for job_id in jobs]
+
+
+def test_reconcile_repairs_a_job_left_out_of_the_active_set_and_leaves_one_it_cannot_restore(store, tmp_path):
+    """Partial loss (a failover, a key deleted by hand): the recovery pass reads only the active
+    set, so a running job missing from it would never be looked at again."""
+    settings = load_settings({"LIPFARM_LEASE_S": str(LEASE)})
+    job = make_job(store, "orphan", chunks=2)
+    store.set_generation(now=T0)
+    store.redis.srem(store.keys.active(), job)
+    lost = make_job(store, "lost", chunks=1)
+    store.redis.delete(store.keys.job(lost))  # its record gone, and storage has nothing of it
+    report = reconcile(store=store, storage=LocalStorage(tmp_path), settings=settings, now=T0 + 1, enqueue=Recorder())
+    assert report.repaired == ["orphan: not active"]
+    assert job in store.active_job_ids()
+    again = reconcile(store=store, storage=LocalStorage(tmp_path), settings=settings, now=T0 + 2, enqueue=Recorder())
+    assert again.repaired == []  # once a minute across the farm, not every pass

@@ -56,6 +56,10 @@ class Keys:
         """String with a TTL: the process whose recovery pass this interval is (one per farm)."""
         return f"{self.prefix}:reconcile:turn"
 
+    def repair_turn(self) -> str:
+        """String with a TTL: the process whose turn it is to look for partly lost state."""
+        return f"{self.prefix}:repair:turn"
+
     def rebuild_lock(self) -> str:
         """String with a TTL: the process rebuilding state from storage (one at a time)."""
         return f"{self.prefix}:rebuild:lock"

@@ -112,6 +112,14 @@ class Lease:
     token: str
 
 
+class Damage(str, Enum):
+    """State that Redis lost part of (a failover, a key deleted by hand): the recovery pass repairs it."""
+
+    RECORD_LOST = "record lost"  # listed among the jobs, its record gone
+    NOT_ACTIVE = "not active"  # unfinished, but missing from the active set the recovery pass reads
+    CHUNKS_LOST = "chunks lost"  # rendering or finalizing with some chunk records gone
+
+
 class Stall(str, Enum):
     """Why a job is not moving on its own."""
 
@@ -563,6 +571,64 @@ class StateStore:
             self.redis.delete(self.keys.rebuild_lock())
 
     @_guarded
+    def take_repair_turn(self, owner: str, *, interval_s: float) -> bool:
+        """Whether ``owner`` looks for partly lost state now (once per ``interval_s`` across the farm)."""
+        return bool(self.redis.set(self.keys.repair_turn(), owner, nx=True, px=max(1, int(interval_s * 1000))))
+
+    @_guarded
+    def damaged_jobs(self) -> list[tuple[str, Damage]]:
+        """Jobs whose state Redis lost part of, in three pipelined reads whatever their number: a
+        listed job without its record, an unfinished job missing from the active set, a rendering or
+        finalizing job with chunk records missing."""
+        ids = self.redis.zrange(self.keys.jobs(), 0, -1)
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.hmget(self.keys.job(job_id), "state", "chunks_total")
+            records = pipe.execute()
+        active = self.redis.smembers(self.keys.active())
+        damaged, counted = [], []
+        for job_id, (state, total) in zip(ids, records):
+            if state is None:
+                damaged.append((job_id, Damage.RECORD_LOST))
+                continue
+            if state not in ("done", "failed", "cancelled") and job_id not in active:
+                damaged.append((job_id, Damage.NOT_ACTIVE))
+            if state in ("rendering", "finalizing") and int(total or 0):
+                counted.append((job_id, int(total)))
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job_id, total in counted:
+                pipe.exists(*[self.keys.chunk(job_id, i) for i in range(total)])
+            present = pipe.execute()
+        damaged += [(job_id, Damage.CHUNKS_LOST) for (job_id, total), n in zip(counted, present) if n < total]
+        return damaged
+
+    @_guarded
+    def reactivate(self, job_id: str) -> None:
+        """Put an unfinished job back in the active set (the recovery pass reads only that set)."""
+        self.redis.sadd(self.keys.active(), job_id)
+
+    @_guarded
+    def purge(self, job_id: str) -> None:
+        """Remove what is left of a job whose state is partly lost, before it is restored from storage
+        as a rebuild would: every key of its own, and its entries in the farm-wide sets."""
+        keys = self.keys
+        own = [keys.job(job_id), keys.sched_waiting(job_id), keys.webhook(job_id), keys.webhook_attempts(job_id),
+               keys.playlist_lock(job_id), keys.playlist_dirty(job_id), keys.attempts(job_id, "finalize")]
+        own += list(self.redis.scan_iter(f"{keys.chunk(job_id, '')}*")) + list(
+            self.redis.scan_iter(f"{keys.attempts(job_id, '')}*"))
+        leases = [m for m in self.redis.zrange(keys.leases(), 0, -1) if m.startswith(f"{job_id}:")]
+        with self.redis.pipeline() as pipe:
+            pipe.delete(*own)
+            if leases:
+                pipe.zrem(keys.leases(), *leases)
+            pipe.zrem(keys.finalize_leases(), job_id)
+            pipe.zrem(keys.jobs(), job_id)
+            pipe.srem(keys.active(), job_id)
+            pipe.srem(keys.unrecorded(), job_id)
+            pipe.zrem(keys.webhooks_due(), job_id)
+            pipe.execute()
+
+    @_guarded
     def take_reconcile_turn(self, owner: str, *, interval_s: float) -> bool:
         """Whether ``owner`` runs this interval's recovery pass: the first to ask in each interval does."""
         return bool(self.redis.set(self.keys.reconcile_turn(), owner, nx=True, px=max(1, int(interval_s * 1000))))
@@ -633,7 +699,10 @@ class StateStore:
         now = self._at(now)
         found = []
         for job_id in self.active_job_ids():
-            job = self.job(job_id)
+            try:
+                job = self.job(job_id)
+            except NotFoundError:  # its record was lost: the repair step restores it from storage
+                continue
             if job.state != JobState.RENDERING:
                 continue
             for chunk in self.chunks(job_id, job.chunks_total):
