@@ -42,7 +42,7 @@ from lipfarm.common.errors import LipfarmError
 from lipfarm.common.farm import farm_id
 from lipfarm.common.identity import is_dead_here, worker_id
 from lipfarm.job.jobfiles import JobFiles
-from lipfarm.common.state import Damage, JobRecord, JobState, Stall, StateStore, Verdict
+from lipfarm.common.state import Damage, JobRecord, JobState, Stall, StateStore, TokenStore, Verdict
 from lipfarm.common.storage import Storage
 from lipfarm.common.storage.layout import submitted_job_ids
 
@@ -131,6 +131,9 @@ def _repair_partial_loss(store: StateStore, storage: Storage, settings: Settings
                 log.warning("job %s: %s, and it cannot be restored from storage: %s", job_id, damage.value, exc)
                 continue
         report.repaired.append(f"{job_id}: {damage.value}")
+    for name in TokenStore.of(store).forget_lost():
+        log.warning("API token '%s' was lost from Redis: it no longer works; create a new one", name)
+        report.repaired.append(f"token {name}: lost")
 
 
 def _requeued(store: StateStore, storage_at, job_id: str, index: int, move, enqueue: Enqueue,

@@ -369,3 +369,18 @@ def test_reconcile_repairs_a_job_left_out_of_the_active_set_and_leaves_one_it_ca
     assert job in store.active_job_ids()
     again = reconcile(store=store, storage=LocalStorage(tmp_path), settings=settings, now=T0 + 2, enqueue=Recorder())
     assert again.repaired == []  # once a minute across the farm, not every pass
+
+
+def test_reconcile_drops_token_names_whose_token_was_lost(store, tmp_path):
+    from lipfarm.common.state import TokenStore
+
+    tokens = TokenStore.of(store)
+    kept, _ = tokens.create(name="kept", read_only=False, now=T0)
+    lost, _ = tokens.create(name="lost", read_only=True, now=T0)
+    digest = store.redis.hget(store.keys.api_token_names(), "lost")
+    store.redis.delete(store.keys.api_token(digest))
+    store.set_generation(now=T0)
+    report = reconcile(store=store, storage=LocalStorage(tmp_path), settings=load_settings(), now=T0 + 1,
+                       enqueue=Recorder())
+    assert report.repaired == ["token lost: lost"]
+    assert [t.name for t in tokens.list()] == ["kept"] and store.redis.hkeys(store.keys.api_token_names()) == ["kept"]
