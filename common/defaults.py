@@ -12,7 +12,6 @@ HOP_SAMPLES = 200  # 12.5 ms hop: 80 mel frames per second
 N_MELS = 80
 MEL_FMIN_HZ = 55.0
 MEL_FMAX_HZ = 7600.0
-MIN_LEVEL = 1e-5  # amplitude floor before dB (-100 dB)
 REF_LEVEL_DB = 20.0
 MEL_FRAMES_PER_SECOND = 80
 WINDOW_MEL_FRAMES = 16  # one encoder window spans 16 mel frames (200 ms)

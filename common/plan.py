@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 
 from lipfarm.common import defaults
 from lipfarm.common.errors import InputError
-from lipfarm.common.features import frame_count
+from lipfarm.common.timeline import frame_count
 from lipfarm.common.options import RenderOptions
 from lipfarm.common.storage.layout import output_key
 
