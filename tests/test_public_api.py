@@ -270,3 +270,24 @@ def test_a_declared_body_a_route_does_not_read_does_not_hold_the_connection(api,
     answer, waited = _declared_but_never_sent(api, tokens["alpha"], "application/json", method="GET")
     assert answer.startswith(b"HTTP/1.1 200 ")  # answered at once, then closed once idle
     assert waited < defaults.API_KEEP_ALIVE_S + 20
+
+
+@pytest.mark.slow
+def test_the_jobs_page_shows_a_tenant_only_its_own_jobs(api, tokens, talk, tmp_path):
+    from tests.browser import chromium_page, collect_errors
+
+    with _client(api, tokens["alpha"]) as alpha, _client(api, tokens["beta"]) as beta:
+        mine, theirs = submit(alpha, talk).json()["id"], submit(beta, talk).json()["id"]
+        try:
+            with chromium_page(tmp_path, timeout_ms=60_000) as page:
+                errors = collect_errors(page)
+                page.goto(api + "/")
+                page.fill('[data-role="token-input"]', tokens["alpha"])
+                page.click('[data-role="connect"]')
+                page.wait_for_selector(f'tbody.job[data-job-id="{mine}"]')
+                shown = page.eval_on_selector_all("tbody.job", "rows => rows.map(r => r.dataset.jobId)")
+                assert mine in shown and theirs not in shown
+                assert not errors, errors
+        finally:
+            alpha.delete(f"/v1/jobs/{mine}")
+            beta.delete(f"/v1/jobs/{theirs}")
