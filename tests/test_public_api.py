@@ -64,6 +64,26 @@ def test_tenant_settings_are_kept_merged_and_checked():
         assert caught.value.field == "tenant"
 
 
+def test_records_from_before_tenants_belong_to_default():
+    import json
+
+    from lipfarm.common.options import RenderOptions
+    from lipfarm.common.plan import AssetRef, Submission
+    from lipfarm.common.state import JobRecord
+
+    ref = AssetRef("0" * 64, "models/x.onnx")
+    made = Submission("j1", "demo", ref, ref, ref, "jobs/j1/input/a.wav", "a.wav", RenderOptions(), "normal", 1.0,
+                      tenant="acme")
+    assert JobRecord.queued(Submission.from_json(made.to_json()), "file:///s").tenant == "acme"  # kept in job.json
+    old = json.loads(made.to_json())
+    del old["tenant"]
+    assert Submission.from_json(json.dumps(old)).tenant == "default"
+    record = JobRecord.queued(made, "file:///s").to_hash()
+    assert record["tenant"] == "acme"
+    del record["tenant"]
+    assert JobRecord.from_hash(record).tenant == "default"
+
+
 # ---------------------------------------------------------------------------------------------
 # The API
 
