@@ -311,3 +311,17 @@ def test_the_jobs_page_shows_a_tenant_only_its_own_jobs(api, tokens, talk, tmp_p
         finally:
             alpha.delete(f"/v1/jobs/{mine}")
             beta.delete(f"/v1/jobs/{theirs}")
+
+
+def test_health_does_not_show_the_storage_url(tmp_path):
+    from lipfarm.api.app import create_app
+    from tests.browser import live_server
+
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the storage folder should be")
+    settings = load_settings({"LIPFARM_HOME": str(tmp_path / "home"), "LIPFARM_STORAGE_URL": str(blocked),
+                              "LIPFARM_BROKER_URL": redis_url(DB), "LIPFARM_KEY_PREFIX": PREFIX + "-health"})
+    with live_server(create_app(settings)) as base:
+        response = httpx.get(f"{base}/v1/health", timeout=30)
+    assert response.status_code == 503 and response.json()["checks"]["storage"] != "ok"
+    assert str(tmp_path) not in response.text, response.text
