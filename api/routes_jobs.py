@@ -44,7 +44,7 @@ async def _job_request(request: Request, folder: Path, the_farm: Farm) -> JobReq
 
 
 def _view(the_farm: Farm, job_id: str) -> dict:
-    return job_view(the_farm.store().status(job_id, now=time.time()), the_farm.signer(), now=time.time(),
+    return job_view(the_farm.store().status(job_id), the_farm.signer(), now=time.time(),
                     public=the_farm.redactor().text)
 
 
@@ -77,8 +77,7 @@ def list_jobs(state: JobStateName | None = Query(None, description="only jobs in
                         tenant=None if token.admin else token.tenant)
     signer = the_farm.signer()
     public = the_farm.redactor().text
-    return {"jobs": [job_view(store.status(job_id, now=now), signer, now=now, public=public)
-                     for job_id in page.job_ids],
+    return {"jobs": [job_view(status, signer, now=now, public=public) for status in store.statuses(page.job_ids)],
             "next_cursor": page.next_cursor}
 
 

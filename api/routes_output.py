@@ -60,7 +60,7 @@ def live_file(job_id: str = JOB_ID, expires: int = PathParam(ge=0), signature: s
     if not the_farm.signer().valid(live_folder(job_id), expires, signature, now=time.time()):
         raise ApiError(401, "the signed URL is invalid or has expired: fetch the job again for a fresh one",
                        field="signature")
-    status = the_farm.store().status(checked_part(job_id, "job_id"), now=time.time())
+    status = the_farm.store().status(checked_part(job_id, "job_id"))
     playlist = getattr(status, "playlist_key", "") or ""
     if not playlist:
         raise NotFoundError(f"job {job_id} has no live playlist")

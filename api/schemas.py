@@ -107,3 +107,5 @@ class ModelList(BaseModel):
 class Health(BaseModel):
     status: Literal["ok", "unavailable"]
     checks: dict[str, str] = Field(description='"ok", or why the service does not answer')
+    clock_drift_s: float | None = Field(None, description="this API host's clock minus Redis's, in seconds")
+    warnings: list[str] = Field(default_factory=list, description="what is worth a look though the API serves")

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 
 from lipfarm.common import defaults
 from lipfarm.common.config import Settings
+from lipfarm.common.scratch import scratch_dir
 from lipfarm.api.errors import ApiError
 
 MB = 1 << 20
@@ -211,8 +211,7 @@ async def read_json(request: Request, *, limit: int = JSON_LIMIT_BYTES) -> objec
 
 @contextmanager
 def upload_folder(settings: Settings) -> Iterator[Path]:
-    """A temporary folder (under ``<home>/work``) for one request's uploads, removed with them after."""
-    work = settings.work_dir
-    work.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="lipfarm-upload-", dir=work) as folder:
-        yield Path(folder)
+    """A temporary folder (under this process's own, ``common.scratch``) for one request's uploads,
+    removed with them after; a partial upload of an API killed with -9 goes at the next start."""
+    with scratch_dir("lipfarm-upload-", settings.temp_dir) as folder:
+        yield folder

@@ -9,7 +9,6 @@ import shutil
 import socket
 import sys
 import tempfile
-import time
 
 from lipfarm.common import defaults
 from lipfarm.common.config import Settings
@@ -20,7 +19,8 @@ def add_commands(commands) -> None:
     worker = commands.add_parser("worker", help="run a Celery worker (render, plan, finalize)")
     worker.add_argument("--concurrency", type=int, default=0,
                         help="render processes (default: LIPFARM_WORKER_CONCURRENCY, 1)")
-    worker.add_argument("--queues", default="jobs,render,finalize", help="queues to take work from")
+    worker.add_argument("--queues", default="jobs,finalize,render",  # celery_app.QUEUES (not imported: the CLI starts fast)
+                        help="queues to take work from, in the order read at each priority step")
     worker.add_argument("--hostname", help="Celery node name (default lipfarm-<pid>@<host>)")
     worker.add_argument("--loglevel", default="INFO")
     worker.add_argument("--metrics-port", type=int, default=0,
@@ -118,15 +118,30 @@ def cmd_reconcile(args, settings: Settings) -> int:
 
     enqueue = celery_enqueue()
     if args.loop:
+        _refuse_evicting_redis(settings)
         print(f"reconciling every {settings.reconcile_interval_s:g} s (Ctrl-C stops)", flush=True)
         run_forever(functools.partial(connect_recovery, settings), settings, enqueue, rebuild_first=args.rebuild,
                     on_pass=_print_report)
         return 0
     store, storage_at = connect_recovery(settings)
     _print_report(reconcile(store=store, storage=storage_at(settings.storage_url), settings=settings,
-                            now=time.time(), enqueue=enqueue, rebuild=args.rebuild, storage_at=storage_at),
+                            enqueue=enqueue, rebuild=args.rebuild, storage_at=storage_at),
                   always=True)
     return 0
+
+
+def _refuse_evicting_redis(settings: Settings) -> None:
+    """The loop rides out a Redis that does not answer yet, but not one that may evict keys: exit 5."""
+    from lipfarm.common.errors import ServiceError
+    from lipfarm.common.state.connection import EvictingRedisError
+    from lipfarm.scheduler.submit import connect_farm
+
+    try:
+        connect_farm(settings)
+    except EvictingRedisError:
+        raise
+    except ServiceError:
+        pass
 
 
 def _print_report(report, *, always: bool = False) -> None:

@@ -52,6 +52,7 @@ def cmd_api(args, settings: Settings) -> int:
     if args.print_openapi:
         print(json.dumps(app.openapi(), indent=2))
         return 0
+    _refuse_evicting_redis(settings)
     import uvicorn
 
     # a route that reads no body answers at once; the connection, with a body declared and never
@@ -59,6 +60,21 @@ def cmd_api(args, settings: Settings) -> int:
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", server_header=False,
                 timeout_graceful_shutdown=30, timeout_keep_alive=defaults.API_KEEP_ALIVE_S)
     return 0
+
+
+def _refuse_evicting_redis(settings: Settings) -> None:
+    """At start, refuse a Redis that may evict keys (exit 5); one that does not answer yet is no reason
+    not to start: ``/v1/health`` says so, and the API connects once it answers."""
+    from lipfarm.common.errors import ServiceError
+    from lipfarm.common.state.connection import EvictingRedisError
+    from lipfarm.scheduler.submit import connect_farm
+
+    try:
+        connect_farm(settings)
+    except EvictingRedisError:
+        raise
+    except ServiceError:
+        pass
 
 
 def _tokens(settings: Settings):

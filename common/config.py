@@ -1,7 +1,7 @@
 """Settings of a lipfarm installation, read once from the environment.
 
-Each setting has one environment variable, a default and a line saying what it does; the README's
-configuration table is generated from ``SETTINGS`` (``lipfarm config --markdown``) and a test keeps
+Each setting has one environment variable, a default and a line saying what it does; docs/configuration.md's
+settings table is generated from ``SETTINGS`` (``lipfarm config --markdown``) and a test keeps
 the two in step. Settings say where things are and how hard a machine may work; what a render
 looks like is ``RenderOptions``, fixed per job.
 """
@@ -123,6 +123,17 @@ SETTINGS = (
     Setting("api_metrics_auth", "LIPFARM_API_METRICS_AUTH", 0, int,
             "`lipfarm api`: 1: `/metrics` needs an API token (a read-only one will do); 0: it is open, "
             "as Prometheus scrapes usually are (it holds counts only: no job ids, names or URLs)."),
+    Setting("temp_dir", "LIPFARM_TEMP_DIR", "", str,
+            "Where farm processes keep temporary folders (finalize work, chunk work, API uploads), each under a "
+            "folder of its own process; those of dead processes are removed at every role's start. "
+            "Unset: the system's temporary folder."),
+    Setting("farm_id", "LIPFARM_FARM_ID", "", str,
+            "This farm's id, stamped in every job it submits; a rebuild from storage adopts only its own farm's "
+            "jobs. Unset: one made once and kept in Redis (or, if Redis lost it, the storage's first farm's). Set "
+            "it where farms share a storage."),
+    Setting("allow_evicting_redis", "LIPFARM_ALLOW_EVICTING_REDIS", 0, int,
+            "1: accept a Redis whose `maxmemory-policy` is not `noeviction` (it may drop some of lipfarm's keys "
+            "and strand jobs); 0: every role refuses one at start (exit 5) and `/v1/health` answers 503."),
 )
 
 
@@ -169,6 +180,9 @@ class Settings:
     webhook_timeout_s: float
     outbound_allow: str
     api_metrics_auth: int
+    temp_dir: str
+    farm_id: str
+    allow_evicting_redis: int
 
     @property
     def avatars_dir(self) -> Path:
@@ -216,7 +230,7 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
 
 
 def settings_markdown() -> str:
-    """The configuration table for the README."""
+    """The settings table of docs/configuration.md."""
     rows = ["| setting | environment variable | default | what it does |", "| --- | --- | --- | --- |"]
     rows += [f"| {s.name} | `{s.env}` | {f'`{s.default_text}`' if s.default_text else '(unset)'} | {s.doc} |"
              for s in SETTINGS]

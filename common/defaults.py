@@ -72,6 +72,12 @@ HEARTBEAT_INTERVAL_S = 5.0
 LEASE_S = 15.0  # a chunk (or finalizer) not heard from for this long is taken back
 MAX_ATTEMPTS = 3  # attempts per chunk before the chunk, and its job, fail
 RECONCILE_INTERVAL_S = 5.0
+# A host whose clock is further than this from Redis's logs a warning (the farm runs on Redis's
+# clock, so this is a sign of a host to fix, not a fault in its work).
+CLOCK_DRIFT_WARN_S = 2.0
+# How often (across the farm) the recovery pass looks for state Redis lost part of: it reads every
+# listed job, so not on every pass.
+REPAIR_INTERVAL_S = 60.0
 # An ended job's records leave Redis this long after its end (they stay in storage, ended.json, and
 # come back when the job is asked for): Redis holds the live farm, not its whole history.
 JOB_RETENTION_S = 7 * 24 * 3600.0

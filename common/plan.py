@@ -83,6 +83,7 @@ class Submission:
     priority: str
     submitted_at: float
     webhook_url: str = ""  # told (POST, signed) when the job ends
+    farm_id: str = ""  # the farm that took it (``common.farm``): a rebuild adopts only its own; "" before farm ids
     tenant: str = "default"  # whose job (kept here too, so a rebuild from storage keeps it)
     version: int = SUBMISSION_VERSION
 

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import functools
 
+from lipfarm.common import scratch
 from lipfarm.common.config import Settings, load_settings
+from lipfarm.common.farm import check_farm_id
 from lipfarm.common.state import StateStore
+from lipfarm.common.state.connection import check_eviction_policy
 from lipfarm.common.storage import Storage, open_storage
 
 
@@ -18,10 +21,27 @@ def settings() -> Settings:
     return load_settings()
 
 
+def connect_state(current: Settings, url: str = "") -> StateStore:
+    """The state store at ``url`` (default ``LIPFARM_REDIS_URL``), reachable and safe: every role
+    connects through here, so each refuses at start a Redis that may evict keys (``ServiceError``,
+    exit 5) unless ``LIPFARM_ALLOW_EVICTING_REDIS`` accepts the risk, and one that keeps another
+    farm's id than ``LIPFARM_FARM_ID``. Temporary folders of this host's dead processes are swept
+    first (``common.scratch``): every role starts here, reachable Redis or not."""
+    scratch.sweep(current.temp_dir)
+    store = StateStore.connect(url or current.redis_url, current.key_prefix, tls_ca_file=current.redis_tls_ca_file)
+    check_store_policy(store, current)
+    check_farm_id(store, current)
+    return store
+
+
+def check_store_policy(store: StateStore, current: Settings) -> None:
+    """``ServiceError`` if the store's Redis may evict keys and the settings do not accept it."""
+    check_eviction_policy(store.redis, store.where, allow=bool(current.allow_evicting_redis))
+
+
 @functools.cache
 def state_store() -> StateStore:
-    current = settings()
-    return StateStore.connect(current.redis_url, current.key_prefix, tls_ca_file=current.redis_tls_ca_file)
+    return connect_state(settings())
 
 
 @functools.lru_cache(maxsize=8)

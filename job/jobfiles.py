@@ -136,6 +136,11 @@ class JobFiles:
         except ValueError:
             return None  # unreadable: sending the event again is the safe side (receivers deduplicate)
 
+    def discard(self) -> None:
+        """Remove every file of the job: a submission that was not recorded must leave nothing that
+        a rebuild from storage would render."""
+        self.storage.delete_prefix(layout.job_prefix(self.job_id))
+
     def delete_ended(self) -> None:
         """The job goes on (resumed): it has not ended after all."""
         self.storage.delete(layout.ended_key(self.job_id))

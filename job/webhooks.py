@@ -106,7 +106,7 @@ def queue_event(store: StateStore, files: JobFiles, *, enqueue: Enqueue | None =
     url = _webhook_url(files)
     if not url:
         return False
-    now = time.time() if now is None else now
+    now = store.now() if now is None else now
     event = event_id(job)
     if store.open_webhook(job.job_id, event_id=event, event_type=EVENT_TYPES[job.state.value], url=url, now=now):
         return False

@@ -31,6 +31,7 @@ import psutil
 from lipfarm.common import defaults
 from lipfarm.common.config import Settings, load_settings
 from lipfarm.common.errors import InputError, NotFoundError, ServiceError
+from lipfarm.common.services import connect_state
 from lipfarm.common.state import StateStore
 from lipfarm.common.state.connection import mask_url
 from lipfarm.common.sysinfo import usable_cores
@@ -261,6 +262,8 @@ class LocalCluster:
         """The configured Redis if one answers there; else a redis-server of the cluster's own."""
         url = self.settings.broker_url
         if _redis_answers(url, self.settings):
+            for used in {url, self.settings.redis_url}:  # one that may evict keys is refused, naming the fix
+                connect_state(self.settings, used)
             cluster.settings["LIPFARM_BROKER_URL"] = url
             if self.settings.redis_url != url:
                 cluster.settings["LIPFARM_REDIS_URL"] = self.settings.redis_url
@@ -341,7 +344,7 @@ class LocalCluster:
         from lipfarm.common.state import TokenStore
 
         settings = load_settings({**os.environ, **env})
-        store = StateStore.connect(settings.redis_url, settings.key_prefix, tls_ca_file=settings.redis_tls_ca_file)
+        store = connect_state(settings)
         token, value = TokenStore.of(store).create(name=f"cluster-{secrets.token_hex(3)}", read_only=False,
                                                    now=time.time())
         return f"created token '{token.name}' ({token.access}), id {token.id}; it is shown only now: {value}"

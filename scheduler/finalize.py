@@ -15,8 +15,8 @@ removed again if the job was cancelled meanwhile: a cancelled job never publishe
 
 from __future__ import annotations
 
+import errno
 import logging
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +24,10 @@ from typing import Callable, Iterator
 
 from lipfarm.common import metrics
 from lipfarm.common.config import Settings
+from lipfarm.common.scratch import scratch_dir
 from lipfarm.job.endings import close_job
-from lipfarm.common.errors import LipfarmError
+from lipfarm.common.errors import LipfarmError, ServiceError
+from lipfarm.common.retry import with_retries
 from lipfarm.job.holds import hold_reached
 from lipfarm.common.identity import WorkerProcess, is_dead_here
 from lipfarm.job.jobfiles import JobFiles
@@ -63,7 +65,7 @@ def finalize_job(job_id: str, *, ctx: Finalizer, files: JobFiles) -> str:
     if not claim.ok:
         return f"skipped: {claim.detail}"
     settings, store = ctx.settings, ctx.store
-    beat = KeepAlive(lambda: store.beat_finalizer(job_id, claim.token, now=time.time(), lease_s=settings.lease_s),
+    beat = KeepAlive(lambda: store.beat_finalizer(job_id, claim.token, lease_s=settings.lease_s),
                      interval_s=settings.heartbeat_interval_s, name=f"{job_id}:finalize")
     with beat:
         while not beat.lost and hold_reached(settings, f"{job_id}.finalize"):
@@ -74,12 +76,11 @@ def finalize_job(job_id: str, *, ctx: Finalizer, files: JobFiles) -> str:
 def _take(ctx: Finalizer, job_id: str) -> Claim:
     """Take the job's finalize lease; if a finalizer whose process died on this host holds it, take over."""
     process, settings = ctx.process, ctx.settings
-    claim = ctx.store.take_finalizer(job_id, worker=process.id, worker_started=process.started, now=time.time(),
+    claim = ctx.store.take_finalizer(job_id, worker=process.id, worker_started=process.started,
                                      lease_s=settings.lease_s)
     if claim.verdict == Verdict.SKIP and claim.owner and is_dead_here(claim.owner, claim.owner_started):
         log.warning("job %s: its finalizer %s died; taking over", job_id, claim.owner)
-        claim = ctx.store.take_finalizer(job_id, worker=process.id, worker_started=process.started,
-                                         now=time.time(), lease_s=settings.lease_s, take_over=claim.owner_token)
+        claim = ctx.store.take_finalizer(job_id, worker=process.id, worker_started=process.started, lease_s=settings.lease_s, take_over=claim.owner_token)
     return claim
 
 
@@ -89,19 +90,20 @@ def _finalize(ctx: Finalizer, files: JobFiles, claim: Claim) -> str:
     try:
         plan = files.plan()
         chunks = store.chunks(job_id, len(plan.chunks))
-        with tempfile.TemporaryDirectory(prefix="lipfarm-finalize-") as temp:
-            output = _stitched(files, plan, chunks, Path(temp))
+        with scratch_dir("lipfarm-finalize-", ctx.settings.temp_dir) as temp:
+            output = _stitched(files, plan, chunks, temp)
             if store.job(job_id).state != JobState.FINALIZING:
                 return "stopped: job cancelled while finalizing"
-            files.storage.put_file(plan.output_key, output)
+            with_retries(lambda: files.storage.put_file(plan.output_key, output), f"upload of {plan.output_key}")
     except SegmentsFailedCheck as failed:
         return _reopen(ctx, files, claim, failed)
-    except LipfarmError as exc:
-        return _fail(store, files, str(exc))
-    except Exception as exc:  # a bug or a broken file: fail the job rather than loop on it
-        return _fail(store, files, f"finalize error: {type(exc).__name__}: {exc}")
+    except Exception as exc:
+        if not _retryable(exc):
+            return _fail(store, files, f"finalize error: {type(exc).__name__}: {exc}"
+                         if not isinstance(exc, LipfarmError) else str(exc))
+        return _retry_later(store, files, claim, exc)
     location = files.storage.location(plan.output_key)
-    if store.finish_done(job_id, claim.token, output_location=location, now=time.time()) != Verdict.OK:
+    if store.finish_done(job_id, claim.token, output_location=location) != Verdict.OK:
         files.storage.delete(plan.output_key)  # cancelled (or replaced) during the upload: publish nothing
         return "stopped: job cancelled while publishing"
     metrics.job_published(store, job_id, finalize_s=time.perf_counter() - started,
@@ -165,11 +167,37 @@ def _reopen(ctx: Finalizer, files: JobFiles, claim: Claim, failed: SegmentsFaile
     store, job_id = ctx.store, files.job_id
     if reopen(store, files, failed.bad, enqueue_render=ctx.enqueue_render, max_reopens=ctx.settings.max_attempts):
         close_job(store, files.storage, job_id)
-    store.release_finalizer(job_id, claim.token, outcome="reopened", reason=str(failed), now=time.time())
+    store.release_finalizer(job_id, claim.token, outcome="reopened", reason=str(failed))
     return f"reopened: {failed}"
 
 
+# A disk (the work folder's, or the storage's) out of space or quota: space comes back, a bug does not.
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _retryable(exc: BaseException) -> bool:
+    """Whether publication may succeed later: a full disk anywhere in the cause chain, or a service
+    (storage, Redis) that did not answer. A bug or a broken file is not: it fails the job."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in _FULL:
+            return True
+        if isinstance(seen, ServiceError) or "No space left on device" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _retry_later(store: StateStore, files: JobFiles, claim: Claim, exc: BaseException) -> str:
+    """Step down without failing the job: it stays finalizing with no finalizer, and the recovery
+    pass queues another (each pass, ``LIPFARM_RECONCILE_INTERVAL_S``) until publication succeeds."""
+    reason = f"publication failed, to be retried: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+    log.warning("job %s: %s", files.job_id, reason)
+    store.release_finalizer(files.job_id, claim.token, outcome="retry", reason=reason)
+    return f"retrying: {reason}"
+
+
 def _fail(store: StateStore, files: JobFiles, reason: str) -> str:
-    store.finish(files.job_id, JobState.FAILED, now=time.time(), reason=reason)
+    store.finish(files.job_id, JobState.FAILED, reason=reason)
     close_job(store, files.storage, files.job_id)
     return f"failed: {reason}"

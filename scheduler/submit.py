@@ -10,6 +10,7 @@ content hash, the audio is uploaded under the job, the submission is recorded in
 from __future__ import annotations
 
 import functools
+import logging
 import tempfile
 import time
 from dataclasses import dataclass
@@ -19,23 +20,27 @@ from lipfarm.common import defaults
 from lipfarm.common.audio import check_audio
 from lipfarm.common.avatar import Avatar, AvatarStore, pack_avatar
 from lipfarm.common.config import Settings
-from lipfarm.common.errors import CancelledError, InputError, JobFailedError, ServiceError
+from lipfarm.common.errors import CancelledError, InputError, JobFailedError
 from lipfarm.job.endings import close_job
+from lipfarm.common.farm import farm_id
 from lipfarm.common.identity import new_job_id
 from lipfarm.job.jobfiles import JobFiles
+from lipfarm.job.playlist import reopen_playlist
 from lipfarm.common.models import inspect_encoder, inspect_generator
 from lipfarm.common.options import RenderOptions
 from lipfarm.common.plan import AssetRef, Submission
+from lipfarm.common.services import connect_state
 from lipfarm.common.state import JobRecord, JobState, JobStatus, StateStore, Verdict
 from lipfarm.common.storage import Storage, open_storage
 from lipfarm.common.storage.layout import avatar_key, model_key
 
 
 def connect_farm(settings: Settings) -> StateStore:
-    """The state store, after checking the broker and state Redis answer (``ServiceError`` if not)."""
-    store = StateStore.connect(settings.redis_url, settings.key_prefix, tls_ca_file=settings.redis_tls_ca_file)
+    """The state store, after checking the broker and state Redis answer and keep every key
+    (``ServiceError`` if not)."""
+    store = connect_state(settings)
     if settings.broker_url != settings.redis_url:
-        StateStore.connect(settings.broker_url, settings.key_prefix, tls_ca_file=settings.redis_tls_ca_file)
+        connect_state(settings, settings.broker_url)
     storage = functools.cache(lambda: open_storage(settings.storage_url, settings))
     # an ended job that left Redis (LIPFARM_JOB_RETENTION_S) comes back from the farm's storage when asked for
     return store.recall_ended_from(lambda job_id: JobFiles(storage(), job_id).ended())
@@ -87,21 +92,32 @@ def submit_job(settings: Settings, *, avatar: str, audio: Path, encoder: Path, g
     storage.check()
 
     files = JobFiles(storage, job_id or new_job_id())
-    avatar_ref = _upload_once(storage, inputs)
-    submission = Submission(files.job_id, inputs.avatar.name, avatar_ref,
-                            AssetRef(inputs.encoder.sha256, inputs.encoder.key),
-                            AssetRef(inputs.generator.sha256, inputs.generator.key),
-                            files.put_input(audio, audio.name), audio.name, options, priority, time.time(),
-                            webhook_url=webhook_url, tenant=tenant)
-    files.put_submission(submission)
-    store.create_job(JobRecord.queued(submission, storage.url))
-    try:
+    farm = farm_id(store, settings, storage)
+    avatar_ref = _upload_once(storage, inputs)  # by content, shared by jobs: kept whatever follows
+    try:  # all or nothing: a job Redis or the broker refused leaves nothing for a rebuild to find and render
+        submission = Submission(files.job_id, inputs.avatar.name, avatar_ref,
+                                AssetRef(inputs.encoder.sha256, inputs.encoder.key),
+                                AssetRef(inputs.generator.sha256, inputs.generator.key),
+                                files.put_input(audio, audio.name), audio.name, options, priority, store.now(),
+                                webhook_url=webhook_url, farm_id=farm, tenant=tenant)
+        files.put_submission(submission)
+        store.create_job(JobRecord.queued(submission, storage.url))
         enqueue_plan(files.job_id, priority)
-    except ServiceError as exc:  # the broker went away between the check and now
-        store.finish(files.job_id, JobState.FAILED, now=time.time(), reason=f"could not be queued: {exc}")
-        close_job(store, storage, files.job_id)
+    except BaseException:
+        _withdraw(store, files)
         raise
     return JobHandle(files.job_id, store, storage)
+
+
+def _withdraw(store: StateStore, files: JobFiles) -> None:
+    """Take back a submission that failed half-way: its record (if made) and its files. A failure
+    here is logged, not raised: the error to report is the one that stopped the submission."""
+    for what, undo in (("record", lambda: store.withdraw(files.job_id)), ("files", files.discard)):
+        try:
+            undo()
+        except Exception as exc:  # noqa: BLE001 - the caller re-raises the error that matters
+            logging.getLogger(__name__).warning("job %s: could not remove its %s after a failed submission: %s",
+                                                files.job_id, what, exc)
 
 
 class JobHandle:
@@ -111,11 +127,11 @@ class JobHandle:
         self.job_id, self.store, self.storage = job_id, store, storage
 
     def status(self) -> JobStatus:
-        return self.store.status(self.job_id, now=time.time())
+        return self.store.status(self.job_id)
 
     def cancel(self) -> bool:
         """Cancel the job (False if it had ended); its end is recorded in storage at once."""
-        cancelled = self.store.cancel(self.job_id, now=time.time())
+        cancelled = self.store.cancel(self.job_id)
         if cancelled:
             close_job(self.store, self.storage, self.job_id)
         return cancelled
@@ -128,11 +144,13 @@ class JobHandle:
         job = self.store.job(self.job_id)
         if job.state == JobState.DONE:
             raise InputError(f"job {self.job_id} is done: there is nothing to resume", field="job")
-        resumed = self.store.resume(self.job_id, now=time.time())
+        resumed = self.store.resume(self.job_id)
         if resumed.verdict == Verdict.REFUSED:
             raise InputError(f"job {self.job_id} is {resumed.detail}: only a failed or cancelled job can be resumed",
                              field="job")
-        JobFiles(self.storage, self.job_id).delete_ended()
+        files = JobFiles(self.storage, self.job_id)
+        files.delete_ended()
+        reopen_playlist(files)  # its playlist's end ("job failed") is taken back with ended.json
         if resumed.replan:
             enqueue_plan(self.job_id, job.priority)
             return 0
@@ -140,7 +158,7 @@ class JobHandle:
             if chunk.index in resumed.queued:
                 enqueue_render(self.job_id, chunk.index, job.priority, chunk.frames_label)
         if not resumed.queued:
-            self.store.mark_finalizer_enqueued(self.job_id, now=time.time())
+            self.store.mark_finalizer_enqueued(self.job_id)
             enqueue_finalize(self.job_id, job.priority)
         return len(resumed.queued)
 

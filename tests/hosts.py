@@ -327,7 +327,9 @@ class RedisServer:
     """
 
     def __init__(self, folder: Path | str, bind: list[str] | tuple[str, ...] = ("127.0.0.1",),
-                 port: int | None = None, *, appendonly: bool = False, password: str | None = None) -> None:
+                 port: int | None = None, *, appendonly: bool = False, password: str | None = None,
+                 extra: list[str] | tuple[str, ...] = ()) -> None:
+        self.extra = list(extra)  # more redis-server arguments: a policy, a memory bound, a renamed command
         self.folder = Path(folder)
         self.bind = list(bind)
         self.port = port or free_port(self.bind)
@@ -357,6 +359,7 @@ class RedisServer:
                 "--daemonize", "no", "--protected-mode", "no", "--logfile", str(self.log)]
         if self.password:
             argv += ["--requirepass", self.password]
+        argv += self.extra
         # Its own session: a ^C to pytest does not reach it, and stop()/kill() signal its pid only.
         self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.PIPE, start_new_session=True)

@@ -114,7 +114,7 @@ def receiver():
 
 
 def readme_verify(secret: str, header: str, body: bytes, tolerance_s: float = 300) -> bool:
-    """The README's recipe, word for word."""
+    """The recipe of docs/api.md (Webhooks, Signatures), word for word."""
     parts = dict(item.split("=", 1) for item in header.split(","))
     signed = parts["t"].encode() + b"." + body
     expected = hmac.new(secret.encode(), signed, hashlib.sha256).hexdigest()
@@ -313,7 +313,7 @@ def worker(tmp_path_factory, home, demo):
                    LIPFARM_KEY_PREFIX=PREFIX, LIPFARM_WEBHOOK_SECRET=SECRET, LIPFARM_WEBHOOK_BACKOFF_S="0.5",
                    LIPFARM_WEBHOOK_TIMEOUT_S="1", **LOOPBACK_ALLOWED)
     process = LipfarmProcess.worker(env, folder / "lipfarm.worker.log", "--concurrency", "1",
-                                    "--queues", "jobs,render,finalize", "--hostname", f"webhooks-{os.getpid()}@test")
+                                    "--queues", "jobs,finalize,render", "--hostname", f"webhooks-{os.getpid()}@test")
     with pytest.MonkeyPatch.context() as patch:
         for name, value in env.items():
             patch.setenv(name, value)

@@ -12,10 +12,10 @@ from lipfarm.common.state.keys import Keys
 from lipfarm.common.state.records import (CHUNK_MOVES, DEFAULT_TENANT, JOB_MOVES, AttemptRecord, ChunkRecord,
                                           ChunkState, JobRecord, JobState, JobStatus, RunningChunk, Verdict,
                                           WebhookRecord)
-from lipfarm.common.state.store import Claim, Lease, Move, Resumed, Segment, Stall, StalledJob, StateStore
+from lipfarm.common.state.store import Claim, Damage, Lease, Move, Resumed, Segment, Stall, StalledJob, StateStore
 from lipfarm.common.state.tenants import Taken, Tenant, TenantStore
 from lipfarm.common.state.tokens import ApiToken, IdempotencyClaim, TokenStore
 
 __all__ = ["CHUNK_MOVES", "DEFAULT_TENANT", "JOB_MOVES", "Taken", "Tenant", "TenantStore", "AttemptRecord", "ChunkRecord", "ChunkState", "Claim", "JobRecord",
-           "JobState", "JobStatus", "Keys", "Lease", "Move", "Resumed", "RunningChunk", "Segment", "Stall", "StalledJob",
+           "Damage", "JobState", "JobStatus", "Keys", "Lease", "Move", "Resumed", "RunningChunk", "Segment", "Stall", "StalledJob",
            "StateStore", "Verdict", "ApiToken", "IdempotencyClaim", "TokenStore", "WebhookRecord"]

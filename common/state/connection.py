@@ -7,6 +7,7 @@ options, and one clear line for each way a connection fails.
 
 from __future__ import annotations
 
+import logging
 import re
 import ssl
 from pathlib import Path
@@ -14,7 +15,7 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import redis
 
-from lipfarm.common.errors import InputError
+from lipfarm.common.errors import InputError, ServiceError
 
 TLS_CA_ENV = "LIPFARM_REDIS_TLS_CA_FILE"
 # The TLS parameters a rediss:// URL may carry (redis-py's and Celery's names for them).
@@ -135,3 +136,50 @@ def redis_failure(url: str, exc: BaseException) -> str:
     return f"cannot reach Redis at {where} ({exc.__class__.__name__}: {detail}){hint}"
 
 
+
+
+# --- the eviction policy ------------------------------------------------------------------------------
+
+ALLOW_EVICTING_ENV = "LIPFARM_ALLOW_EVICTING_REDIS"
+SAFE_POLICY = "noeviction"
+
+
+class EvictingRedisError(ServiceError):
+    """The Redis may evict keys (its ``maxmemory-policy`` is not ``noeviction``) and that is not accepted."""
+
+
+def eviction_policy(client: redis.Redis) -> str | None:
+    """The server's ``maxmemory-policy``: from ``CONFIG GET``, else from ``INFO memory`` (managed
+    Redis often disables CONFIG); None where neither tells."""
+    try:
+        found = client.config_get("maxmemory-policy")
+        if found.get("maxmemory-policy"):
+            return str(found["maxmemory-policy"])
+    except redis.ResponseError:  # CONFIG renamed away or refused: INFO still says it (Redis >= 3.2)
+        pass
+    try:
+        return str(client.info("memory").get("maxmemory_policy") or "") or None
+    except redis.ResponseError:
+        return None
+
+
+def check_eviction_policy(client: redis.Redis, where: str, *, allow: bool) -> str | None:
+    """Refuse a Redis that may evict keys: losing some of lipfarm's keys strands jobs no recovery
+    pass can see (a job record without its active entry, tokens that vanish). Returns the policy;
+    raises ``ServiceError`` (one line: the setting and the fix) unless it is ``noeviction`` or
+    ``allow`` (``LIPFARM_ALLOW_EVICTING_REDIS=1``). A server that hides its policy is let through
+    with a warning, as BullMQ does."""
+    try:
+        policy = eviction_policy(client)
+    except redis.RedisError as exc:
+        raise ServiceError(redis_failure(where, exc)) from None
+    if policy is None:
+        logging.getLogger(__name__).warning(
+            "Redis at %s does not say its maxmemory-policy (CONFIG and INFO refused); lipfarm needs "
+            "noeviction", mask_url(where))
+    elif policy != SAFE_POLICY and not allow:
+        raise EvictingRedisError(
+            f"Redis at {mask_url(where)} has maxmemory-policy {policy}: it may evict lipfarm's keys and strand "
+            f"jobs; set maxmemory-policy {SAFE_POLICY} (redis.conf, or CONFIG SET maxmemory-policy {SAFE_POLICY}), "
+            f"or {ALLOW_EVICTING_ENV}=1 to accept the risk")
+    return policy

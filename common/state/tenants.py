@@ -92,7 +92,10 @@ class TenantStore:
         tenant = Tenant(name, current.max_queued if max_queued is None else int(max_queued),
                         current.rps if rps is None else float(rps),
                         current.weight if weight is None else float(weight))
-        self.redis.hset(self.keys.tenants(), name, json.dumps(asdict(tenant)))
+        with self.redis.pipeline() as pipe:  # the weight also where the claim script reads it, at once
+            pipe.hset(self.keys.tenants(), name, json.dumps(asdict(tenant)))
+            pipe.hset(self.keys.tenant_weights(), name, repr(tenant.weight))
+            pipe.execute()
         return tenant
 
     @_guarded

@@ -140,6 +140,20 @@ class TokenStore:
         return sorted((r for r in records if r is not None), key=lambda r: (r.created_at, r.name))
 
     @_guarded
+    def forget_lost(self) -> list[str]:
+        """Names whose token record Redis lost (the name list kept, the token gone): removed, so the
+        list says what works. Their holders get 401 and need a new token; the names are returned."""
+        names = self.redis.hgetall(self.keys.api_token_names())
+        with self.redis.pipeline(transaction=False) as pipe:
+            for digest in names.values():
+                pipe.exists(self.keys.api_token(digest))
+            present = pipe.execute()
+        lost = [name for name, there in zip(names, present) if not there]
+        if lost:
+            self.redis.hdel(self.keys.api_token_names(), *lost)
+        return lost
+
+    @_guarded
     def revoke(self, name: str) -> ApiToken:
         """Remove the token named ``name``; requests carrying it are refused from now on."""
         digest = self.redis.hget(self.keys.api_token_names(), name)

@@ -6,6 +6,8 @@ sees half an object; listings skip hidden names.
 
 from __future__ import annotations
 
+import contextlib
+
 import os
 import shutil
 from contextlib import contextmanager
@@ -84,6 +86,18 @@ class LocalStorage(Storage):
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
+
+    def delete_prefix(self, prefix: str) -> None:
+        """Delete under ``prefix``, folders too once empty (object stores have none to leave behind)."""
+        super().delete_prefix(prefix)
+        base = self._path(prefix) if prefix.strip("/") else None
+        if base is None or not base.is_dir():
+            return
+        for folder in sorted((p for p in base.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        with contextlib.suppress(OSError):
+            base.rmdir()
 
     def check(self) -> None:
         try:
