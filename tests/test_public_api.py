@@ -64,6 +64,26 @@ def test_tenant_settings_are_kept_merged_and_checked():
         assert caught.value.field == "tenant"
 
 
+def test_records_from_before_tenants_belong_to_default():
+    import json
+
+    from lipfarm.common.options import RenderOptions
+    from lipfarm.common.plan import AssetRef, Submission
+    from lipfarm.common.state import JobRecord
+
+    ref = AssetRef("0" * 64, "models/x.onnx")
+    made = Submission("j1", "demo", ref, ref, ref, "jobs/j1/input/a.wav", "a.wav", RenderOptions(), "normal", 1.0,
+                      tenant="acme")
+    assert JobRecord.queued(Submission.from_json(made.to_json()), "file:///s").tenant == "acme"  # kept in job.json
+    old = json.loads(made.to_json())
+    del old["tenant"]
+    assert Submission.from_json(json.dumps(old)).tenant == "default"
+    record = JobRecord.queued(made, "file:///s").to_hash()
+    assert record["tenant"] == "acme"
+    del record["tenant"]
+    assert JobRecord.from_hash(record).tenant == "default"
+
+
 # ---------------------------------------------------------------------------------------------
 # The API
 
@@ -270,3 +290,38 @@ def test_a_declared_body_a_route_does_not_read_does_not_hold_the_connection(api,
     answer, waited = _declared_but_never_sent(api, tokens["alpha"], "application/json", method="GET")
     assert answer.startswith(b"HTTP/1.1 200 ")  # answered at once, then closed once idle
     assert waited < defaults.API_KEEP_ALIVE_S + 20
+
+
+@pytest.mark.slow
+def test_the_jobs_page_shows_a_tenant_only_its_own_jobs(api, tokens, talk, tmp_path):
+    from tests.browser import chromium_page, collect_errors
+
+    with _client(api, tokens["alpha"]) as alpha, _client(api, tokens["beta"]) as beta:
+        mine, theirs = submit(alpha, talk).json()["id"], submit(beta, talk).json()["id"]
+        try:
+            with chromium_page(tmp_path, timeout_ms=60_000) as page:
+                errors = collect_errors(page)
+                page.goto(api + "/")
+                page.fill('[data-role="token-input"]', tokens["alpha"])
+                page.click('[data-role="connect"]')
+                page.wait_for_selector(f'tbody.job[data-job-id="{mine}"]')
+                shown = page.eval_on_selector_all("tbody.job", "rows => rows.map(r => r.dataset.jobId)")
+                assert mine in shown and theirs not in shown
+                assert not errors, errors
+        finally:
+            alpha.delete(f"/v1/jobs/{mine}")
+            beta.delete(f"/v1/jobs/{theirs}")
+
+
+def test_health_does_not_show_the_storage_url(tmp_path):
+    from lipfarm.api.app import create_app
+    from tests.browser import live_server
+
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the storage folder should be")
+    settings = load_settings({"LIPFARM_HOME": str(tmp_path / "home"), "LIPFARM_STORAGE_URL": str(blocked),
+                              "LIPFARM_BROKER_URL": redis_url(DB), "LIPFARM_KEY_PREFIX": PREFIX + "-health"})
+    with live_server(create_app(settings)) as base:
+        response = httpx.get(f"{base}/v1/health", timeout=30)
+    assert response.status_code == 503 and response.json()["checks"]["storage"] != "ok"
+    assert str(tmp_path) not in response.text, response.text
