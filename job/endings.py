@@ -17,6 +17,7 @@ from lipfarm.job import webhooks
 from lipfarm.common.errors import LipfarmError, NotFoundError
 from lipfarm.job.jobfiles import JobFiles
 from lipfarm.job.playlist import advance_playlist
+from lipfarm.common.messages import EnqueueRender
 from lipfarm.common.state import JobRecord, Move, StateStore, Verdict
 from lipfarm.common.storage import Storage
 
@@ -57,7 +58,7 @@ def close_jobs(store: StateStore, storage_at: Callable[[str], Storage]) -> list[
 
 
 def follow_move(store: StateStore, storage_at: Callable[[str], Storage], job: JobRecord, index: int, move: Move,
-                enqueue_render: Callable[..., None], label: str = "") -> None:
+                enqueue_render: EnqueueRender, label: str = "") -> None:
     """What a chunk's move leads to: requeued, its next attempt is queued (after its retry delay);
     failed, the job ended with it and its end is recorded (``close_job``). Other moves need nothing."""
     if move.verdict == Verdict.REQUEUED:

@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 from lipfarm.common import defaults
+from lipfarm.common.messages import EnqueueJob, EnqueueRender
 
 from lipfarm.job import webhooks
 from lipfarm.common.config import Settings
@@ -53,9 +54,9 @@ log = logging.getLogger(__name__)
 class Enqueue:
     """How the reconciler queues work (Celery in a farm, a recorder in tests)."""
 
-    plan: Callable[[str, str], None]  # (job id, priority)
-    render: Callable[[str, int, str, str, float], None]  # (job id, chunk, priority, frames label, delay s)
-    finalize: Callable[[str, str], None]  # (job id, priority)
+    plan: EnqueueJob
+    render: EnqueueRender
+    finalize: EnqueueJob
     waiting_renders: Callable[[], int] = lambda: 0  # render messages waiting in the broker
     # (task name, job id) of plan and finalize messages in the broker, waiting or reserved
     pending: Callable[[], set[tuple[str, str]]] = lambda: set()

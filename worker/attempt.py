@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Callable
 
 from lipfarm.common import defaults, metrics
+from lipfarm.common.messages import EnqueueJob, EnqueueRender
 from lipfarm.common.scratch import scratch_dir
 from lipfarm.common.config import Settings
 from lipfarm.job.endings import follow_move
@@ -53,7 +54,6 @@ from lipfarm.worker.templates import TemplateCache
 log = logging.getLogger(__name__)
 
 # enqueue_render(job id, chunk, priority, frames label, delay in s)
-EnqueueRender = Callable[[str, int, str, str, float], None]
 
 
 @dataclass
@@ -67,7 +67,7 @@ class FarmContext:
     templates: TemplateCache
     process: WorkerProcess
     enqueue_render: EnqueueRender
-    enqueue_finalize: Callable[[str, str], None]
+    enqueue_finalize: EnqueueJob
 
 
 class Outcome(str, Enum):
