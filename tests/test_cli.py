@@ -14,7 +14,7 @@ import soundfile
 from lipfarm.common.options import RenderOptions
 from lipfarm.cli import OPTION_HELP, build_parser, main
 from tests.media import tone
-from tests.test_models import tiny_model
+from tests.onnx_models import tiny_model
 
 
 def run_cli(capsys, *args) -> tuple[int, str, str]:
