@@ -129,7 +129,10 @@ class RecoveryVerbs:
         own += list(self.redis.scan_iter(f"{keys.chunk(job_id, '')}*")) + list(
             self.redis.scan_iter(f"{keys.attempts(job_id, '')}*"))
         leases = [m for m in self.redis.zrange(keys.leases(), 0, -1) if m.startswith(f"{job_id}:")]
+        state = self.redis.hget(keys.job(job_id), "state")
         with self.redis.pipeline() as pipe:
+            if state in ("done", "failed", "cancelled"):
+                pipe.hincrby(keys.metrics_totals(), f"jobs_{state}", -1)
             pipe.delete(*own)
             if leases:
                 pipe.zrem(keys.leases(), *leases)

@@ -474,9 +474,12 @@ class StateStore(RecoveryVerbs, FarmFigures, WebhookVerbs):
         """Recreate an ended job exactly as ``snapshot`` recorded it (a rebuild after Redis lost it)."""
         record = JobRecord.from_hash(snapshot["job"])
         job_id = record.job_id
+        before = self.redis.hget(self.keys.job(job_id), "state")
         with self.redis.pipeline() as pipe:
             pipe.hset(self.keys.job(job_id), mapping=snapshot["job"])
             pipe.zadd(self.keys.jobs(), {job_id: record.created_at})
+            if record.state.terminal and before is None:  # counted as it comes back (forget uncounts it)
+                pipe.hincrby(self.keys.metrics_totals(), f"jobs_{record.state.value}", 1)
             for index, chunk in enumerate(snapshot["chunks"]):
                 if chunk:
                     pipe.hset(self.keys.chunk(job_id, index), mapping=chunk)
@@ -530,7 +533,7 @@ class StateStore(RecoveryVerbs, FarmFigures, WebhookVerbs):
         return bool(self._scripts["forget"](
             keys=[keys.job(job_id), keys.jobs(), keys.active(), keys.unrecorded(), keys.webhook(job_id),
                   keys.webhook_attempts(job_id), keys.webhooks_due(), keys.playlist_lock(job_id),
-                  keys.playlist_dirty(job_id)],
+                  keys.playlist_dirty(job_id), keys.metrics_totals()],
             args=[job_id, repr(ended_before), keys.chunk(job_id, ""), keys.attempts(job_id, "")]))
 
     def _raw_chunks(self, job_id: str, count: int) -> list[dict]:
