@@ -28,7 +28,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Callable
 
-from lipfarm.common import defaults, metrics
+from lipfarm.common import defaults, metrics, shutdown
 from lipfarm.common.config import Settings
 from lipfarm.job.endings import close_job
 from lipfarm.common.errors import (AvatarError, CancelledError, InputError, LipfarmError, ModelError, NotFoundError,
@@ -80,6 +80,7 @@ class Outcome(str, Enum):
     FAILED = "failed"  # failed, and so did its job
     STOPPED = "stopped"  # the job was cancelled or the chunk reassigned
     STALE = "stale"  # this attempt had lost the chunk by the time it reported
+    RELEASED = "released"  # the worker is shutting down: handed back and queued again, uncharged
     UNREPORTED = "unreported"  # Redis stayed out of reach; the lease will run out and the chunk go back
 
 
@@ -119,10 +120,13 @@ class Heartbeat(KeepAlive):
         self.frames_done = frames_done
 
     def should_stop(self) -> bool:
-        """A cheap Redis read, so a cancel stops the render at the next batch."""
+        """A cheap Redis read, so a cancel stops the render at the next batch; a worker shutting
+        down raises ``ShuttingDown`` here (also while held), so the chunk is handed back at once."""
+        shutdown.check()
         self._check_ownership()
         while not self.lost and hold_reached(self.ctx.settings, f"{self.job_id}.{self.index}", self.frames_done):
             time.sleep(0.05)
+            shutdown.check()
             self._check_ownership()
         return self.lost
 
@@ -171,7 +175,15 @@ def _broken_or_unknown(cached_copy_broken: Callable[[BaseException], bool], exc:
 
 def run_attempt(ctx: FarmContext, job_id: str, index: int, *,
                 report: Callable[[int, int], None] | None = None) -> AttemptResult:
-    """Claim chunk ``index`` of ``job_id``, render it, upload its segment and commit it."""
+    """Claim chunk ``index`` of ``job_id``, render it, upload its segment and commit it. A worker
+    that is shutting down claims nothing (``ShuttingDown``: the task puts its message back) and
+    hands back a chunk it holds (``Outcome.RELEASED``)."""
+    shutdown.check()
+    with shutdown.Busy():
+        return _attempt(ctx, job_id, index, report)
+
+
+def _attempt(ctx: FarmContext, job_id: str, index: int, report: Callable[[int, int], None] | None) -> AttemptResult:
     claim = _claim(ctx, job_id, index)
     if not claim.ok:
         outcome = Outcome.FAILED if claim.verdict == Verdict.FAILED else Outcome.SKIPPED
@@ -183,9 +195,10 @@ def run_attempt(ctx: FarmContext, job_id: str, index: int, *,
         storage = ctx.storage_at(job.storage_url)
         plan = _plan(storage, job_id)
         segment, times, lease_until = _render_and_upload(ctx, storage, plan, index, claim, report)
+    except shutdown.ShuttingDown:
+        return _hand_back(ctx, job, index, plan, claim, shutdown.reason(ctx.process.id))
     except (KeyboardInterrupt, SystemExit):
-        if ctx.store.release(job_id, index, claim.token, reason="worker shut down", now=time.time()) == Verdict.RELEASED:
-            ctx.enqueue_render(job_id, index, job.priority, plan.chunks[index].frames_label if plan else "", 0.0)
+        _hand_back(ctx, job, index, plan, claim, f"worker {ctx.process.id} interrupted: handed back")
         raise
     except Exception as exc:
         failure = Failure(str(exc), retryable=True) if isinstance(exc, CancelledError) else classify(
@@ -197,6 +210,16 @@ def run_attempt(ctx: FarmContext, job_id: str, index: int, *,
     metrics.chunk_rendered(plan.chunks[index].frames, times.extra["render_s"], times.unet_s)
     return _commit(ctx, JobFiles(storage, job_id), plan, index, claim, job.priority, segment, times,
                    lease_until=lease_until)
+
+
+def _hand_back(ctx: FarmContext, job, index: int, plan: Plan | None, claim: Claim, reason: str) -> AttemptResult:
+    """Give the chunk back uncharged and queue it again (the one message for it from now on)."""
+    verdict = ctx.store.release(job.job_id, index, claim.token, reason=reason, now=time.time())
+    if verdict != Verdict.RELEASED:  # cancelled or taken meanwhile: nothing to queue
+        return AttemptResult(Outcome.STOPPED if verdict == Verdict.STOPPED else Outcome.STALE, reason)
+    ctx.enqueue_render(job.job_id, index, job.priority, plan.chunks[index].frames_label if plan else "", 0.0)
+    log.warning("chunk %s:%s attempt %s: %s", job.job_id, index, claim.attempt, reason)
+    return AttemptResult(Outcome.RELEASED, reason)
 
 
 def _claim(ctx: FarmContext, job_id: str, index: int) -> Claim:
@@ -271,6 +294,7 @@ def _wait_for_piece(storage: Storage, key: str, path: Path, beat: Heartbeat) -> 
     chunk that finished before the planner reached it waits (its lease kept alive meanwhile)."""
     deadline = time.monotonic() + defaults.AUDIO_PIECE_WAIT_S
     while not beat.lost:
+        shutdown.check()
         try:
             storage.get_file(key, path)
             return True

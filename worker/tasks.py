@@ -1,19 +1,37 @@
 """The Celery render task: a thin shell over ``worker.attempt.run_attempt``.
 
-Flower shows each task with its job id, chunk and frame range, and its progress (frames done of
-the chunk's frames) while it runs.
+What Flower shows (it builds its task list and task pages from task events):
+
+- while a chunk renders, state ``RENDERING`` with ``job_id``, ``chunk``, ``frames`` (its range),
+  ``frames_done`` and ``frames_total``, refreshed at every heartbeat (a ``task-rendering`` event,
+  and the same state and fields in the result backend, for ``AsyncResult``);
+- an attempt that ended without committing ends in a state named by its outcome, never SUCCESS:
+  ``STOPPED`` (the job was cancelled or the chunk reassigned), ``STALE``, ``RELEASED`` (handed back
+  by a worker shutting down), ``REQUEUED``, ``FAILED``, ``UNREPORTED``, with ``detail`` saying why.
+  Committed, duplicate and skipped messages succeed with the attempt's result.
+
+Shutdown: the worker's main process raises the shared stop flag when Celery starts shutting down
+(SIGTERM, SIGINT, SIGQUIT), and every render process guards against SIGTERM while it holds a chunk
+(``common.shutdown``): the chunk in hand is handed back at its next batch.
 """
 
 from __future__ import annotations
 
 import functools
+import signal
 
-from lipfarm.common import services
+from celery import signals
+from celery.exceptions import Ignore, Reject
+
+from lipfarm.common import services, shutdown
 from lipfarm.common.celery_app import TASK_RENDER, app, enqueue_finalize, enqueue_render
 from lipfarm.common.identity import this_process
 from lipfarm.worker.assets import AssetCache
-from lipfarm.worker.attempt import FarmContext, run_attempt
+from lipfarm.worker.attempt import AttemptResult, FarmContext, Outcome, run_attempt
 from lipfarm.worker.templates import process_templates
+
+RENDERING = "RENDERING"
+SUCCEEDS = {Outcome.COMMITTED, Outcome.DUPLICATE, Outcome.SKIPPED}  # nothing went wrong: plain SUCCESS
 
 
 @functools.cache
@@ -28,12 +46,39 @@ def farm_context() -> FarmContext:
 @app.task(name=TASK_RENDER, bind=True)
 def render_chunk_task(self, job_id: str, chunk: int, frames: str = "") -> dict:
     """Render chunk ``chunk`` (``frames``, for display) of job ``job_id`` and commit it."""
+    # The request is thread-local; progress is sent from the heartbeat thread, so keep what it needs.
+    task_id, hostname = self.request.id, self.request.hostname
+    shown = {"job_id": job_id, "chunk": chunk, "frames": frames}
 
-    task_id = self.request.id  # the request is thread-local; progress is sent from the heartbeat thread
+    def show(state: str, **fields) -> None:
+        self.update_state(task_id=task_id, state=state, meta={**shown, **fields})
+        with app.events.default_dispatcher(hostname=hostname) as events:
+            events.send(f"task-{state.lower()}", uuid=task_id, **shown, **fields)
 
     def report(done: int, total: int) -> None:
-        self.update_state(task_id=task_id, state="PROGRESS",
-                          meta={"job_id": job_id, "chunk": chunk, "frames": frames,
-                                "frames_done": done, "frames_total": total})
+        show(RENDERING, frames_done=done, frames_total=total)
 
-    return run_attempt(farm_context(), job_id, chunk, report=report).to_dict()
+    try:
+        result = run_attempt(farm_context(), job_id, chunk, report=report)
+    except shutdown.ShuttingDown:  # not claimed: the message goes back to the queue as it was
+        raise Reject("the worker is shutting down", requeue=True) from None
+    return _ended(result, show)
+
+
+def _ended(result: AttemptResult, show) -> dict:
+    """The task's result; an attempt that did not commit ends in its own state (``Ignore`` keeps it)."""
+    if result.outcome in SUCCEEDS:
+        return result.to_dict()
+    show(result.outcome.value.upper(), outcome=result.outcome.value, detail=result.detail)
+    raise Ignore()
+
+
+@signals.worker_shutting_down.connect(weak=False)
+def _stopping(sig: str = "SIGTERM", **_kwargs) -> None:
+    """Main process: every chunk in hand is handed back at its next batch (``common.shutdown``)."""
+    shutdown.request(getattr(signal, sig if sig.startswith("SIG") else f"SIG{sig}", signal.SIGTERM))
+
+
+@signals.worker_process_init.connect(weak=False)
+def _guard(**_kwargs) -> None:
+    shutdown.guard_render_process()
