@@ -14,17 +14,17 @@ of the signal that stopped the worker (0 while running), for the reason recorded
 
 A render process that gets SIGTERM itself (SIGTERM to the whole process group, as ``lipfarm
 cluster down`` and the test harness send) raises the same flag while it holds work, instead of
-dying mid-chunk; idle, it exits as before (``guard_render_process``).
+dying mid-chunk; idle, it exits as before (``Busy``).
 """
 
 from __future__ import annotations
 
 import mmap
-import os
 import signal
+import threading
 
 _FLAG = mmap.mmap(-1, 1)  # MAP_SHARED | MAP_ANONYMOUS: inherited by forked children, and shared with them
-_busy = False  # whether this process holds a chunk or a finalize lease now
+_guarded = False  # a pool process: SIGTERM while busy hands the work back (``guard_render_process``)
 
 
 class ShuttingDown(Exception):
@@ -56,26 +56,30 @@ def check() -> None:
 
 
 class Busy:
-    """``with Busy():`` around work that is handed back on a stop request (a chunk, a finalize)."""
+    """``with Busy():`` around work that is handed back on a stop request (a chunk, a finalize).
+
+    In a guarded pool process, SIGTERM meanwhile raises the stop flag instead of billiard's handler
+    (which exits mid-chunk: a traceback, and a second message for the chunk); that handler is put
+    back afterwards, so an idle pool process still exits on SIGTERM as before."""
+
+    def __init__(self) -> None:
+        self.previous = None
 
     def __enter__(self) -> "Busy":
-        global _busy
-        _busy = True
+        if _guarded and threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, _on_sigterm)
         return self
 
     def __exit__(self, *exc_info) -> None:
-        global _busy
-        _busy = False
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
 
 
-def _on_sigterm(signum, frame) -> None:
-    signal.signal(signum, signal.SIG_DFL)  # a second SIGTERM ends the process, as it always did
-    if _busy:
-        request(signum)  # the work in hand stops at its next check and is handed back
-        return
-    os.kill(os.getpid(), signum)  # idle: exit now
+def _on_sigterm(signum, _frame) -> None:
+    request(signum)  # the work in hand stops at its next check and is handed back
 
 
 def guard_render_process() -> None:
-    """In a pool process: SIGTERM while holding work hands it back instead of killing the process."""
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    """Called in each pool process as it starts (``worker_process_init``)."""
+    global _guarded
+    _guarded = True

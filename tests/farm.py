@@ -246,11 +246,12 @@ def broker_messages(db: int, queue: str, **match) -> list[dict]:
     return found
 
 
-def stop_like_kubelet(process: LipfarmProcess, grace_s: float) -> float:
-    """SIGTERM to the main process only (as the kubelet, or tini without -g, sends it), SIGKILL to
-    the group after ``grace_s``; the seconds it took to exit (AssertionError if it had to be killed)."""
+def stop_like_kubelet(process: LipfarmProcess, grace_s: float, *, group: bool = False) -> float:
+    """SIGTERM to the main process only (as the kubelet, or tini without -g, sends it; to the whole
+    group if ``group``), SIGKILL to the group after ``grace_s``; the seconds it took to exit
+    (AssertionError if it had to be killed)."""
     started = time.monotonic()
-    os.kill(process.pid, signal.SIGTERM)
+    (os.killpg if group else os.kill)(process.pid, signal.SIGTERM)
     try:
         process.process.wait(grace_s)
     except subprocess.TimeoutExpired:

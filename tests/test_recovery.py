@@ -259,14 +259,16 @@ def _log_after(worker, offset: int) -> str:
     return worker.log.read_bytes()[offset:].decode(errors="replace")
 
 
-def test_sigterm_to_the_main_process_hands_the_chunk_back_at_once(farm, holds, demo, clip):
-    """The kubelet's stop (SIGTERM to the main pid, SIGKILL after the grace): the held chunk goes back
-    uncharged with its reason within seconds, the worker exits cleanly, one message is left for it."""
+@pytest.mark.parametrize("group", [False, True], ids=["main-pid", "process-group"])
+def test_sigterm_hands_the_chunk_back_at_once(farm, holds, demo, clip, group):
+    """The kubelet's stop (SIGTERM to the main pid, SIGKILL after the grace), or SIGTERM to the whole
+    process group (``lipfarm cluster down``, a terminal): the held chunk goes back uncharged with its
+    reason within seconds, the worker exits cleanly, and one message is left for the chunk."""
     handle, chunk, worker = _held_at_chunk_0(farm, holds, demo, clip)
     job_id, offset = handle.job_id, worker.log.stat().st_size
     stopped_at = time.time()
     try:
-        took = stop_like_kubelet(worker, grace_s=60)
+        took = stop_like_kubelet(worker, grace_s=60, group=group)
         assert worker.process.returncode == 0
         assert took < STOP_BOUND_S, took
         first = handle.store.attempts(job_id, 0)[0]
