@@ -109,7 +109,7 @@ class LipfarmProcess:
 
 CLUSTER_FILE_VERSION = 1
 S3_BUCKET = "lipfarm"
-STOP_WORKERS_S = 60.0  # a worker hands back the chunk in hand on SIGTERM (up to about 30 s)
+STOP_WORKERS_S = 60.0  # a worker hands back the chunk in hand on SIGTERM (2-3 s measured); a plan finishes
 STOP_SERVICES_S = 15.0
 READY_S = 120.0
 
