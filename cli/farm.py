@@ -10,6 +10,7 @@ import socket
 import sys
 import tempfile
 import time
+from datetime import datetime
 
 from lipfarm.common import defaults
 from lipfarm.common.config import Settings
@@ -118,7 +119,7 @@ def cmd_reconcile(args, settings: Settings) -> int:
 
     enqueue = celery_enqueue()
     if args.loop:
-        print(f"reconciling every {settings.reconcile_interval_s:g} s (Ctrl-C stops)", flush=True)
+        print(f"{_now()} reconciling every {settings.reconcile_interval_s:g} s (Ctrl-C stops)", flush=True)
         run_forever(functools.partial(connect_recovery, settings), settings, enqueue, rebuild_first=args.rebuild,
                     on_pass=_print_report)
         return 0
@@ -130,6 +131,14 @@ def cmd_reconcile(args, settings: Settings) -> int:
 
 
 def _print_report(report, *, always: bool = False) -> None:
+    """One line per pass that did something (every pass with ``always``), with the time it ended:
+    an operator reading the loop's output sees when each recovery happened."""
     done = {kind: items for kind, items in report.__dict__.items() if items}
     if done or always:
-        print(", ".join(f"{kind} {len(items)}" for kind, items in done.items()) or "nothing to recover", flush=True)
+        line = ", ".join(f"{kind} {len(items)}" for kind, items in done.items()) or "nothing to recover"
+        print(f"{_now()} {line}", flush=True)
+
+
+def _now() -> str:
+    """The local time with its UTC offset, as log shippers read it (ISO 8601, milliseconds)."""
+    return datetime.now().astimezone().isoformat(timespec="milliseconds")

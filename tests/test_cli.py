@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
 from dataclasses import fields
+from datetime import datetime
 
 import pytest
 import soundfile
@@ -156,3 +158,38 @@ def test_console_script_exits_non_zero_without_a_traceback(tmp_path):
     assert result.returncode == 4
     assert result.stderr.strip().startswith("lipfarm: error: unknown avatar 'nobody'")
     assert "Traceback" not in result.stderr
+
+
+def _lipfarm_into_a_closed_pipe(tmp_path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """``lipfarm ARGS | head`` where head has already gone: stdout is a pipe whose reader is closed."""
+    lipfarm = shutil.which("lipfarm", path=str(__import__("pathlib").Path(sys.executable).parent))
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        return subprocess.run([lipfarm, *args], stdout=write, stderr=subprocess.PIPE, text=True, timeout=60,
+                              env={"LIPFARM_HOME": str(tmp_path), "PATH": "/usr/bin:/bin", **env})
+    finally:
+        os.close(write)
+
+
+@pytest.mark.parametrize("args", [["config"], ["jobs"], ["--help"]], ids=["config", "jobs", "help"])
+def test_output_piped_into_head_ends_quietly(tmp_path, args):
+    from tests.farm import REDIS_DB, redis_url
+
+    result = _lipfarm_into_a_closed_pipe(tmp_path, *args, LIPFARM_BROKER_URL=redis_url(REDIS_DB["cli"]),
+                                         LIPFARM_KEY_PREFIX="lipfarm-test-pipe")
+    assert result.stderr == "", result.stderr
+    assert result.returncode == 141  # as a process ended by SIGPIPE, like any other command in the pipe
+
+
+def test_reconcile_lines_carry_times(tmp_path):
+    from tests.farm import REDIS_DB, redis_url
+
+    lipfarm = shutil.which("lipfarm", path=str(__import__("pathlib").Path(sys.executable).parent))
+    result = subprocess.run([lipfarm, "reconcile"], capture_output=True, text=True, timeout=120,
+                            env={"LIPFARM_HOME": str(tmp_path), "PATH": "/usr/bin:/bin",
+                                 "LIPFARM_BROKER_URL": redis_url(REDIS_DB["cli"]), "LIPFARM_KEY_PREFIX": "lipfarm-test-pipe",
+                                 "LIPFARM_STORAGE_URL": str(tmp_path / "storage")})
+    assert result.returncode == 0, result.stderr
+    stamp, _, line = result.stdout.strip().partition(" ")
+    assert line and datetime.fromisoformat(stamp).tzinfo is not None, result.stdout
