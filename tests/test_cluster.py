@@ -81,7 +81,7 @@ def test_a_cluster_renders_a_job_over_http_and_goes_away(cluster, cluster_home, 
     token, exports, urls = _printed(stdout)
     assert token.startswith("lf_")
     assert exports["LIPFARM_STORAGE_URL"].startswith("s3://") and exports["LIPFARM_S3_ENDPOINT_URL"].startswith(
-        "http://127.0.0.1:") and exports["LIPFARM_BROKER_URL"] != env["LIPFARM_BROKER_URL"]  # its own Redis
+        "http://127.0.0.1:") and exports["LIPFARM_BROKER_URL"] != "redis://127.0.0.1:6379/0"  # its own Redis
     assert {"redis", "s3", "api", "flower", "jobs-worker", "render-worker-1"} == {p["name"] for p in state["processes"]}
     assert all(url.startswith("http://127.0.0.1:") for url in urls.values())
     assert (cluster_home / "cluster" / "cluster.json").stat().st_mode & 0o077 == 0  # it holds the S3 secret
