@@ -41,7 +41,7 @@ from lipfarm.job.holds import hold_reached
 from lipfarm.job.keepalive import KeepAlive
 from lipfarm.common.plan import Plan
 from lipfarm.common.retry import with_retries
-from lipfarm.common.state import Claim, Segment, StateStore, Verdict
+from lipfarm.common.state import Claim, JobState, Segment, StateStore, Verdict
 from lipfarm.common.storage import Storage
 from lipfarm.job.playlist import advance_playlist
 from lipfarm.common.storage.layout import audio_piece_key, hls_segment_key, segment_key
@@ -79,6 +79,7 @@ class Outcome(str, Enum):
     REQUEUED = "requeued"  # failed, and queued again for another attempt
     FAILED = "failed"  # failed, and so did its job
     STOPPED = "stopped"  # the job was cancelled or the chunk reassigned
+    CANCELLED = "cancelled"  # stopped because its job was cancelled (the attempt log says "stopped")
     STALE = "stale"  # this attempt had lost the chunk by the time it reported
     RELEASED = "released"  # the worker is shutting down: handed back and queued again, uncharged
     UNREPORTED = "unreported"  # Redis stayed out of reach; the lease will run out and the chunk go back
@@ -342,7 +343,17 @@ def _failed(ctx: FarmContext, job, index: int, label: str, claim: Claim, failure
         close_job(ctx.store, ctx.storage_at(job.storage_url), job_id)
     outcome = {Verdict.REQUEUED: Outcome.REQUEUED, Verdict.FAILED: Outcome.FAILED,
                Verdict.STOPPED: Outcome.STOPPED}.get(move.verdict, Outcome.STALE)
+    if outcome in (Outcome.STOPPED, Outcome.STALE) and _job_cancelled(ctx, job_id):
+        return AttemptResult(Outcome.CANCELLED, f"job {job_id} was cancelled: render stopped")
     return AttemptResult(outcome, failure.reason)
+
+
+def _job_cancelled(ctx: FarmContext, job_id: str) -> bool:
+    """Whether the job was cancelled (what an attempt that lost its chunk is told, for the task's state)."""
+    try:
+        return ctx.store.job(job_id).state == JobState.CANCELLED
+    except LipfarmError:
+        return False
 
 
 def _commit(ctx: FarmContext, files: JobFiles, plan: Plan, index: int, claim: Claim, priority: str,

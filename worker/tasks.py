@@ -1,13 +1,17 @@
 """The Celery render task: a thin shell over ``worker.attempt.run_attempt``.
 
-What Flower shows (it builds its task list and task pages from task events):
+What Flower shows (it builds its task list and task pages from task events; a custom event type
+``task-<name>`` is state ``<NAME>`` there, and of its fields Flower shows the standard ones only,
+so the progress goes in ``result``, the column its list and task page show):
 
-- while a chunk renders, state ``RENDERING`` with ``job_id``, ``chunk``, ``frames`` (its range),
-  ``frames_done`` and ``frames_total``, refreshed at every heartbeat (a ``task-rendering`` event,
-  and the same state and fields in the result backend, for ``AsyncResult``);
+- while a chunk renders, state ``RENDERING`` and the result ``12/25 frames of chunk 0 (frames
+  0-24) of job <id>``, refreshed at every heartbeat (a ``task-rendering`` event; the same state with
+  ``job_id``, ``chunk``, ``frames``, ``frames_done``, ``frames_total`` in the result backend, for
+  ``AsyncResult`` and Flower's ``/api/task/result``);
 - an attempt that ended without committing ends in a state named by its outcome, never SUCCESS:
-  ``STOPPED`` (the job was cancelled or the chunk reassigned), ``STALE``, ``RELEASED`` (handed back
-  by a worker shutting down), ``REQUEUED``, ``FAILED``, ``UNREPORTED``, with ``detail`` saying why.
+  ``CANCELLED`` (its job was), ``STOPPED`` (the chunk was reassigned), ``STALE``, ``RELEASED`` (handed back
+  by a worker shutting down), ``REQUEUED``, ``FAILED``, ``UNREPORTED``, its result saying why
+  (the task then ends with ``Ignore``, which keeps that state: no SUCCESS event follows).
   Committed, duplicate and skipped messages succeed with the attempt's result.
 
 Shutdown: the worker's main process raises the shared stop flag when Celery starts shutting down
@@ -50,13 +54,14 @@ def render_chunk_task(self, job_id: str, chunk: int, frames: str = "") -> dict:
     task_id, hostname = self.request.id, self.request.hostname
     shown = {"job_id": job_id, "chunk": chunk, "frames": frames}
 
-    def show(state: str, **fields) -> None:
+    def show(state: str, summary: str, **fields) -> None:
         self.update_state(task_id=task_id, state=state, meta={**shown, **fields})
         with app.events.default_dispatcher(hostname=hostname) as events:
-            events.send(f"task-{state.lower()}", uuid=task_id, **shown, **fields)
+            events.send(f"task-{state.lower()}", uuid=task_id, result=summary, **shown, **fields)
 
     def report(done: int, total: int) -> None:
-        show(RENDERING, frames_done=done, frames_total=total)
+        show(RENDERING, f"{done}/{total} frames of chunk {chunk} (frames {frames or '?'}) of job {job_id}",
+             frames_done=done, frames_total=total)
 
     try:
         result = run_attempt(farm_context(), job_id, chunk, report=report)
@@ -69,7 +74,8 @@ def _ended(result: AttemptResult, show) -> dict:
     """The task's result; an attempt that did not commit ends in its own state (``Ignore`` keeps it)."""
     if result.outcome in SUCCEEDS:
         return result.to_dict()
-    show(result.outcome.value.upper(), outcome=result.outcome.value, detail=result.detail)
+    show(result.outcome.value.upper(), f"{result.outcome.value}: {result.detail}", outcome=result.outcome.value,
+         detail=result.detail)
     raise Ignore()
 
 
