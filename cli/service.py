@@ -41,8 +41,20 @@ def cmd_api(args, settings: Settings) -> int:
     import uvicorn
 
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", server_header=False,
-                timeout_graceful_shutdown=30)
+                timeout_graceful_shutdown=30, log_config=_timed_log_config())
     return 0
+
+
+def _timed_log_config() -> dict:
+    """uvicorn's logging, each line with its time first (an operator reads when, not only what)."""
+    import copy
+
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    for formatter in config["formatters"].values():
+        formatter["fmt"] = "%(asctime)s " + formatter["fmt"]
+    return config
 
 
 def _tokens(settings: Settings):

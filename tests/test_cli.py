@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -193,3 +194,20 @@ def test_reconcile_lines_carry_times(tmp_path):
     assert result.returncode == 0, result.stderr
     stamp, _, line = result.stdout.strip().partition(" ")
     assert line and datetime.fromisoformat(stamp).tzinfo is not None, result.stdout
+
+
+def test_the_api_logs_with_times(tmp_path):
+    from lipfarm.scheduler.cluster import LipfarmProcess, free_ports
+    from tests.farm import REDIS_DB, redis_url
+
+    port = free_ports(1)[0]
+    env = {"LIPFARM_HOME": str(tmp_path), "LIPFARM_BROKER_URL": redis_url(REDIS_DB["cli"]),
+           "LIPFARM_KEY_PREFIX": "lipfarm-test-pipe", "LIPFARM_STORAGE_URL": str(tmp_path / "storage")}
+    api = LipfarmProcess(["api", "--host", "127.0.0.1", "--port", str(port)], env=env, log=tmp_path / "api.log",
+                         ready_text=b"Uvicorn running on").start()
+    try:
+        api.wait_ready(timeout_s=60)
+    finally:
+        api.stop(timeout_s=30)
+    line = next(line for line in api.log.read_text().splitlines() if "Uvicorn running on" in line)
+    assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ", line), line
