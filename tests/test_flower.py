@@ -97,3 +97,11 @@ def test_flower_shows_a_chunk_rendering_then_cancelled_not_success(farm, flower,
     assert ended["state"] == "CANCELLED", ended
     assert ended["result"] == f"cancelled: job {job_id} was cancelled: render stopped", ended["result"]
     assert handle.status().state == JobState.CANCELLED
+
+
+def test_flowers_metrics_carry_no_lipfarm_series(flower):
+    """Flower's /metrics is its own (flower_*): the workers' lipfarm_* series, all zero in Flower's
+    process, would pull down a dashboard's averages where Flower is scraped."""
+    text = flower.get("/metrics").text
+    assert "flower_events_total" in text
+    assert not [line for line in text.splitlines() if line.startswith("lipfarm_")]
