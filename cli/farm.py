@@ -53,6 +53,7 @@ def cmd_worker(args, settings: Settings) -> int:
     concurrency = args.concurrency or settings.worker_concurrency
     os.environ["LIPFARM_WORKER_CONCURRENCY"] = str(concurrency)  # children size their threads by it
     connect_farm(settings)
+    from lipfarm.common import shutdown  # noqa: F401  its shared stop flag is made here, before the pool forks
     from lipfarm.common.celery_app import app
 
     argv = ["worker", f"--concurrency={concurrency}", "--pool=prefork", f"--queues={args.queues}",
