@@ -41,19 +41,24 @@ def cmd_api(args, settings: Settings) -> int:
     import uvicorn
 
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", server_header=False,
-                timeout_graceful_shutdown=30, log_config=_timed_log_config())
+                timeout_graceful_shutdown=30, log_config=_log_config(as_json=args.log_json))
     return 0
 
 
-def _timed_log_config() -> dict:
-    """uvicorn's logging, each line with its time first (an operator reads when, not only what)."""
+def _log_config(*, as_json: bool) -> dict:
+    """uvicorn's logging, each line with its time first (an operator reads when, not only what), or
+    as JSON lines (``--log-json``)."""
     import copy
 
     from uvicorn.config import LOGGING_CONFIG
 
     config = copy.deepcopy(LOGGING_CONFIG)
     for formatter in config["formatters"].values():
-        formatter["fmt"] = "%(asctime)s " + formatter["fmt"]
+        if as_json:
+            formatter.clear()
+            formatter["()"] = "lipfarm.cli.logs.JsonFormatter"
+        else:
+            formatter["fmt"] = "%(asctime)s " + formatter["fmt"]
     return config
 
 

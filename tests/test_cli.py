@@ -211,3 +211,36 @@ def test_the_api_logs_with_times(tmp_path):
         api.stop(timeout_s=30)
     line = next(line for line in api.log.read_text().splitlines() if "Uvicorn running on" in line)
     assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ", line), line
+
+
+def _json_lines(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def test_log_json_gives_json_lines_with_times(tmp_path):
+    """``--log-json``: every line the reconciler and a worker write is one JSON object with its time."""
+    from lipfarm.scheduler.cluster import LipfarmProcess
+    from tests.farm import REDIS_DB, redis_url
+
+    env = {"LIPFARM_HOME": str(tmp_path), "LIPFARM_BROKER_URL": redis_url(REDIS_DB["cli"]),
+           "LIPFARM_KEY_PREFIX": "lipfarm-test-pipe", "LIPFARM_STORAGE_URL": str(tmp_path / "storage")}
+    lipfarm = shutil.which("lipfarm", path=str(__import__("pathlib").Path(sys.executable).parent))
+    result = subprocess.run([lipfarm, "--log-json", "reconcile"], capture_output=True, text=True, timeout=120,
+                            env={"PATH": "/usr/bin:/bin", **env})
+    assert result.returncode == 0, result.stderr
+    (line,) = _json_lines(result.stdout)
+    assert line["message"] == "nothing to recover" and datetime.fromisoformat(line["time"]).tzinfo is not None
+
+    worker = LipfarmProcess(["--log-json", "worker", "--queues", "jobs", "--hostname", f"json-{os.getpid()}@test"],
+                            env={**env, "LIPFARM_WORKER_RECONCILE": "0"}, log=tmp_path / "worker.log",
+                            ready_text=b" ready.").start()
+    try:
+        worker.wait_ready(timeout_s=90)
+    finally:
+        worker.stop(timeout_s=30)
+    # the JSON lines, without Python's warnings (running as root, in a container without a user)
+    lines = [line for line in worker.log.read_text().splitlines() if line.strip() and "Warning" not in line
+             and not line.startswith((" ", "absolutely", "Please", "User information"))]
+    entries = _json_lines("\n".join(line for line in lines if line != "worker: Warm shutdown (MainProcess)"))
+    assert any(e["message"].endswith(" ready.") for e in entries), lines
+    assert all(datetime.fromisoformat(e["time"]).tzinfo is not None and e["level"] for e in entries)
