@@ -22,6 +22,7 @@ Shutdown: the worker's main process raises the shared stop flag when Celery star
 from __future__ import annotations
 
 import functools
+import logging
 import signal
 
 from celery import signals
@@ -34,6 +35,7 @@ from lipfarm.worker.assets import AssetCache
 from lipfarm.worker.attempt import AttemptResult, FarmContext, Outcome, run_attempt
 from lipfarm.worker.templates import process_templates
 
+log = logging.getLogger(__name__)
 RENDERING = "RENDERING"
 SUCCEEDS = {Outcome.COMMITTED, Outcome.DUPLICATE, Outcome.SKIPPED}  # nothing went wrong: plain SUCCESS
 
@@ -60,8 +62,11 @@ def render_chunk_task(self, job_id: str, chunk: int, frames: str = "") -> dict:
             events.send(f"task-{state.lower()}", uuid=task_id, result=summary, **shown, **fields)
 
     def report(done: int, total: int) -> None:
-        show(RENDERING, f"{done}/{total} frames of chunk {chunk} (frames {frames or '?'}) of job {job_id}",
-             frames_done=done, frames_total=total)
+        try:  # a display only: a broker or backend out of reach must not look like a missed lease renewal
+            show(RENDERING, f"{done}/{total} frames of chunk {chunk} (frames {frames or '?'}) of job {job_id}",
+                 frames_done=done, frames_total=total)
+        except Exception as exc:
+            log.debug("progress of chunk %s:%s not shown: %s", job_id, chunk, exc)
 
     try:
         result = run_attempt(farm_context(), job_id, chunk, report=report)
@@ -74,8 +79,11 @@ def _ended(result: AttemptResult, show) -> dict:
     """The task's result; an attempt that did not commit ends in its own state (``Ignore`` keeps it)."""
     if result.outcome in SUCCEEDS:
         return result.to_dict()
-    show(result.outcome.value.upper(), f"{result.outcome.value}: {result.detail}", outcome=result.outcome.value,
-         detail=result.detail)
+    try:
+        show(result.outcome.value.upper(), f"{result.outcome.value}: {result.detail}", outcome=result.outcome.value,
+             detail=result.detail)
+    except Exception as exc:  # the attempt's outcome is recorded in the state store already
+        log.warning("outcome of a render task not shown (%s): %s", result.outcome.value, exc)
     raise Ignore()
 
 
