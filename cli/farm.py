@@ -54,11 +54,26 @@ def cmd_worker(args, settings: Settings) -> int:
     connect_farm(settings)
     from lipfarm.common.celery_app import app
 
+    _print_inference_line(settings)
     argv = ["worker", f"--concurrency={concurrency}", "--pool=prefork", f"--queues={args.queues}",
             f"--loglevel={args.loglevel}", "--task-events",
             f"--hostname={args.hostname or f'lipfarm-{os.getpid()}@{socket.gethostname()}'}"]
     app.worker_main(argv)
     return 0
+
+
+def _print_inference_line(settings: Settings) -> None:
+    """What this worker runs inference on: the default precision and backend and, for ``auto``, the
+    choices already measured on this machine (each new model's is logged when first measured)."""
+    from lipfarm.common.autoselect import cached_choices
+    from lipfarm.common.runtime import machine_fingerprint
+
+    choices = cached_choices()
+    print(f"lipfarm worker: inference on {machine_fingerprint()['cpu']}; jobs' default precision "
+          f"{settings.precision}, backend {settings.backend}; precision auto: "
+          f"{len(choices)} model(s) measured here, PSNR bound {settings.auto_min_psnr_db:g} dB", flush=True)
+    for line in choices:
+        print(f"  auto: {line}", flush=True)
 
 
 def _metrics_in_every_process(port: int, address: str) -> None:

@@ -30,7 +30,10 @@ def _add_run_flags(parser) -> None:
     add_option_flags(parser)
 
 
-def _print_result(result) -> None:
+def _print_result(result, options) -> None:
+    if options.precision == "auto":  # say what was chosen and why
+        stages = result.stages
+        print(f"precision auto: {stages.backend}/{stages.precision}: {stages.choice}")
     print(f"wrote {result.output}: {result.frames} frames ({result.frames / defaults.FPS:.2f} s) "
           f"in {result.wall_s:.1f} s, {result.fps:.1f} frames/s")
 
@@ -45,7 +48,7 @@ def cmd_render(args, settings: Settings) -> int:
     result = render_local(avatar=avatar, audio=Path(args.audio), out=Path(args.out), encoder=encoder,
                           generator=generator, options=options, settings=settings,
                           workers=args.workers, show_progress=not args.quiet)
-    _print_result(result)
+    _print_result(result, options)
     return 0
 
 
@@ -57,9 +60,10 @@ def cmd_demo(args, settings: Settings) -> int:
     demo = ensure_demo_assets(settings)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    options = options_from_args(args, settings)
     result = render_local(avatar=AvatarStore(settings.avatars_dir).get(demo.avatar_name),
                           audio=demo.audio, out=out, encoder=demo.encoder, generator=demo.generator,
-                          options=options_from_args(args, settings), settings=settings,
+                          options=options, settings=settings,
                           workers=args.workers, show_progress=not args.quiet)
-    _print_result(result)
+    _print_result(result, options)
     return 0

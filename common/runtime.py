@@ -64,6 +64,8 @@ _FROM_SETTINGS: Any = object()  # open_runner's default cache_dir: see default_c
 
 BACKENDS = ("auto", "cpu", "openvino", "cuda")
 PRECISIONS = ("fp32", "bf16", "fp16")
+# What a job may ask for: a precision, or "auto" (common.autoselect measures and picks one per machine).
+PRECISION_CHOICES = ("auto",) + PRECISIONS
 _PRECISION_BACKENDS = {"fp32": ("cpu", "openvino", "cuda"), "bf16": ("openvino",), "fp16": ("cuda",)}
 
 
