@@ -54,6 +54,10 @@ def cmd_bench(args, settings: Settings) -> int:
         extra = f", PSNR vs fp32 {run['psnr_vs_fp32_db']} dB" if "psnr_vs_fp32_db" in run else ""
         print(f"{run['backend']}/{run['precision']}: inference {run['inference_fps']:.2f} frames/s, "
               f"end to end {run['end_to_end_fps']:.2f} frames/s, efficiency {run['efficiency']:.3f}{extra}")
+        whole = run["render_process"]
+        print(f"  lipfarm render: fixed cost {run['fixed_cost_s']:.2f} s (a {run['fixed_cost_clip_frames']}-frame "
+              f"clip, whole process minus inference); {whole['frames']} frames: whole process "
+              f"{whole['process_s']:.2f} s, peak RSS {whole['peak_rss_mb']:.0f} MiB")
     if args.farm:
         report["farm"] = _farm(args, settings)
     if args.farm or args.watch:

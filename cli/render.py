@@ -27,6 +27,9 @@ def add_commands(commands) -> None:
 def _add_run_flags(parser) -> None:
     parser.add_argument("--workers", type=int, default=1, help="render processes (default 1)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--stats-json", metavar="PATH",
+                        help="also write the render's figures there: wall and inference seconds, stages, the "
+                             "backend and precision run (and why), this process's peak memory")
     add_option_flags(parser)
 
 
@@ -49,7 +52,25 @@ def cmd_render(args, settings: Settings) -> int:
                           generator=generator, options=options, settings=settings,
                           workers=args.workers, show_progress=not args.quiet)
     _print_result(result, options)
+    _write_stats(args.stats_json, result)
     return 0
+
+
+def _write_stats(path: str | None, result) -> None:
+    """The figures ``lipfarm bench`` reads from a render process it times from outside."""
+    if path is None:
+        return
+    import json
+    from dataclasses import asdict
+
+    from lipfarm.common.sysinfo import peak_rss_bytes
+
+    stages = result.stages
+    figures = {"frames": result.frames, "wall_s": result.wall_s,
+               "inference_s": stages.encoder_s + stages.unet_s, "backend": stages.backend,
+               "precision": stages.precision, "choice": stages.choice, "audio_s": result.audio_s,
+               "stitch_s": result.stitch_s, "stages": asdict(stages), "peak_rss_bytes": peak_rss_bytes()}
+    Path(path).write_text(json.dumps(figures, indent=1) + "\n")
 
 
 def cmd_demo(args, settings: Settings) -> int:
@@ -66,4 +87,5 @@ def cmd_demo(args, settings: Settings) -> int:
                           options=options, settings=settings,
                           workers=args.workers, show_progress=not args.quiet)
     _print_result(result, options)
+    _write_stats(args.stats_json, result)
     return 0

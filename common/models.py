@@ -33,12 +33,13 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, TypeVar
-
-import onnx
+from typing import TYPE_CHECKING, Callable, TypeVar
 
 from lipfarm.common import defaults
 from lipfarm.common.errors import ModelError
+
+if TYPE_CHECKING:  # onnx is imported where a model is parsed: a checked model's verdict needs none of it
+    import onnx
 
 ENCODER_INPUT = (1, defaults.N_MELS, defaults.WINDOW_MEL_FRAMES)
 GENERATOR_AUDIO_INPUT = defaults.AUDIO_INPUT_SHAPE
@@ -94,6 +95,8 @@ def _read_model_file(path: str | Path) -> bytes:
 
 def _parse_model(path: str | Path, data: bytes) -> onnx.ModelProto:
     """``onnx.load(path, load_external_data=False)`` of the file's bytes, checked."""
+    import onnx
+
     path = Path(path)
     fmt = onnx.serialization.registry.get_format_from_file_extension(path.suffix) or "protobuf"
     try:
@@ -106,21 +109,6 @@ def _parse_model(path: str | Path, data: bytes) -> onnx.ModelProto:
     return model
 
 
-def _load_and_hash(path: str | Path) -> tuple[onnx.ModelProto, str]:
-    """``load_model(path)`` and the file's SHA-256, from one read of it: the hash is computed in a
-    second thread while the graph is parsed (hashlib lets go of the GIL on large buffers)."""
-    data = _read_model_file(path)
-    digest: list[str] = []
-    hasher = threading.Thread(target=lambda: digest.append(hashlib.sha256(data).hexdigest()),
-                              name="lipfarm-model-sha256", daemon=True)
-    hasher.start()
-    try:
-        model = _parse_model(path, data)
-    finally:
-        hasher.join()
-    return model, digest[0]
-
-
 def check_self_contained(model: onnx.ModelProto, path: str | Path) -> None:
     """Refuse tensors stored outside ``model`` and operators it does not carry (module docstring)."""
     local_functions = {(f.domain, f.name) for f in model.functions}
@@ -130,6 +118,8 @@ def check_self_contained(model: onnx.ModelProto, path: str | Path) -> None:
 
 
 def _check_tensor(tensor: onnx.TensorProto, path, where: str) -> None:
+    import onnx
+
     if tensor.data_location == onnx.TensorProto.EXTERNAL or len(tensor.external_data):
         location = {entry.key: entry.value for entry in tensor.external_data}.get("location", "?")
         raise ModelError(f"references external data '{location}'", path=path, field=where,
@@ -194,6 +184,8 @@ def _check_shape(path, what: str, dims, expected: tuple[int, ...]) -> bool:
 
 
 def _check_float(path, what: str, value: onnx.ValueInfoProto) -> None:
+    import onnx
+
     if value.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
         found = onnx.TensorProto.DataType.Name(value.type.tensor_type.elem_type)
         raise ModelError("must be float32", path=path, field=what, expected="FLOAT", found=found)
@@ -258,8 +250,54 @@ def inspect_generator(path: str | Path) -> GeneratorSpec:
     return _checked_once("generator", path, _inspect_generator)
 
 
+# --- A model's verdict is kept on disk, by content: checked once per machine ------------------------
+
+INSPECT_FORMAT = 1  # bump when the checks change: verdicts kept by earlier versions are then not used
+
+
+def _verdicts():
+    """The runtime cache, where verdicts are kept (None: caching is off)."""
+    from lipfarm.common.runtimecache import RuntimeCache, default_cache_dir
+
+    root = default_cache_dir()
+    return None if root is None else RuntimeCache(root)
+
+
+def _read_and_hash(path: str | Path) -> tuple[bytes, str]:
+    data = _read_model_file(path)
+    return data, hashlib.sha256(data).hexdigest()
+
+
+def _inspect_kept(kind: str, path: str | Path, cls: type[_Spec],
+                  from_model: Callable[[str | Path, "onnx.ModelProto", str], _Spec]) -> _Spec:
+    """``from_model`` of the parsed file, or the verdict the runtime cache keeps for these exact bytes
+    (their SHA-256): a model checked once on this machine is not parsed again, and a render whose
+    sessions come from the runtime cache never imports onnx. Refusals are not kept."""
+    data, sha256 = _read_and_hash(path)
+    cache, parts = _verdicts(), {"format": INSPECT_FORMAT, "kind": kind, "model_sha256": sha256}
+    if cache is not None:
+        found = cache.load("models", parts)
+        if found is not None:
+            try:
+                return cls(path=str(path), sha256=sha256, **found[0]["spec"])
+            except TypeError:  # a record of another shape: check the model again
+                cache.drop("models", parts)
+    spec = from_model(path, _parse_model(path, data), sha256)
+    if cache is not None:
+        kept = {k: v for k, v in dataclasses.asdict(spec).items() if k not in ("path", "sha256")}
+        cache.store("models", parts, {"spec": kept})
+    return spec
+
+
 def _inspect_encoder(path: str | Path) -> EncoderSpec:
-    model, sha256 = _load_and_hash(path)
+    return _inspect_kept("encoder", path, EncoderSpec, _encoder_from)
+
+
+def _inspect_generator(path: str | Path) -> GeneratorSpec:
+    return _inspect_kept("generator", path, GeneratorSpec, _generator_from)
+
+
+def _encoder_from(path: str | Path, model: onnx.ModelProto, sha256: str) -> EncoderSpec:
     inputs, outputs = _graph_inputs(model), list(model.graph.output)
     if len(inputs) != 1 or len(outputs) != 1:
         raise ModelError("an audio encoder has one input and one output", path=path,
@@ -293,9 +331,8 @@ def _split_generator_inputs(path, inputs) -> tuple[onnx.ValueInfoProto, onnx.Val
     return visual[0], audio[0]
 
 
-def _inspect_generator(path: str | Path) -> GeneratorSpec:
+def _generator_from(path: str | Path, model: onnx.ModelProto, sha256: str) -> GeneratorSpec:
     """The ROI size comes from the visual input."""
-    model, sha256 = _load_and_hash(path)
     visual, audio = _split_generator_inputs(path, _graph_inputs(model))
     outputs = list(model.graph.output)
     if len(outputs) != 1:
@@ -321,6 +358,8 @@ def free_batch(model: onnx.ModelProto) -> onnx.ModelProto:
 
     Intermediate shape annotations are dropped so that ONNX Runtime re-infers them.
     """
+    import onnx
+
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     weights = {init.name for init in copy.graph.initializer}

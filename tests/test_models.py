@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 
@@ -526,13 +527,13 @@ def counted_checks(monkeypatch):
     models.forget_checked_models()
     monkeypatch.setattr(models, "SETTLE_S", 0.0)
     read = []
-    real = models._load_and_hash
+    real = models._read_and_hash
 
     def counting(path):
         read.append(str(path))
         return real(path)
 
-    monkeypatch.setattr(models, "_load_and_hash", counting)
+    monkeypatch.setattr(models, "_read_and_hash", counting)
     yield read
     models.forget_checked_models()
 
@@ -599,8 +600,37 @@ def test_a_model_file_changed_just_now_is_checked_every_time(tmp_path, monkeypat
 
 def test_model_hash_and_parse_come_from_one_read(demo, tmp_path):
     from lipfarm.common.fileio import file_sha256
-    from lipfarm.common.models import _load_and_hash, load_model
+    from lipfarm.common.models import _read_and_hash, load_model
 
-    model, digest = _load_and_hash(demo.generator)
+    data, digest = _read_and_hash(demo.generator)
     assert digest == file_sha256(demo.generator)
-    assert model == load_model(demo.generator) == onnx.load(str(demo.generator), load_external_data=False)
+    assert load_model(demo.generator) == onnx.load(str(demo.generator), load_external_data=False)
+    assert load_model(demo.generator).SerializeToString() == onnx.load_model_from_string(data).SerializeToString()
+
+
+def test_a_verdict_is_kept_in_the_runtime_cache_by_content(demo, tmp_path, monkeypatch):
+    """A model checked once on this machine is not parsed again in another process (no onnx import);
+    a refusal is not kept, and a copy of the same bytes elsewhere gets the same verdict."""
+    import shutil
+
+    from lipfarm.common import models
+
+    monkeypatch.setenv("LIPFARM_RUNTIME_CACHE_DIR", str(tmp_path / "cache"))
+    models.forget_checked_models()
+    first = inspect_generator(demo.generator)
+    assert len(list((tmp_path / "cache" / "models").glob("*.json"))) == 1
+    models.forget_checked_models()  # as a new process would
+
+    def no_parse(path, data):
+        raise AssertionError("parsed again")
+
+    monkeypatch.setattr(models, "_parse_model", no_parse)
+    copy = tmp_path / "copy.onnx"
+    shutil.copyfile(demo.generator, copy)
+    assert inspect_generator(copy) == dataclasses.replace(first, path=str(copy))
+    monkeypatch.undo()
+    monkeypatch.setenv("LIPFARM_RUNTIME_CACHE_DIR", str(tmp_path / "cache"))
+    with pytest.raises(ModelError, match="two inputs"):
+        inspect_generator(demo.encoder)
+    assert len(list((tmp_path / "cache" / "models").glob("*.json"))) == 1
+    models.forget_checked_models()
