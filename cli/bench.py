@@ -13,7 +13,7 @@ def add_commands(commands) -> None:
     bench.add_argument("--json", required=True, help="where to write the figures")
     bench.add_argument("--precisions", default="fp32",
                        help="comma-separated runs: fp32,bf16,fp16, or backend:precision (openvino:fp32); "
-                            "empty: no local runs (only --farm, --watch, --memory or --recovery)")
+                            "empty: no local runs (only --farm, --watch, --memory, --recovery or --vs-port)")
     bench.add_argument("--backend", help="backend for all runs (default: the setting, auto)")
     bench.add_argument("--threads", type=int, default=0, help="inference threads (default: all cores)")
     bench.add_argument("--batch-frames", type=int, default=defaults.UNET_BATCH_FRAMES,
@@ -37,6 +37,13 @@ def add_commands(commands) -> None:
     bench.add_argument("--memory", action="store_true", help="also measure peak memory, 1-min vs 30-min job")
     bench.add_argument("--recovery", action="store_true",
                        help="also measure how long recoveries take at the default settings (real workers killed)")
+    bench.add_argument("--vs-port", metavar="DIR",
+                       help="also run the earlier Python port from its checkout in DIR (github.com/cvoalex/"
+                            "digital-clone, with its models) against lipfarm render: same frames and models, "
+                            "whole processes, pairs in turn; prints the ratios (see benchmarks/vs_port.py)")
+    bench.add_argument("--vs-port-frames", type=int, default=250, help="frames of the --vs-port renders")
+    bench.add_argument("--vs-port-python", help="Python that runs the port (needs onnxruntime, Pillow, "
+                                                "librosa; default: this one)")
     bench.set_defaults(func=cmd_bench)
 
 
@@ -72,6 +79,12 @@ def cmd_bench(args, settings: Settings) -> int:
 
         report["recovery"] = run_recovery_bench(settings, redis_db=args.farm_redis_db)
         print(f"recovery: {report['recovery']}")
+    if args.vs_port:
+        from lipfarm.benchmarks.vs_port import print_vs_port, run_vs_port
+
+        report["vs_port"] = run_vs_port(settings, Path(args.vs_port), frames=args.vs_port_frames,
+                                        rounds=args.repeat, threads=threads, python=args.vs_port_python)
+        print_vs_port(report["vs_port"])
     write_report(report, Path(args.json))
     print(f"wrote {args.json}")
     if args.chart:

@@ -57,3 +57,51 @@ def test_watch_bench_times_the_first_playable_segment_and_the_tail(settings, dem
         assert 0 < job["first_playable_s"] <= job["half_playable_s"] <= job["total_s"]
         assert 0 <= job["tail_s"] < job["total_s"]
     assert figures["tail_0.45min_s"] > 0
+
+
+# A stand-in for the earlier port's script (the real one is the user's to fetch): it takes the same
+# arguments and writes one JPEG per frame, so the side-by-side runner is tested end to end.
+_STAND_IN_PORT = '''
+import argparse, pathlib
+import numpy as np
+from PIL import Image
+parser = argparse.ArgumentParser()
+for flag in ("--sanders", "--audio", "--output"):
+    parser.add_argument(flag)
+parser.add_argument("--frames", type=int)
+args = parser.parse_args()
+out = pathlib.Path(args.output)
+out.mkdir(parents=True, exist_ok=True)
+for i in range(1, args.frames + 1):
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(out / f"frame_{i:05d}.jpg")
+'''
+
+
+def test_vs_port_runs_both_in_turn_on_the_same_frames(settings, demo, sanders, tmp_path):
+    import shutil
+
+    from lipfarm.benchmarks.vs_port import PORT_AUDIO, PORT_PACKAGE, PORT_SCRIPT, run_vs_port
+
+    checkout = tmp_path / "digital-clone"
+    shutil.copytree(sanders / "package", checkout / PORT_PACKAGE)
+    (checkout / PORT_PACKAGE / "models").mkdir()
+    shutil.copyfile(demo.encoder, checkout / PORT_PACKAGE / "models" / "audio_encoder.onnx")
+    shutil.copyfile(demo.generator, checkout / PORT_PACKAGE / "models" / "generator.onnx")
+    (checkout / PORT_AUDIO).parent.mkdir()
+    shutil.copyfile(sanders / "audio" / "talk_hb.wav", checkout / PORT_AUDIO)
+    (checkout / PORT_SCRIPT).parent.mkdir()
+    (checkout / PORT_SCRIPT).write_text(_STAND_IN_PORT)
+    report = run_vs_port(settings, checkout, frames=10, rounds=2, threads=1)
+    assert len(report["pairs"]) == 2
+    for pair in report["pairs"]:
+        assert pair["port"]["frames"] == 10 and pair["port"]["peak_rss_mb"] > 5
+        assert pair["lipfarm"]["frames"] == 10 and pair["lipfarm"]["inference"] == "cpu/fp32"
+    assert report["time_ratio_port_over_lipfarm"] > 0 and report["memory_ratio_lipfarm_over_port"] > 0
+
+
+def test_vs_port_names_what_is_missing(settings, tmp_path):
+    from lipfarm.benchmarks.vs_port import run_vs_port
+    from lipfarm.common.errors import InputError
+
+    with pytest.raises(InputError, match="--vs-port"):
+        run_vs_port(settings, tmp_path, frames=10, rounds=1, threads=1)
