@@ -157,3 +157,14 @@ def test_lipfarm_render_says_what_auto_chose(demo, settings, speech_16k, measure
     assert f"precision auto: {first.name}: " in done.stdout
     assert len(list((cache / "choice").glob("*.json"))) == 1  # read from the cache, not measured again
     assert json.loads(next((cache / "choice").glob("*.json")).read_text())["measured"]
+
+
+def test_the_worker_start_line_lists_the_choices_measured_here(demo, settings, measured_cache, monkeypatch, capsys):
+    from lipfarm.cli.farm import _print_inference_line
+
+    cache, first = measured_cache
+    monkeypatch.setenv("LIPFARM_RUNTIME_CACHE_DIR", str(cache))
+    _print_inference_line(settings)
+    lines = capsys.readouterr().out.splitlines()
+    assert "1 model(s) measured here" in lines[0]
+    assert lines[1].startswith(f"  auto: {Path(demo.generator).name} (") and f": {first.name}: " in lines[1]
