@@ -16,10 +16,13 @@ any operator outside the standard ONNX domains and the model's own functions (``
 registers, so such a model could not run anyway). Every refusal names the file and the tensor or node.
 
 Checking a model reads and hashes the whole file and parses its graph (a third of a second for the
-demo models), and one render asks at several places (the command, the plan, each chunk), so
-``inspect_encoder`` and ``inspect_generator`` keep their answers per process, keyed by the file's
-identity (real path, device, inode, size, mtime_ns, ctime_ns): a file replaced or rewritten is
-checked again. A file changed (mtime or ctime) less than ``SETTLE_S`` ago is checked every time,
+demo models, and importing onnx most of a second more), and one render asks at several places (the
+command, the plan, each chunk), so ``inspect_encoder`` and ``inspect_generator`` keep their answers
+per process, keyed by the file's identity (real path, device, inode, size, mtime_ns, ctime_ns): a
+file replaced or rewritten is checked again. The answers are also kept on disk, in the runtime cache
+(``<cache>/runtime/models/``), by that identity and by the SHA-256 of the file's bytes: a later
+process gets an unchanged file's verdict without reading it, and a copy of checked bytes without
+parsing them (nor importing onnx). A file changed (mtime or ctime) less than ``SETTLE_S`` ago is checked every time,
 since a second change within the file system's timestamp granularity could leave its stat unchanged.
 """
 
@@ -225,19 +228,51 @@ def _checked_once(kind: str, path: str | Path, inspect: Callable[[str | Path], _
         if spec is not None:
             _specs[key] = _specs.pop(key)  # most recently used last
     if spec is None:
-        spec = inspect(path)
-        if file_identity(path) == identity:  # unchanged while it was read: the answer is its content's
-            with _specs_lock:
-                _specs[key] = spec
-                while len(_specs) > _CACHE_ENTRIES:
-                    del _specs[next(iter(_specs))]
+        spec = _kept_for_file(kind, identity)
+        if spec is None:
+            spec = inspect(path)
+            if file_identity(path) != identity:  # changed while it was read: the answer may not be its content's
+                return spec
+            _keep_for_file(kind, identity, spec)
+        with _specs_lock:
+            _specs[key] = spec
+            while len(_specs) > _CACHE_ENTRIES:
+                del _specs[next(iter(_specs))]
     return spec if spec.path == str(path) else dataclasses.replace(spec, path=str(path))
+
+
+def _file_parts(kind: str, identity: tuple) -> dict:
+    return {"format": INSPECT_FORMAT, "kind": kind, "file": list(identity)}
+
+
+def _kept_for_file(kind: str, identity: tuple) -> EncoderSpec | GeneratorSpec | None:
+    """The verdict the runtime cache keeps for this version of the file (the same identity the
+    process's own cache trusts): a later process neither reads nor hashes an unchanged model."""
+    cache = _verdicts()
+    found = None if cache is None else cache.load("models", _file_parts(kind, identity))
+    if found is None:
+        return None
+    try:
+        return _SPEC_CLASSES[kind](path=identity[0], **found[0]["spec"])
+    except (KeyError, TypeError):  # a record of another shape: check the model again
+        cache.drop("models", _file_parts(kind, identity))
+        return None
+
+
+def _keep_for_file(kind: str, identity: tuple, spec) -> None:
+    cache = _verdicts()
+    if cache is not None:
+        kept = {k: v for k, v in dataclasses.asdict(spec).items() if k != "path"}
+        cache.store("models", _file_parts(kind, identity), {"spec": kept})
 
 
 def forget_checked_models() -> None:
     """Drop every cached check (for tests, and for callers that must re-read models)."""
     with _specs_lock:
         _specs.clear()
+
+
+_SPEC_CLASSES = {"encoder": EncoderSpec, "generator": GeneratorSpec}
 
 
 def inspect_encoder(path: str | Path) -> EncoderSpec:

@@ -520,10 +520,12 @@ def test_open_runner_finds_the_runtime_cache_in_the_settings(demo, home, monkeyp
 
 
 @pytest.fixture
-def counted_checks(monkeypatch):
-    """Checks cached from the first second (no settling), and a list of the files actually read."""
+def counted_checks(monkeypatch, tmp_path):
+    """Checks cached from the first second (no settling), and a list of the files actually read
+    (with an empty runtime cache: no verdicts kept by earlier tests)."""
     from lipfarm.common import models
 
+    monkeypatch.setenv("LIPFARM_RUNTIME_CACHE_DIR", str(tmp_path / "runtime-cache"))
     models.forget_checked_models()
     monkeypatch.setattr(models, "SETTLE_S", 0.0)
     read = []
@@ -618,7 +620,8 @@ def test_a_verdict_is_kept_in_the_runtime_cache_by_content(demo, tmp_path, monke
     monkeypatch.setenv("LIPFARM_RUNTIME_CACHE_DIR", str(tmp_path / "cache"))
     models.forget_checked_models()
     first = inspect_generator(demo.generator)
-    assert len(list((tmp_path / "cache" / "models").glob("*.json"))) == 1
+    kept = sorted((tmp_path / "cache" / "models").glob("*.json"))  # by content, and by file once settled
+    assert kept
     models.forget_checked_models()  # as a new process would
 
     def no_parse(path, data):
@@ -630,7 +633,28 @@ def test_a_verdict_is_kept_in_the_runtime_cache_by_content(demo, tmp_path, monke
     assert inspect_generator(copy) == dataclasses.replace(first, path=str(copy))
     monkeypatch.undo()
     monkeypatch.setenv("LIPFARM_RUNTIME_CACHE_DIR", str(tmp_path / "cache"))
+    kept = sorted((tmp_path / "cache" / "models").glob("*.json"))
     with pytest.raises(ModelError, match="two inputs"):
         inspect_generator(demo.encoder)
-    assert len(list((tmp_path / "cache" / "models").glob("*.json"))) == 1
+    assert sorted((tmp_path / "cache" / "models").glob("*.json")) == kept
+
+
+def test_an_unchanged_file_is_not_even_read_by_a_later_process(demo, tmp_path, monkeypatch):
+    from lipfarm.common import models
+
+    monkeypatch.setenv("LIPFARM_RUNTIME_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(models, "SETTLE_S", 0.0)
+    models.forget_checked_models()
+    first = inspect_encoder(demo.encoder)
+    models.forget_checked_models()  # as a new process would
+
+    def no_read(path):
+        raise AssertionError("read again")
+
+    monkeypatch.setattr(models, "_read_and_hash", no_read)
+    assert inspect_encoder(demo.encoder) == first
+    os.utime(demo.encoder)  # touched: its identity changes (ctime), so it is read again
+    models.forget_checked_models()
+    with pytest.raises(AssertionError, match="read again"):
+        inspect_encoder(demo.encoder)
     models.forget_checked_models()

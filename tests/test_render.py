@@ -156,6 +156,7 @@ def test_a_render_checks_each_model_once(settings, demo, demo_avatar, short_audi
 
     models.forget_checked_models()
     monkeypatch.setattr(models, "SETTLE_S", 0.0)  # the demo models may have been written a moment ago
+    monkeypatch.setenv("LIPFARM_RUNTIME_CACHE_DIR", str(tmp_path / "runtime-cache"))  # no verdicts kept yet
     read = []
     real = models._read_and_hash
     monkeypatch.setattr(models, "_read_and_hash", lambda path: read.append(str(path)) or real(path))
