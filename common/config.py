@@ -49,9 +49,12 @@ SETTINGS = (
             "S3 access key; if unset, boto3's chain (AWS_ACCESS_KEY_ID, ~/.aws, roles)."),
     Setting("s3_secret_key", "LIPFARM_S3_SECRET_ACCESS_KEY", "", str, "S3 secret key (see above)."),
     Setting("precision", "LIPFARM_PRECISION", defaults.PRECISION, str,
-            "Default precision of new renders and jobs: fp32, bf16 (OpenVINO) or fp16 (CUDA)."),
+            "Default precision of new renders and jobs: fp32, bf16 (OpenVINO), fp16 (CUDA) or auto."),
     Setting("backend", "LIPFARM_BACKEND", defaults.BACKEND, str,
             "Default inference backend: auto, cpu, openvino or cuda."),
+    Setting("auto_min_psnr_db", "LIPFARM_AUTO_MIN_PSNR_DB", defaults.AUTO_MIN_PSNR_DB, float,
+            "`--precision auto`: the lowest PSNR (dB, against fp32 on the job's model) a faster precision may "
+            "have to be chosen; inf: output identical to fp32 only."),
     Setting("inference_threads", "LIPFARM_INFERENCE_THREADS", 0, int,
             "Inference threads per render process; 0 = the process's share of the CPU cores."),
     Setting("worker_concurrency", "LIPFARM_WORKER_CONCURRENCY", defaults.WORKER_CONCURRENCY, int,
@@ -150,6 +153,7 @@ class Settings:
     s3_secret_key: str
     precision: str
     backend: str
+    auto_min_psnr_db: float
     inference_threads: int
     worker_concurrency: int
     cache_dir: Path
