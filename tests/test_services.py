@@ -440,3 +440,24 @@ def test_two_farms_on_one_storage_each_rebuild_only_their_own_jobs(tmp_path, hom
 
     clash = lipfarm({**env_a, "LIPFARM_FARM_ID": "farm-b"}, "reconcile")  # two ids for one Redis: refused
     assert clash.returncode == 5 and "farm" in one_line(clash.stderr)
+
+
+def test_whose_temporary_folders_are_swept(tmp_path):
+    """Dead here (gone, a zombie, an earlier boot) are swept; alive, or another host's, stay."""
+    import socket
+
+    from lipfarm.common import scratch
+
+    child = subprocess.Popen(["true"])
+    until(lambda: Path(f"/proc/{child.pid}/stat").read_text().split(")")[1].split()[0] == "Z", what="a zombie")
+    zombie = scratch.root_name(child.pid)
+    alive = scratch.root_name()
+    host, boot = socket.gethostname(), scratch.boot_id()
+    earlier_boot = alive.replace(f".{boot}.", ".ffffffff." if boot != "ffffffff" else ".00000000.", 1)
+    other_host = alive.replace(f".{host}.", f".{host}-elsewhere.", 1)
+    for name in (zombie, alive, earlier_boot, other_host):
+        (tmp_path / name / "lipfarm-chunk-x").mkdir(parents=True)
+    removed = {p.name for p in scratch.sweep(tmp_path)}
+    child.wait()
+    assert removed == {zombie, earlier_boot}
+    assert (tmp_path / alive).is_dir() and (tmp_path / other_host).is_dir()
