@@ -1,4 +1,4 @@
-"""A farm beside services it does not own (docs/farm.md): a Redis that may evict keys, a Redis that
+"""A farm beside services it does not own (docs/shared-services.md): a Redis that may evict keys, a Redis that
 is full, a disk that fills at publication, processes killed with -9, two farms on one storage.
 
 Every case is real: redis-server processes of the tests' own on free ports, ``lipfarm`` commands as
