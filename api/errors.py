@@ -9,6 +9,8 @@ the CLI prints, ``field`` names the request field at fault where there is one. T
   ``NotFoundError`` 404; ``ServiceError`` 503; other ``LipfarmError`` (a job failed, cancelled) 409;
 - Starlette's own HTTP errors (an unknown path, a wrong method): their status;
 - anything else is a bug: 500 ``internal``, logged with its traceback under an id the body names.
+
+Messages name no server path and not the farm's storage URL (``api.redact``): those are the operator's.
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ from lipfarm.api.schemas import ErrorBody
 log = logging.getLogger("lipfarm.api")
 
 _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-               405: "method_not_allowed", 409: "conflict", 413: "too_large", 415: "unsupported_media_type",
-               422: "invalid", 503: "service_unavailable"}
+               405: "method_not_allowed", 408: "request_timeout", 409: "conflict", 413: "too_large", 415: "unsupported_media_type",
+               422: "invalid", 429: "too_many_requests", 503: "service_unavailable"}
 
 
 class ApiError(Exception):
@@ -47,17 +49,24 @@ def error_response(status: int, code: str, message: str, field: str | None = Non
                         headers=headers)
 
 
-def lipfarm_error_response(exc: LipfarmError, field: str | None = None) -> JSONResponse:
+def lipfarm_error_response(exc: LipfarmError, field: str | None = None, message: str | None = None) -> JSONResponse:
     """The answer to a ``LipfarmError`` raised by the functions the routes call (see the module docstring)."""
+    message = str(exc) if message is None else message
     if isinstance(exc, ModelError):
-        return error_response(422, "bad_model", str(exc), field or exc.field)
+        return error_response(422, "bad_model", message, field or exc.field)
     if isinstance(exc, InputError):
-        return error_response(422, "invalid", str(exc), field or exc.field)
+        return error_response(422, "invalid", message, field or exc.field)
     if isinstance(exc, NotFoundError):
-        return error_response(404, "not_found", str(exc), field)
+        return error_response(404, "not_found", message, field)
     if isinstance(exc, ServiceError):
-        return error_response(503, "service_unavailable", str(exc), field)
-    return error_response(409, "conflict", str(exc), field)
+        return error_response(503, "service_unavailable", message, field)
+    return error_response(409, "conflict", message, field)
+
+
+def _public(request: Request, message: str) -> str:
+    """``message`` without the farm's storage URL or server paths (``redact``)."""
+    the_farm = getattr(request.app.state, "farm", None)
+    return the_farm.redactor().text(message) if the_farm is not None else message
 
 
 def _validation_field(error: dict) -> str | None:
@@ -66,11 +75,11 @@ def _validation_field(error: dict) -> str | None:
 
 
 async def _on_api_error(request: Request, exc: ApiError) -> JSONResponse:
-    return error_response(exc.status, exc.code, exc.message, exc.field, exc.headers)
+    return error_response(exc.status, exc.code, _public(request, exc.message), exc.field, exc.headers)
 
 
 async def _on_lipfarm_error(request: Request, exc: LipfarmError) -> JSONResponse:
-    return lipfarm_error_response(exc)
+    return lipfarm_error_response(exc, message=_public(request, str(exc)))
 
 
 async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -106,5 +115,6 @@ def documented(*statuses: int) -> dict:
     words = {401: "No token, or a token the farm does not know", 403: "A read-only token asked to write",
              404: "Not found", 409: "Conflicts with the current state", 413: "The upload is larger than allowed",
              415: "Not the content type this operation takes", 422: "Bad input, naming the field",
+             429: "Over the tenant's requests per second or queued jobs (see Retry-After and RateLimit)",
              503: "A service the farm needs is unreachable"}
     return {status: {"model": ErrorBody, "description": words[status]} for status in statuses}

@@ -3,8 +3,9 @@
 The state store lists job ids newest first (``job_ids``). A cursor holds the last job a page showed
 and its position then; the next page starts right after that job, wherever newer submissions have
 pushed it since, so a page never repeats or skips a job because others arrived meanwhile. A state
-filter reads each job's record until the page is full, looking through at most
-``API_LIST_SCAN_JOBS`` jobs per page (a page may then be short, with a cursor to go on from).
+filter, and the tenant filter every token but an admin's gets, read each job's record until the page
+is full, looking through at most ``API_LIST_SCAN_JOBS`` jobs per page (a page may then be short, with
+a cursor to go on from).
 """
 
 from __future__ import annotations
@@ -51,16 +52,18 @@ def _start(ids: list[str], cursor: str | None) -> int:
         return position + 1  # the job is gone (a flushed Redis being rebuilt): go on by position
 
 
-def page_of_jobs(store: StateStore, *, state: JobState | None, limit: int, cursor: str | None) -> Page:
-    """The ids of one page of jobs (of ``state``, if given), and the cursor of the next page."""
+def page_of_jobs(store: StateStore, *, state: JobState | None, limit: int, cursor: str | None,
+                 tenant: str | None = None) -> Page:
+    """The ids of one page of jobs (of ``state`` and ``tenant``, where given), and the next page's cursor."""
     position = decode_cursor(cursor)[0] if cursor else 0
-    scan = limit if state is None else defaults.API_LIST_SCAN_JOBS
+    filtered = state is not None or tenant is not None
+    scan = defaults.API_LIST_SCAN_JOBS if filtered else limit
     ids = store.job_ids(position + _LOOKAHEAD + scan + 1)
     start = _start(ids, cursor)
     found: list[str] = []
     index = start
     for index in range(start, min(len(ids), start + scan)):
-        if state is None or _state(store, ids[index]) == state:
+        if not filtered or _matches(store, ids[index], state, tenant):
             found.append(ids[index])
             if len(found) == limit:
                 break
@@ -70,8 +73,9 @@ def page_of_jobs(store: StateStore, *, state: JobState | None, limit: int, curso
     return Page(found, encode_cursor(index, ids[index]) if more and index >= 0 else None)
 
 
-def _state(store: StateStore, job_id: str) -> JobState | None:
+def _matches(store: StateStore, job_id: str, state: JobState | None, tenant: str | None) -> bool:
     try:
-        return store.job(job_id).state
+        record = store.job(job_id)
     except NotFoundError:
-        return None
+        return False
+    return (state is None or record.state == state) and (tenant is None or record.tenant == tenant)

@@ -37,7 +37,7 @@ def _avatar_view(avatar: Avatar) -> dict:
             "layout": str(avatar.source.get("layout", ""))}
 
 
-@router.get("", response_model=AvatarList, summary="List avatars", responses=documented(401, 503))
+@router.get("", response_model=AvatarList, summary="List avatars", responses=documented(401, 429, 503))
 def list_avatars(token: ApiToken = Depends(reader), the_farm: Farm = Depends(farm)) -> dict:
     store, found = the_farm.avatars(), []
     for name in store.names():
@@ -59,7 +59,7 @@ def _archive_body() -> dict:
 
 
 @router.post("", status_code=201, response_model=AvatarCreated, summary="Import an avatar from an archive",
-             openapi_extra={"requestBody": _archive_body()}, responses=documented(401, 403, 409, 413, 415, 422, 503))
+             openapi_extra={"requestBody": _archive_body()}, responses=documented(401, 403, 409, 413, 415, 422, 429, 503))
 async def create_avatar(request: Request, token: ApiToken = Depends(writer), the_farm: Farm = Depends(farm)) -> dict:
     """The archive is checked member by member before anything is extracted, then imported as by
     ``lipfarm avatar import``. 409 if the name is taken, unless ``replace`` is true."""

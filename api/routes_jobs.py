@@ -11,7 +11,6 @@ from fastapi.concurrency import run_in_threadpool
 
 from lipfarm.common import defaults
 from lipfarm.common.state import ApiToken, JobState
-from lipfarm.common.storage.layout import checked_part
 from lipfarm.api.auth import reader, writer
 from lipfarm.api.context import Farm, farm
 from lipfarm.api.errors import ApiError, documented
@@ -45,14 +44,15 @@ async def _job_request(request: Request, folder: Path, the_farm: Farm) -> JobReq
 
 
 def _view(the_farm: Farm, job_id: str) -> dict:
-    return job_view(the_farm.store().status(job_id, now=time.time()), the_farm.signer(), now=time.time())
+    return job_view(the_farm.store().status(job_id), the_farm.signer(), now=time.time(),
+                    public=the_farm.redactor().text)
 
 
 @router.post("", status_code=201, response_model=Job, summary="Submit a job",
              openapi_extra={"requestBody": request_body_schema()},
              responses={200: {"model": Job, "description": "The job an earlier request with this idempotency key "
                                                             "made, with the same parameters"},
-                        **documented(401, 403, 404, 409, 413, 415, 422, 503)})
+                        **documented(401, 403, 404, 409, 413, 415, 422, 429, 503)})
 async def create_job(request: Request, response: Response,
                      idempotency_key: str | None = Header(None, alias="Idempotency-Key", max_length=255),
                      token: ApiToken = Depends(writer), the_farm: Farm = Depends(farm)) -> dict:
@@ -66,40 +66,44 @@ async def create_job(request: Request, response: Response,
     return await run_in_threadpool(_view, the_farm, submitted.handle.job_id)
 
 
-@router.get("", response_model=JobList, summary="List jobs, newest first", responses=documented(401, 422, 503))
+@router.get("", response_model=JobList, summary="List jobs, newest first (the token's tenant's; an admin's: all)",
+            responses=documented(401, 422, 429, 503))
 def list_jobs(state: JobStateName | None = Query(None, description="only jobs in this state"),
               limit: int = Query(defaults.API_PAGE_JOBS, ge=1, le=defaults.API_MAX_PAGE_JOBS),
               cursor: str | None = Query(None, max_length=512, description="next_cursor of the previous page"),
               token: ApiToken = Depends(reader), the_farm: Farm = Depends(farm)) -> dict:
     store, now = the_farm.store(), time.time()
-    page = page_of_jobs(store, state=JobState(state) if state else None, limit=limit, cursor=cursor)
+    page = page_of_jobs(store, state=JobState(state) if state else None, limit=limit, cursor=cursor,
+                        tenant=None if token.admin else token.tenant)
     signer = the_farm.signer()
-    return {"jobs": [job_view(store.status(job_id, now=now), signer, now=now) for job_id in page.job_ids],
+    public = the_farm.redactor().text
+    return {"jobs": [job_view(status, signer, now=now, public=public) for status in store.statuses(page.job_ids)],
             "next_cursor": page.next_cursor}
 
 
 @router.get("/{job_id}", response_model=Job, summary="A job's state and progress",
-            responses=documented(401, 404, 422, 503))
+            responses=documented(401, 404, 422, 429, 503))
 def get_job(job_id: str = JOB_ID, token: ApiToken = Depends(reader), the_farm: Farm = Depends(farm)) -> dict:
-    return _view(the_farm, checked_part(job_id, "job_id"))
+    """404 for another tenant's job, as for one that does not exist (an admin token sees all)."""
+    return _view(the_farm, the_farm.owned(job_id, token).job_id)
 
 
 @router.delete("/{job_id}", response_model=Job, summary="Cancel a job",
-               responses=documented(401, 403, 404, 409, 422, 503))
+               responses=documented(401, 403, 404, 409, 422, 429, 503))
 def cancel_job(job_id: str = JOB_ID, token: ApiToken = Depends(writer), the_farm: Farm = Depends(farm)) -> dict:
     """Running chunks stop at their next batch, queued ones are dropped; nothing is published.
     409 if the job had already ended."""
-    handle = the_farm.handle(job_id)
+    handle = the_farm.handle(job_id, token)
     if not handle.cancel():
         raise ApiError(409, f"job {job_id} already ended: {handle.status().state.value}", field="job_id")
     return _view(the_farm, job_id)
 
 
 @router.post("/{job_id}/resume", response_model=Job, summary="Go on with a failed or cancelled job",
-             responses=documented(401, 403, 404, 409, 422, 503))
+             responses=documented(401, 403, 404, 409, 422, 429, 503))
 def resume_job(job_id: str = JOB_ID, token: ApiToken = Depends(writer), the_farm: Farm = Depends(farm)) -> dict:
     """Its unfinished chunks are queued again (committed ones are kept). 409 unless it failed or was cancelled."""
-    handle = the_farm.handle(job_id)
+    handle = the_farm.handle(job_id, token)
     state = handle.status().state
     if state not in (JobState.FAILED, JobState.CANCELLED):
         raise ApiError(409, f"job {job_id} is {state.value}: only a failed or cancelled job can be resumed",

@@ -25,7 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from lipfarm.common import metrics
 from lipfarm.common.errors import ServiceError
 from lipfarm.common.state.connection import mask_url
-from lipfarm.api.auth import bearer, reader
+from lipfarm.api.auth import authenticated, bearer
 from lipfarm.api.context import Farm, farm
 
 router = APIRouter(tags=["metrics"])
@@ -35,7 +35,7 @@ router = APIRouter(tags=["metrics"])
 async def farm_metrics(credentials: HTTPAuthorizationCredentials | None = Security(bearer),
                        the_farm: Farm = Depends(farm)) -> Response:
     if the_farm.settings.api_metrics_auth:
-        await run_in_threadpool(reader, credentials, the_farm)
+        await run_in_threadpool(authenticated, credentials, the_farm)
     families = await run_in_threadpool(read_farm, the_farm)
     return Response(generate_latest(_Families(families)), media_type=CONTENT_TYPE_LATEST)
 

@@ -44,7 +44,7 @@ def _store_model(the_farm: Farm, upload: UploadedFile) -> dict:
 
 
 @router.post("", status_code=201, response_model=Model, summary="Upload a model",
-             openapi_extra={"requestBody": _BODY}, responses=documented(401, 403, 413, 415, 422, 503))
+             openapi_extra={"requestBody": _BODY}, responses=documented(401, 403, 413, 415, 422, 429, 503))
 async def upload_model(request: Request, token: ApiToken = Depends(writer), the_farm: Farm = Depends(farm)) -> dict:
     """Checked against the model contract, stored by content: submit with its ``sha256`` as
     ``encoder`` or ``generator``."""
@@ -66,6 +66,6 @@ def _listing(the_farm: Farm) -> dict:
     return {"models": models}
 
 
-@router.get("", response_model=ModelList, summary="List the farm's models", responses=documented(401, 503))
+@router.get("", response_model=ModelList, summary="List the farm's models", responses=documented(401, 429, 503))
 def list_models(token: ApiToken = Depends(reader), the_farm: Farm = Depends(farm)) -> dict:
     return _listing(the_farm)

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Depends, Path as PathParam
 from fastapi.responses import FileResponse, RedirectResponse, Response
 
 from lipfarm.common.errors import NotFoundError
-from lipfarm.common.state import JobState
+from lipfarm.common.state import ApiToken, JobState
 from lipfarm.common.storage import Storage
 from lipfarm.common.storage.layout import checked_part
 from lipfarm.api.auth import signed_or_reader
@@ -42,16 +42,17 @@ def _serve(storage: Storage, key: str, *, cache: str) -> Response:
 
 
 @router.get("/{job_id}/output", summary="A done job's video (a signed URL or a token)", response_class=Response,
-            responses={**_PLAYER, **documented(401, 404, 409, 422, 503)})
-def job_output(job_id: str = JOB_ID, allowed: None = Depends(signed_or_reader), the_farm: Farm = Depends(farm)):
-    record = the_farm.store().job(checked_part(job_id, "job_id"))
+            responses={**_PLAYER, **documented(401, 404, 409, 422, 429, 503)})
+def job_output(job_id: str = JOB_ID, token: ApiToken | None = Depends(signed_or_reader),
+               the_farm: Farm = Depends(farm)):
+    record = the_farm.owned(job_id, token)
     if record.state != JobState.DONE or not record.output_key:
         raise ApiError(409, f"job {job_id} is {record.state.value}: it has no output yet", field="job_id")
     return _serve(the_farm.storage_at(record.storage_url), record.output_key, cache="private, max-age=3600")
 
 
 @router.get("/{job_id}/live/{expires}/{signature}/{name}", summary="A file of a job's live HLS playlist",
-            response_class=Response, responses={**_PLAYER, **documented(401, 404, 422, 503)})
+            response_class=Response, responses={**_PLAYER, **documented(401, 404, 422, 429, 503)})
 def live_file(job_id: str = JOB_ID, expires: int = PathParam(ge=0), signature: str = PathParam(max_length=128),
               name: str = PathParam(pattern=ID_PATTERN),
               the_farm: Farm = Depends(farm)):
@@ -59,7 +60,7 @@ def live_file(job_id: str = JOB_ID, expires: int = PathParam(ge=0), signature: s
     if not the_farm.signer().valid(live_folder(job_id), expires, signature, now=time.time()):
         raise ApiError(401, "the signed URL is invalid or has expired: fetch the job again for a fresh one",
                        field="signature")
-    status = the_farm.store().status(checked_part(job_id, "job_id"), now=time.time())
+    status = the_farm.store().status(checked_part(job_id, "job_id"))
     playlist = getattr(status, "playlist_key", "") or ""
     if not playlist:
         raise NotFoundError(f"job {job_id} has no live playlist")

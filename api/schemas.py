@@ -42,13 +42,16 @@ class Webhook(BaseModel):
     state: Literal["pending", "delivered", "failed"] = Field(description="failed: given up after LIPFARM_WEBHOOK_RETRY_S")
     attempts: int
     last_status: int = Field(description="the HTTP status of the last answer; 0 when there was none")
-    last_error: str
+    last_error: str = Field(description='"" when a receiver answered; otherwise "no HTTP answer" or '
+                                        '"refused: not a public address" (never an error\'s own text: it would map '
+                                        'the farm\'s network)')
     next_at: float | None = Field(description="when the next attempt goes, while pending")
     delivered_at: float | None
 
 
 class Job(BaseModel):
     id: str
+    tenant: str = Field(description="whose job: the tenant of the token that submitted it")
     state: JobStateName
     priority: str
     avatar: str
@@ -104,3 +107,5 @@ class ModelList(BaseModel):
 class Health(BaseModel):
     status: Literal["ok", "unavailable"]
     checks: dict[str, str] = Field(description='"ok", or why the service does not answer')
+    clock_drift_s: float | None = Field(None, description="this API host's clock minus Redis's, in seconds")
+    warnings: list[str] = Field(default_factory=list, description="what is worth a look though the API serves")

@@ -76,7 +76,7 @@ def _checked(farm: Farm, request: JobRequest) -> dict:
     """The keyword arguments of ``submit_job``, every cheap check passed."""
     params = request.params
     options = render_options(params, farm.settings)
-    webhook_url = check_webhook_url(params.webhook_url) if params.webhook_url else ""
+    webhook_url = check_webhook_url(params.webhook_url, farm.settings.outbound_allow) if params.webhook_url else ""
     encoder, generator = _models(farm, params)
     avatars = farm.avatars()
     try:
@@ -107,11 +107,28 @@ def _submit(settings: Settings, request: JobRequest, job_id: str, job: dict) -> 
         raise ApiError(404, str(exc), field="audio_key") from None
 
 
+def _within_quota(farm: Farm, token: ApiToken) -> None:
+    """429 if the token's tenant has as many jobs not yet ended as it may (``lipfarm tenant set --max-queued``)."""
+    tenants = farm.tenants()
+    limit = tenants.get(token.tenant).max_queued
+    if limit <= 0:
+        return
+    unfinished = tenants.unfinished_jobs(token.tenant)
+    if unfinished >= limit:
+        wait = defaults.TENANT_QUEUED_RETRY_S
+        raise ApiError(429, f"tenant '{token.tenant}' has {unfinished} jobs not yet ended, its limit: submit again "
+                            "once one ends", code="too_many_jobs", field="tenant",
+                       headers={"Retry-After": str(wait), "RateLimit-Policy": f'"queued";q={limit}',
+                                "RateLimit": f'"queued";r=0;t={wait}'})
+
+
 def submit_request(farm: Farm, token: ApiToken, request: JobRequest, header_key: str | None) -> Submitted:
-    """Submit ``request`` (idempotently where it carries a key); see the module docstring."""
-    job = _checked(farm, request)
+    """Submit ``request`` (idempotently where it carries a key) as a job of the token's tenant, within
+    its quota of jobs not yet ended; see the module docstring."""
+    job = {**_checked(farm, request), "tenant": token.tenant}
     key = request.params.idempotency_key or header_key
     if not key:
+        _within_quota(farm, token)
         return Submitted(_submit(farm.settings, request, new_job_id(), job), True)
     tokens = farm.tokens()
     prints = fingerprint(request.params, request.audio)
@@ -120,6 +137,7 @@ def submit_request(farm: Farm, token: ApiToken, request: JobRequest, header_key:
     if not claim.won:
         return Submitted(_earlier(farm, key, claim, prints), False)
     try:
+        _within_quota(farm, token)  # a retry of a job already made is answered above, whatever the quota
         handle = _submit(farm.settings, request, claim.job_id, job)
     except (LipfarmError, ApiError):
         if farm.store().exists(claim.job_id):  # made, then failed (its plan could not be queued): keep it
@@ -139,4 +157,5 @@ def _earlier(farm: Farm, key: str, claim: IdempotencyClaim, prints: str) -> JobH
     if claim.done or farm.store().exists(claim.job_id):
         return farm.handle(claim.job_id)
     raise ApiError(409, f"a request with idempotency key {key!r} is still being submitted: try again shortly",
-                   code="idempotency_in_progress", field="idempotency_key")
+                   code="idempotency_in_progress", field="idempotency_key",
+                   headers={"Retry-After": str(defaults.IDEMPOTENCY_RETRY_AFTER_S)})

@@ -7,18 +7,22 @@ its limit the request is refused with 413, before the rest of the body is read (
 bounded too. Starlette's own form parser spools to disk as well, but has no size limit for files;
 FastAPI's ``UploadFile`` parameters would also read the whole body before the route could refuse it.
 
+Each piece of a body must come within ``LIPFARM_API_BODY_TIMEOUT_S`` of the one before: a client that
+declares a body and stops sending it is answered 408 and its connection closed, not waited for.
+
 Writes to the temporary file happen on the event loop: they are small (the chunks the server
 receives) and go to the page cache.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import AsyncIterator, BinaryIO, Iterator
 
 from fastapi import Request
 from python_multipart.exceptions import MultipartParseError
@@ -144,6 +148,22 @@ def _boundary(request: Request) -> bytes:
     return options[b"boundary"]
 
 
+async def body_pieces(request: Request) -> AsyncIterator[bytes]:
+    """The body as it arrives; 408 (closing the connection) when the next piece takes longer than
+    ``LIPFARM_API_BODY_TIMEOUT_S``."""
+    timeout_s = request.app.state.farm.settings.api_body_timeout_s
+    pieces = request.stream().__aiter__()
+    while True:
+        try:
+            piece = await asyncio.wait_for(pieces.__anext__(), timeout_s)
+        except StopAsyncIteration:
+            return
+        except asyncio.TimeoutError:
+            raise ApiError(408, f"body: nothing arrived for {timeout_s:g} s (LIPFARM_API_BODY_TIMEOUT_S)",
+                           code="request_timeout", field="body", headers={"Connection": "close"}) from None
+        yield piece
+
+
 def _declared_length(request: Request) -> int | None:
     text = request.headers.get("content-length", "")
     return int(text) if text.isdigit() else None
@@ -161,7 +181,7 @@ async def read_form(request: Request, folder: Path, *, file_limits: dict[str, in
     parts = _Parts(folder, file_limits)
     parser = MultipartParser(boundary, parts.callbacks())
     try:
-        async for chunk in request.stream():
+        async for chunk in body_pieces(request):
             parser.write(chunk)
         parser.finalize()
     except MultipartParseError as exc:
@@ -179,7 +199,7 @@ async def read_json(request: Request, *, limit: int = JSON_LIMIT_BYTES) -> objec
     if declared is not None and declared > limit:
         raise _too_large("body", limit)
     body = bytearray()
-    async for chunk in request.stream():
+    async for chunk in body_pieces(request):
         body += chunk
         if len(body) > limit:
             raise _too_large("body", limit)

@@ -53,7 +53,8 @@ from lipfarm.common.audio import ArrayPcm, load_16k
 from lipfarm.common.avatar import Avatar, AvatarStore, pingpong_indices
 from lipfarm.common.config import SETTINGS, Settings
 from lipfarm.demo.assets import DemoAssets, ensure_demo_assets
-from lipfarm.common.features import audio_inputs, frame_count
+from lipfarm.common.features import audio_inputs
+from lipfarm.common.timeline import frame_count
 from lipfarm.common.models import inspect_encoder, inspect_generator
 from lipfarm.common.options import RenderOptions
 from lipfarm.common.runtime import CACHE_DIR_ENV, cpu_has_native_bf16, open_runner, resolve_backend, run_encoder

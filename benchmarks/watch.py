@@ -26,7 +26,7 @@ from lipfarm.benchmarks.farm import bench_database, release_database, repeated_s
 from lipfarm.common import defaults
 from lipfarm.common.audio import MIN_SAMPLES_16K
 from lipfarm.common.config import Settings, load_settings
-from lipfarm.common.features import frame_count
+from lipfarm.common.timeline import frame_count
 from lipfarm.common.identity import new_job_id, this_process
 from lipfarm.job.jobfiles import CommitMarker, JobFiles
 from lipfarm.common.options import RenderOptions

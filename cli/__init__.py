@@ -29,7 +29,8 @@ COMMAND_GROUPS = ("render", "avatars", "jobs", "farm", "service", "cluster", "be
 # The group of each command: a fast path only (a command missing here, or moved, gets the full parser).
 _GROUP_OF = {"render": "render", "demo": "render", "avatar": "avatars", "submit": "jobs", "status": "jobs",
              "jobs": "jobs", "cancel": "jobs", "watch": "jobs", "resume": "jobs", "worker": "farm",
-             "flower": "farm", "reconcile": "farm", "api": "service", "token": "service", "cluster": "cluster",
+             "flower": "farm", "reconcile": "farm", "api": "service", "token": "service",
+             "tenant": "service", "cluster": "cluster",
              "bench": "bench",
              "config": "settings"}
 

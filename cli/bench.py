@@ -13,7 +13,7 @@ def add_commands(commands) -> None:
     bench.add_argument("--json", required=True, help="where to write the figures")
     bench.add_argument("--precisions", default="fp32",
                        help="comma-separated runs: fp32,bf16,fp16, or backend:precision (openvino:fp32); "
-                            "empty: no local runs (only --farm, --watch, --memory or --recovery)")
+                            "empty: no local runs (only --farm, --watch, --memory, --recovery or --load)")
     bench.add_argument("--backend", help="backend for all runs (default: the setting, auto)")
     bench.add_argument("--threads", type=int, default=0, help="inference threads (default: all cores)")
     bench.add_argument("--batch-frames", type=int, default=defaults.UNET_BATCH_FRAMES,
@@ -37,6 +37,13 @@ def add_commands(commands) -> None:
     bench.add_argument("--memory", action="store_true", help="also measure peak memory, 1-min vs 30-min job")
     bench.add_argument("--recovery", action="store_true",
                        help="also measure how long recoveries take at the default settings (real workers killed)")
+    bench.add_argument("--load", action="store_true",
+                       help="also simulate the farm's scheduling at scale on this Redis (no rendering): claims/s, "
+                            "latencies, memory per job, fair share, recovery pass")
+    bench.add_argument("--load-jobs", type=int, default=1000, help="queued jobs for --load")
+    bench.add_argument("--load-workers", type=int, default=200, help="simulated workers for --load")
+    bench.add_argument("--load-chunks", default="50-500", help="chunks per job for --load, MIN-MAX")
+    bench.add_argument("--load-claims", type=int, default=20000, help="claims (each with a commit) to simulate")
     bench.set_defaults(func=cmd_bench)
 
 
@@ -68,6 +75,8 @@ def cmd_bench(args, settings: Settings) -> int:
 
         report["recovery"] = run_recovery_bench(settings, redis_db=args.farm_redis_db)
         print(f"recovery: {report['recovery']}")
+    if args.load:
+        report["load"] = _load(args, settings)
     write_report(report, Path(args.json))
     print(f"wrote {args.json}")
     if args.chart:
@@ -97,3 +106,19 @@ def _watch(args, settings: Settings) -> dict:
               f"half {watch[kind]['half_playable_s']} s, tail {watch[kind]['tail_s']} s after submit")
     print(f"finalizer tail, 10-minute job: {watch['tail_10min_s']} s")
     return watch
+
+
+def _load(args, settings: Settings) -> dict:
+    from lipfarm.benchmarks.load import LoadConfig, run_load_bench
+
+    low, _, high = args.load_chunks.partition("-")
+    config = LoadConfig(workers=args.load_workers, jobs=args.load_jobs, chunks_min=int(low),
+                        chunks_max=int(high or low), claims=args.load_claims)
+    figures = run_load_bench(settings, config, redis_db=args.farm_redis_db)
+    print(f"load: {figures['jobs']} jobs, {figures['chunks']} chunks, {figures['workers']} simulated workers: "
+          f"{figures['claims_and_commits_per_s']} claims+commits/s, claim p50/p99 "
+          f"{figures['claim_ms']['p50']}/{figures['claim_ms']['p99']} ms, "
+          f"{figures['redis_bytes_per_chunk']} B/chunk, recovery pass {figures['recovery_pass_s']} s, "
+          f"job list {figures['job_list_s']} s, tenant share {figures['tenant_share']}, "
+          f"short-job slowdown {figures['short_job_slowdown']}")
+    return figures

@@ -9,7 +9,6 @@ import shutil
 import socket
 import sys
 import tempfile
-import time
 
 from lipfarm.common import defaults
 from lipfarm.common.config import Settings
@@ -20,7 +19,8 @@ def add_commands(commands) -> None:
     worker = commands.add_parser("worker", help="run a Celery worker (render, plan, finalize)")
     worker.add_argument("--concurrency", type=int, default=0,
                         help="render processes (default: LIPFARM_WORKER_CONCURRENCY, 1)")
-    worker.add_argument("--queues", default="jobs,render,finalize", help="queues to take work from")
+    worker.add_argument("--queues", default="jobs,finalize,render",  # celery_app.QUEUES (not imported: the CLI starts fast)
+                        help="queues to take work from, in the order read at each priority step")
     worker.add_argument("--hostname", help="Celery node name (default lipfarm-<pid>@<host>)")
     worker.add_argument("--loglevel", default="INFO")
     worker.add_argument("--metrics-port", type=int, default=0,
@@ -125,7 +125,7 @@ def cmd_reconcile(args, settings: Settings) -> int:
         return 0
     store, storage_at = connect_recovery(settings)
     _print_report(reconcile(store=store, storage=storage_at(settings.storage_url), settings=settings,
-                            now=time.time(), enqueue=enqueue, rebuild=args.rebuild, storage_at=storage_at),
+                            enqueue=enqueue, rebuild=args.rebuild, storage_at=storage_at),
                   always=True)
     return 0
 

@@ -77,7 +77,7 @@ def cmd_status(args, settings: Settings) -> int:
     from lipfarm.scheduler.submit import connect_farm
 
     checked_part(args.job, "job id")
-    status = connect_farm(settings).status(args.job, now=time.time())
+    status = connect_farm(settings).status(args.job)
     if args.json:
         print(json.dumps(status.to_dict(), indent=2))
         return 0
@@ -114,8 +114,8 @@ def cmd_jobs(args, settings: Settings) -> int:
         print("no jobs")
         return 0
     print(f"{'job':<24} {'state':<11} {'frames':>15} {'priority':<8} {'submitted':<19} avatar / audio")
-    for job_id in ids:
-        s = store.status(job_id, now=time.time())
+    for s in store.statuses(ids):
+        job_id = s.job_id
         when = datetime.fromtimestamp(s.created_at).strftime("%Y-%m-%d %H:%M:%S")
         print(f"{job_id:<24} {s.state.value:<11} {f'{s.frames_done}/{s.frames_total}':>15} "
               f"{s.priority:<8} {when:<19} {s.avatar} / {s.audio}")
@@ -163,7 +163,7 @@ def cmd_watch(args, settings: Settings) -> int:
 
     checked_part(args.job, "job id")
     store = connect_farm(settings)
-    status = store.status(args.job, now=time.time())
+    status = store.status(args.job)
     total_s = status.frames_total / defaults.FPS if status.frames_total else None
     shown = False
     with tqdm(total=total_s, unit="s", desc=f"{args.job} playable", dynamic_ncols=True,
@@ -179,6 +179,6 @@ def cmd_watch(args, settings: Settings) -> int:
             if status.state.terminal:
                 break
             time.sleep(1.0)
-            status = store.status(args.job, now=time.time())
+            status = store.status(args.job)
     print(f"job {args.job}: {status.state.value}" + (f"; output: {status.output_location}" if status.output_location else ""))
     return 0 if status.state.value == "done" else 6 if status.state.value == "failed" else 7

@@ -10,7 +10,7 @@ from lipfarm.common.state.connection import mask_url
 
 def add_commands(commands) -> None:
     config = commands.add_parser("config", help="print the settings in effect")
-    config.add_argument("--markdown", action="store_true", help="the settings table for the README")
+    config.add_argument("--markdown", action="store_true", help="the settings table (docs/configuration.md)")
     config.set_defaults(func=cmd_config)
 
 

@@ -5,8 +5,14 @@
 - Prefetch 1: a worker reserves only the chunk it runs, so others can take the rest.
 - Soft time limit < hard time limit < Redis visibility timeout: a chunk is never redelivered while
   it may still be running for a legitimate reason; duplicates that do happen are fenced at commit.
-- Three queues: ``jobs`` (planning, reconciling), ``render`` (chunks), ``finalize`` (stitching).
-- Priorities: Redis lists per priority step; high=0 runs before normal=3 before low=6.
+- Three queues: ``jobs`` (planning, webhooks), ``finalize`` (stitching), ``render`` (chunks).
+- Priorities: Redis lists per priority step; a worker reads step by step, and within a step the
+  queues in the order it names them (``jobs,finalize,render``). Job priorities give render steps
+  1, 4, 7 (each with a front step just before it for a fast start's first chunks); plans,
+  finalizers and webhooks always go on step 0, so however long the render backlog, a new job is
+  planned and a complete job published by the next worker that frees up (publication is never
+  starved by renders of lower or equal priority).
+- Results are not kept (``task_ignore_result``): nothing reads them; the state store holds the truth.
 - No chords: the committing chunk that completes a job enqueues its finalizer (``common.state``).
 - JSON only: the broker is a network service, and a pickled message is code run by whoever can
   write to it. Workers refuse any other content type before decoding it (``accept_content``).
@@ -22,6 +28,8 @@ Configuration is read from the environment when this module is imported (no I/O 
 
 from __future__ import annotations
 
+import base64
+import json
 
 import redis
 from celery import Celery
@@ -37,7 +45,9 @@ from lipfarm.common.state.connection import mask_url, redis_tls_options, url_wit
 # priority has two steps: its front, for a fast start's first chunks, then its own.
 PRIORITIES = dict(zip(defaults.PRIORITIES, (1, 4, 7)))
 PRIORITY_STEPS = [0, 1, 3, 4, 6, 7, 9]
-QUEUES = ("jobs", "render", "finalize")
+QUEUES = ("jobs", "finalize", "render")  # the order a worker reads them in at each priority step
+# Plans, finalizers and webhooks: ahead of every render, whatever the job's priority.
+CONTROL_PRIORITY = 0
 TASK_PLAN = "lipfarm.plan_job"
 TASK_RENDER = "lipfarm.render_chunk"
 TASK_FINALIZE = "lipfarm.finalize_job"
@@ -82,6 +92,7 @@ def configure(app: Celery, settings: Settings) -> Celery:
         task_time_limit=hard_s,
         task_soft_time_limit=int(0.9 * hard_s),
         task_track_started=True,
+        task_ignore_result=True,
         task_send_sent_event=True,
         worker_send_task_events=True,
         task_queues=[Queue(name) for name in QUEUES],
@@ -111,7 +122,7 @@ def _broker(action, what: str):
 
 def enqueue_plan(job_id: str, priority: str) -> None:
     _broker(lambda: app.send_task(TASK_PLAN, kwargs={"job_id": job_id}, queue="jobs",
-                                  priority=PRIORITIES[priority], retry=False), f"queue the plan of job {job_id}")
+                                  priority=CONTROL_PRIORITY, retry=False), f"queue the plan of job {job_id}")
 
 
 def enqueue_render(job_id: str, index: int, priority: str, frames: str = "", delay_s: float = 0.0, *,
@@ -125,23 +136,73 @@ def enqueue_render(job_id: str, index: int, priority: str, frames: str = "", del
             f"queue chunk {index} of job {job_id}")
 
 
+def enqueue_slots(priority: str, count: int) -> None:
+    """``count`` render messages in ``priority``'s lane, bound to a chunk only when a worker takes
+    one (``StateStore.claim_next``: the least served tenant's least served job): one message per
+    chunk offered, so the broker carries what the work needs and no more."""
+    def send() -> None:
+        for _ in range(count):
+            app.send_task(TASK_RENDER, kwargs={"lane": priority}, queue="render", priority=PRIORITIES[priority],
+                          retry=False)
+
+    _broker(send, f"queue {count} render slots of priority {priority}")
+
+
 def enqueue_finalize(job_id: str, priority: str) -> None:
     _broker(lambda: app.send_task(TASK_FINALIZE, kwargs={"job_id": job_id}, queue="finalize",
-                                  priority=PRIORITIES[priority], retry=False), f"queue the finalizer of job {job_id}")
+                                  priority=CONTROL_PRIORITY, retry=False), f"queue the finalizer of job {job_id}")
 
 
 def enqueue_webhook(job_id: str, event_id: str, attempt: int = 1, delay_s: float = 0.0) -> None:
     """Attempt ``attempt`` of delivering a job's webhook event, no sooner than ``delay_s`` from now
     (a retry's backoff, kept below the visibility timeout: see ``common.webhooks``)."""
     _broker(lambda: app.send_task(TASK_WEBHOOK, kwargs={"job_id": job_id, "event_id": event_id, "attempt": attempt},
-                                  queue="jobs", priority=PRIORITIES["high"], retry=False,
+                                  queue="jobs", priority=CONTROL_PRIORITY, retry=False,
                                   countdown=delay_s or None),
             f"queue the webhook of job {job_id}")
 
 
+def _lists(queue: str) -> list[str]:
+    """The broker's Redis lists of ``queue``, one per priority step (kombu's naming)."""
+    return [queue if step == 0 else f"{queue}:{step}" for step in PRIORITY_STEPS]
+
+
+def _job_of(payload: bytes | str) -> tuple[str, str] | None:
+    """(task name, job id) of one kombu message as the Redis transport stores it, or None."""
+    try:
+        message = json.loads(payload)
+        if isinstance(message, list):  # kombu's unacked hash: [message, exchange, routing key]
+            message = message[0]
+        body = json.loads(base64.b64decode(message["body"]))
+        return message["headers"]["task"], body[1]["job_id"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None
+
+
+def pending_control_messages() -> set[tuple[str, str]]:
+    """(task name, job id) of every plan and finalize message in the broker: waiting in its lists,
+    or reserved by a worker and not yet acknowledged. The recovery pass re-sends one only when
+    none is here, so a job waiting behind others is never given a second message.
+
+    These lists stay short (plans and finalizers go ahead of every render), so reading them whole
+    each pass is cheap; the reserved set holds at most one message per worker process."""
+    def read() -> set[tuple[str, str]]:
+        with app.connection_for_read() as connection:
+            client = connection.default_channel.client
+            with client.pipeline(transaction=False) as pipe:
+                for name in _lists("jobs") + _lists("finalize"):
+                    pipe.lrange(name, 0, -1)
+                pipe.hvals("unacked")
+                payloads = [p for group in pipe.execute() for p in group]
+        found = {_job_of(p) for p in payloads}
+        return {item for item in found if item is not None and item[0] in (TASK_PLAN, TASK_FINALIZE)}
+
+    return _broker(read, "read the plan and finalize queues")
+
+
 def render_lists() -> list[str]:
     """The broker's Redis lists of the render queue, one per priority step (kombu's naming)."""
-    return ["render" if step == 0 else f"render:{step}" for step in PRIORITY_STEPS]
+    return _lists("render")
 
 
 def waiting_renders() -> int:

@@ -1,7 +1,7 @@
 """Settings of a lipfarm installation, read once from the environment.
 
-Each setting has one environment variable, a default and a line saying what it does; the README's
-configuration table is generated from ``SETTINGS`` (``lipfarm config --markdown``) and a test keeps
+Each setting has one environment variable, a default and a line saying what it does; docs/configuration.md's
+settings table is generated from ``SETTINGS`` (``lipfarm config --markdown``) and a test keeps
 the two in step. Settings say where things are and how hard a machine may work; what a render
 looks like is ``RenderOptions``, fixed per job.
 """
@@ -94,6 +94,9 @@ SETTINGS = (
             "`lipfarm api`: largest avatar archive upload, in MB; larger ones get 413."),
     Setting("api_max_model_mb", "LIPFARM_API_MAX_MODEL_MB", defaults.API_MAX_MODEL_MB, float,
             "`lipfarm api`: largest ONNX model upload, in MB; larger ones get 413."),
+    Setting("api_body_timeout_s", "LIPFARM_API_BODY_TIMEOUT_S", defaults.API_BODY_TIMEOUT_S, float,
+            "`lipfarm api`: a request body that sends nothing for this many seconds is cut off (408), so a "
+            "client that declares a body and never sends it does not hold a connection."),
     Setting("api_secret_key", "LIPFARM_API_SECRET", "", str,
             "`lipfarm api`: the secret that signs output URLs (HMAC-SHA256). Unset: a random one made once "
             "and kept in Redis, shared by every API process."),
@@ -114,6 +117,9 @@ SETTINGS = (
             "Wait before a webhook's first retry; it doubles with each attempt (at most an hour)."),
     Setting("webhook_timeout_s", "LIPFARM_WEBHOOK_TIMEOUT_S", defaults.WEBHOOK_TIMEOUT_S, float,
             "How long one webhook POST may take (connect, send, answer) before it counts as failed."),
+    Setting("outbound_allow", "LIPFARM_OUTBOUND_ALLOW", "", str,
+            "CIDRs and host names (comma-separated) the farm may send webhooks to although they are "
+            "inside a private network (loopback, RFC 1918, link-local...). Unset: only public addresses."),
     Setting("api_metrics_auth", "LIPFARM_API_METRICS_AUTH", 0, int,
             "`lipfarm api`: 1: `/metrics` needs an API token (a read-only one will do); 0: it is open, "
             "as Prometheus scrapes usually are (it holds counts only: no job ids, names or URLs)."),
@@ -162,6 +168,7 @@ class Settings:
     api_max_audio_mb: float
     api_max_avatar_mb: float
     api_max_model_mb: float
+    api_body_timeout_s: float
     api_secret_key: str
     api_url_ttl_s: float
     archive_max_members: int
@@ -171,6 +178,7 @@ class Settings:
     webhook_retry_s: float
     webhook_backoff_s: float
     webhook_timeout_s: float
+    outbound_allow: str
     api_metrics_auth: int
     temp_dir: str
     farm_id: str
@@ -222,7 +230,7 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
 
 
 def settings_markdown() -> str:
-    """The configuration table for the README."""
+    """The settings table of docs/configuration.md."""
     rows = ["| setting | environment variable | default | what it does |", "| --- | --- | --- | --- |"]
     rows += [f"| {s.name} | `{s.env}` | {f'`{s.default_text}`' if s.default_text else '(unset)'} | {s.doc} |"
              for s in SETTINGS]

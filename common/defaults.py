@@ -12,7 +12,6 @@ HOP_SAMPLES = 200  # 12.5 ms hop: 80 mel frames per second
 N_MELS = 80
 MEL_FMIN_HZ = 55.0
 MEL_FMAX_HZ = 7600.0
-MIN_LEVEL = 1e-5  # amplitude floor before dB (-100 dB)
 REF_LEVEL_DB = 20.0
 MEL_FRAMES_PER_SECOND = 80
 WINDOW_MEL_FRAMES = 16  # one encoder window spans 16 mel frames (200 ms)
@@ -72,6 +71,12 @@ HEARTBEAT_INTERVAL_S = 5.0
 LEASE_S = 15.0  # a chunk (or finalizer) not heard from for this long is taken back
 MAX_ATTEMPTS = 3  # attempts per chunk before the chunk, and its job, fail
 RECONCILE_INTERVAL_S = 5.0
+# A host whose clock is further than this from Redis's logs a warning (the farm runs on Redis's
+# clock, so this is a sign of a host to fix, not a fault in its work).
+CLOCK_DRIFT_WARN_S = 2.0
+# How often (across the farm) the recovery pass looks for state Redis lost part of: it reads every
+# listed job, so not on every pass.
+REPAIR_INTERVAL_S = 60.0
 # An ended job's records leave Redis this long after its end (they stay in storage, ended.json, and
 # come back when the job is asked for): Redis holds the live farm, not its whole history.
 JOB_RETENTION_S = 7 * 24 * 3600.0
@@ -107,12 +112,16 @@ API_MAX_AVATAR_MB = 2048.0  # one avatar archive: JPEG frames, ~100 KB each at 7
 API_MAX_MODEL_MB = 1024.0  # one ONNX model (UNet-328 is 48 MB in fp32)
 API_FORM_FIELD_BYTES = 64 * 1024  # one non-file form field (a name, an option, a URL)
 API_FORM_MAX_PARTS = 64  # parts of one multipart form
+API_BODY_TIMEOUT_S = 30.0  # a request body that sends nothing for this long is cut off (408)
+API_KEEP_ALIVE_S = 5  # an idle connection (or one whose unread body never comes) is closed after this
 API_URL_TTL_S = 6 * 3600.0  # a signed output URL (a <video>'s src, which cannot send a token) lives this long
 API_PAGE_JOBS = 20  # jobs per page of GET /v1/jobs unless asked
 API_MAX_PAGE_JOBS = 100
 API_LIST_SCAN_JOBS = 2000  # job ids one page may look through for a state filter (then it returns a cursor)
 IDEMPOTENCY_TTL_S = 24 * 3600  # an Idempotency-Key answers with its job for this long
 IDEMPOTENCY_PENDING_S = 15 * 60  # a key whose request died mid-submission is free again after this
+IDEMPOTENCY_RETRY_AFTER_S = 2  # Retry-After of a 409 for a key whose first request is still submitting
+TENANT_QUEUED_RETRY_S = 30  # Retry-After of a 429 for a tenant at its limit of jobs not yet ended
 # Avatar archives uploaded to the API are checked by common.archive before anything is written.
 ARCHIVE_MAX_MEMBERS = 100_000  # a 30-minute dataset: 45,000 frames and as many landmark files
 ARCHIVE_MAX_MB = 8192.0  # bytes all members may declare together

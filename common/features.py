@@ -21,23 +21,11 @@ import numpy as np
 
 from lipfarm.common import defaults
 from lipfarm.common.audio import PcmSource
-from lipfarm.common.mel import mel_block, mel_frame_count
+from lipfarm.common.mel import mel_block
+from lipfarm.common.timeline import mel_frame_count, window_count
 
 # encode(windows [B, 1, 80, 16] float32) -> embeddings [B, 512] float32
 Encoder = Callable[[np.ndarray], np.ndarray]
-
-
-def window_count(n_mel_frames: int) -> int:
-    """Encoder windows ``L`` of a track of ``n_mel_frames`` (the reference's float arithmetic)."""
-    if n_mel_frames < defaults.WINDOW_MEL_FRAMES:
-        raise ValueError(f"{n_mel_frames} mel frames is fewer than one window")
-    span = (n_mel_frames - defaults.WINDOW_MEL_FRAMES) / float(defaults.MEL_FRAMES_PER_SECOND)
-    return int(span * float(defaults.FPS)) + 2
-
-
-def frame_count(n_samples: int) -> int:
-    """Output video frames of ``n_samples`` of 16 kHz audio: ``L + 2``."""
-    return window_count(mel_frame_count(n_samples)) + 2
 
 
 def window_start(k: int, n_mel_frames: int) -> int:

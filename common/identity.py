@@ -21,13 +21,23 @@ def new_job_id() -> str:
     return f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
 
 
-def process_started(pid: int) -> str:
-    """When process ``pid`` started, in clock ticks since boot (``/proc``), or "" if unknown."""
+def _stat(pid: int) -> list[str]:
+    """The fields of ``/proc/<pid>/stat`` after the name (field 3 on), or [] if there is none."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
+        return []
+    return stat[stat.rindex(")") + 2:].split()  # the name in parentheses may hold spaces
+
+
+def process_started(pid: int) -> str:
+    """When process ``pid`` started, in clock ticks since boot (``/proc``), or "" if unknown. A
+    process that has exited but not been reaped (a zombie: its parent has not waited for it yet)
+    counts as gone: it will never renew a lease again."""
+    fields = _stat(pid)
+    if not fields or fields[0] in ("Z", "X"):  # field 3: the state
         return ""
-    return stat[stat.rindex(")") + 2:].split()[19]  # field 22; the name in parentheses may hold spaces
+    return fields[19]  # field 22
 
 
 @dataclass(frozen=True)

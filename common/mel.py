@@ -20,14 +20,10 @@ import numpy as np
 
 from lipfarm.common import defaults
 from lipfarm.common.audio import PcmSource
+from lipfarm.common.timeline import mel_frame_count
 
 N_BINS = defaults.N_FFT // 2 + 1
 _PAD = defaults.N_FFT // 2  # centred frames: frame t is centred on sample t * hop
-
-
-def mel_frame_count(n_samples: int) -> int:
-    """Mel frames of ``n_samples`` of 16 kHz audio: ``1 + n_samples // 200``."""
-    return 1 + n_samples // defaults.HOP_SAMPLES
 
 
 @functools.cache

@@ -22,7 +22,6 @@ would make a new series per message.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -58,6 +57,9 @@ CHUNK_RETRIES = Counter("lipfarm_chunk_retries", "Failed chunk attempts whose ch
                         "attempt, by reason class", ["reason"])
 FINALIZE_SECONDS = Histogram("lipfarm_finalize_seconds", "Seconds from a finalizer taking a job to its output "
                              "being published", buckets=FINALIZE_BUCKETS)
+# How far this host's clock is from Redis's (positive: ahead), measured by every recovery loop.
+CLOCK_DRIFT = Gauge("lipfarm_clock_drift_seconds", "This host's clock minus Redis's clock, in seconds",
+                    multiprocess_mode="livemostrecent")
 WEBHOOK_ATTEMPTS = Counter("lipfarm_webhook_attempts", "Webhook delivery attempts, by outcome", ["outcome"])
 
 WORKER_METRICS = (FRAMES_RENDERED, CHUNK_SECONDS, INFERENCE_FPS, CHUNK_ATTEMPTS, CHUNK_FAILURES, CHUNK_RETRIES,
@@ -78,6 +80,10 @@ def chunk_rendered(frames: int, render_s: float, unet_s: float) -> None:
     CHUNK_SECONDS.observe(render_s)
     if unet_s > 0:
         INFERENCE_FPS.set(frames / unet_s)
+
+
+def clock_drift(seconds: float) -> None:
+    CLOCK_DRIFT.set(seconds)
 
 
 def attempt_failed(reason: str, *, retried: bool) -> None:
@@ -140,7 +146,7 @@ PUBLISH_TAIL = FarmMetric("lipfarm_publish_tail_seconds", "histogram",
 FARM = (JOBS, QUEUE_LENGTH, FRAMES_COMMITTED, CHUNKS_COMMITTED, TIME_TO_FIRST_CHUNK, PUBLISH_TAIL)
 
 
-def chunk_committed(store, job_id: str, *, now: float) -> None:
+def chunk_committed(store, job_id: str, *, now: float | None = None) -> None:
     """After a commit: the job's first commit is observed (once) into ``TIME_TO_FIRST_CHUNK``.
     Best effort: a figure is never worth failing a commit for."""
     try:
@@ -157,7 +163,7 @@ def job_published(store, job_id: str, *, finalize_s: float, last_commit_at: floa
     if last_commit_at is None:
         return
     try:
-        store.observe(PUBLISH_TAIL.store_name, max(0.0, time.time() - last_commit_at), buckets=PUBLISH_TAIL.buckets)
+        store.observe(PUBLISH_TAIL.store_name, max(0.0, store.now() - last_commit_at), buckets=PUBLISH_TAIL.buckets)
     except LipfarmError as exc:
         log.warning("job %s: publish tail not recorded: %s", job_id, exc)
 

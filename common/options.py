@@ -42,7 +42,7 @@ class RenderOptions:
     backend: str = defaults.BACKEND
     video_qp: int = defaults.VIDEO_QP
     x264_preset: str = defaults.X264_PRESET
-    x264_threads: int = 1
+    x264_threads: int = defaults.X264_THREADS
     audio_bitrate_bps: int = defaults.AUDIO_BITRATE_BPS
     fast_start: bool = defaults.FAST_START
 

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 
 from lipfarm.common import defaults
 from lipfarm.common.errors import InputError
-from lipfarm.common.features import frame_count
+from lipfarm.common.timeline import frame_count
 from lipfarm.common.options import RenderOptions
 from lipfarm.common.storage.layout import output_key
 
@@ -84,6 +84,7 @@ class Submission:
     submitted_at: float
     webhook_url: str = ""  # told (POST, signed) when the job ends
     farm_id: str = ""  # the farm that took it (``common.farm``): a rebuild adopts only its own; "" before farm ids
+    tenant: str = "default"  # whose job (kept here too, so a rebuild from storage keeps it)
     version: int = SUBMISSION_VERSION
 
     def to_json(self) -> str:

@@ -15,7 +15,6 @@ import logging
 import math
 import secrets
 import tempfile
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -76,8 +75,7 @@ def _write(store: StateStore, files: JobFiles, enqueue_render, max_reopens: int)
         text += f"# lipfarm: job {job.state.value}: {job.reason or 'no reason recorded'}\n"
     files.storage.put_bytes(playlist_key(files.job_id), text.encode())
     frames = round(sum(duration for _, duration in entries) * defaults.FPS)
-    store.set_playlist(files.job_id, chunks=len(entries), frames=frames, frames_total=job.frames_total,
-                       now=time.time())
+    store.set_playlist(files.job_id, chunks=len(entries), frames=frames, frames_total=job.frames_total)
 
 
 def reopen_playlist(files: JobFiles) -> bool:

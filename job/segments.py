@@ -9,7 +9,6 @@ again, with a fresh count of attempts), which also stops the job's finalizer unt
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -48,7 +47,7 @@ def reopen(store: StateStore, files: JobFiles, bad: list[BadSegment], *,
            enqueue_render: Callable[[str, int, str, str, float], None], max_reopens: int) -> bool:
     """Send the chunks of ``bad`` segments back to render. Returns True if the job failed instead
     (its storage keeps losing a chunk's segment): the caller closes it (``common.endings``)."""
-    job_id, now = files.job_id, time.time()
+    job_id, now = files.job_id, store.now()
     priority = store.job(job_id).priority
     failed = False
     for segment in bad:

@@ -12,6 +12,10 @@
   finds its attempt made and stops; a message redelivered because its sender died makes it again.
   Receivers may get an event twice (an answer lost on the way back): the event ``id`` is stable,
   ``<job id>:<state>:<finished_at>``, so they deduplicate by it.
+- **Never into the farm's network**: the URL was checked at submission and is checked again at each
+  attempt (``common.netguard``: its host may resolve elsewhere by now); the POST goes to the address
+  that was checked, redirects are not followed, and an address the guard refuses gives the event up
+  at once, nothing sent.
 - **Signed like Stripe's**: ``Lipfarm-Signature: t=<unix time>,v1=<hex HMAC-SHA256 of "<t>.<body>">``
   with ``LIPFARM_WEBHOOK_SECRET``; the timestamp is the attempt's, so a receiver refuses replays
   older than a few minutes (``verify``).
@@ -29,11 +33,9 @@ import http.client
 import json
 import logging
 import time
-import urllib.error
-import urllib.request
 from typing import Callable
 
-from lipfarm.common import defaults
+from lipfarm.common import defaults, netguard
 from lipfarm.common.config import Settings
 from lipfarm.common.errors import InputError, LipfarmError, NotFoundError
 from lipfarm.job.jobfiles import JobFiles
@@ -43,6 +45,7 @@ from lipfarm.common.storage import Storage
 log = logging.getLogger(__name__)
 
 SIGNATURE_HEADER = "Lipfarm-Signature"
+REFUSED = -1  # the status of an attempt whose address the guard refused (nothing was sent)
 EVENT_TYPES = {"done": "job.done", "failed": "job.failed", "cancelled": "job.cancelled"}
 
 # enqueue(job id, event id, attempt, delay in s): queue a delivery attempt
@@ -103,7 +106,7 @@ def queue_event(store: StateStore, files: JobFiles, *, enqueue: Enqueue | None =
     url = _webhook_url(files)
     if not url:
         return False
-    now = time.time() if now is None else now
+    now = store.now() if now is None else now
     event = event_id(job)
     if store.open_webhook(job.job_id, event_id=event, event_type=EVENT_TYPES[job.state.value], url=url, now=now):
         return False
@@ -148,9 +151,11 @@ def deliver(store: StateStore, settings: Settings, job_id: str, event: str, atte
     started = clock()
     status, error = post(record.url, _signed(settings, event_body(job, record, _output_url(job, storage_at)),
                                              event, attempt, timestamp=int(started)),
-                         timeout_s=settings.webhook_timeout_s)
+                         timeout_s=settings.webhook_timeout_s, allow=settings.outbound_allow)
     ended = clock()
+    # a refused address (its host now resolves into the farm's network) is given up at once: nothing was sent
     outcome, delay = _next_step(settings, record, attempt, status, ended=ended)
+    status = max(status, 0)
     next_at = ended + delay if outcome == "retry" else None
     if outcome != "delivered":
         log.warning("webhook of job %s, attempt %s to %s: %s (%s)", job_id, attempt, record.url,
@@ -199,6 +204,8 @@ def _next_step(settings: Settings, record: WebhookRecord, attempt: int, status: 
     be handed to a second worker."""
     if 200 <= status < 300:
         return "delivered", 0.0
+    if status == REFUSED:
+        return "failed", 0.0
     delay = backoff_s(attempt, settings.webhook_backoff_s,
                       min(defaults.WEBHOOK_MAX_DELAY_S, settings.chunk_time_limit_s))
     if ended + delay - record.created_at > settings.webhook_retry_s:
@@ -228,23 +235,17 @@ def _output_url(job: JobRecord, storage_at: Callable[[str], Storage]) -> str | N
         return job.output_location or None
 
 
-class _NoRedirects(urllib.request.HTTPRedirectHandler):
-    """A redirect is an answer that is not 2xx: the event is not re-sent elsewhere (nor turned into a GET)."""
-
-    def redirect_request(self, *args, **kwargs):
-        return None
-
-
-def post(url: str, signed: tuple[bytes, dict], *, timeout_s: float) -> tuple[int, str]:
-    """POST the body; returns (HTTP status, "") or (0, what went wrong) when there was no answer."""
+def post(url: str, signed: tuple[bytes, dict], *, timeout_s: float, allow: str = "") -> tuple[int, str]:
+    """POST the body to ``url``, checked again now (its host may resolve elsewhere than at submission)
+    and pinned to the checked address; returns (HTTP status, "") or (0, what went wrong) when there
+    was no answer. A refused address is never connected to: (-1, why)."""
     body, headers = signed
-    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
     try:
-        with urllib.request.build_opener(_NoRedirects).open(request, timeout=timeout_s) as response:
-            response.read(64 * 1024)
-            return response.status, ""
-    except urllib.error.HTTPError as exc:
-        return exc.code, f"HTTP {exc.code} {exc.reason}"
-    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
-        reason = getattr(exc, "reason", exc)
-        return 0, f"{type(reason).__name__}: {reason}"[:300]
+        target = netguard.check_url(url, allow)
+    except InputError as exc:
+        return REFUSED, f"refused: {exc}"[:300]
+    try:
+        status = netguard.post(target, body, headers, timeout_s=timeout_s)
+    except (OSError, http.client.HTTPException) as exc:
+        return 0, f"{type(exc).__name__}: {exc}"[:300]
+    return status, "" if 200 <= status < 300 else f"HTTP {status}"

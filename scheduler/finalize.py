@@ -65,7 +65,7 @@ def finalize_job(job_id: str, *, ctx: Finalizer, files: JobFiles) -> str:
     if not claim.ok:
         return f"skipped: {claim.detail}"
     settings, store = ctx.settings, ctx.store
-    beat = KeepAlive(lambda: store.beat_finalizer(job_id, claim.token, now=time.time(), lease_s=settings.lease_s),
+    beat = KeepAlive(lambda: store.beat_finalizer(job_id, claim.token, lease_s=settings.lease_s),
                      interval_s=settings.heartbeat_interval_s, name=f"{job_id}:finalize")
     with beat:
         while not beat.lost and hold_reached(settings, f"{job_id}.finalize"):
@@ -76,12 +76,11 @@ def finalize_job(job_id: str, *, ctx: Finalizer, files: JobFiles) -> str:
 def _take(ctx: Finalizer, job_id: str) -> Claim:
     """Take the job's finalize lease; if a finalizer whose process died on this host holds it, take over."""
     process, settings = ctx.process, ctx.settings
-    claim = ctx.store.take_finalizer(job_id, worker=process.id, worker_started=process.started, now=time.time(),
+    claim = ctx.store.take_finalizer(job_id, worker=process.id, worker_started=process.started,
                                      lease_s=settings.lease_s)
     if claim.verdict == Verdict.SKIP and claim.owner and is_dead_here(claim.owner, claim.owner_started):
         log.warning("job %s: its finalizer %s died; taking over", job_id, claim.owner)
-        claim = ctx.store.take_finalizer(job_id, worker=process.id, worker_started=process.started,
-                                         now=time.time(), lease_s=settings.lease_s, take_over=claim.owner_token)
+        claim = ctx.store.take_finalizer(job_id, worker=process.id, worker_started=process.started, lease_s=settings.lease_s, take_over=claim.owner_token)
     return claim
 
 
@@ -104,7 +103,7 @@ def _finalize(ctx: Finalizer, files: JobFiles, claim: Claim) -> str:
                          if not isinstance(exc, LipfarmError) else str(exc))
         return _retry_later(store, files, claim, exc)
     location = files.storage.location(plan.output_key)
-    if store.finish_done(job_id, claim.token, output_location=location, now=time.time()) != Verdict.OK:
+    if store.finish_done(job_id, claim.token, output_location=location) != Verdict.OK:
         files.storage.delete(plan.output_key)  # cancelled (or replaced) during the upload: publish nothing
         return "stopped: job cancelled while publishing"
     metrics.job_published(store, job_id, finalize_s=time.perf_counter() - started,
@@ -168,7 +167,7 @@ def _reopen(ctx: Finalizer, files: JobFiles, claim: Claim, failed: SegmentsFaile
     store, job_id = ctx.store, files.job_id
     if reopen(store, files, failed.bad, enqueue_render=ctx.enqueue_render, max_reopens=ctx.settings.max_attempts):
         close_job(store, files.storage, job_id)
-    store.release_finalizer(job_id, claim.token, outcome="reopened", reason=str(failed), now=time.time())
+    store.release_finalizer(job_id, claim.token, outcome="reopened", reason=str(failed))
     return f"reopened: {failed}"
 
 
@@ -194,11 +193,11 @@ def _retry_later(store: StateStore, files: JobFiles, claim: Claim, exc: BaseExce
     pass queues another (each pass, ``LIPFARM_RECONCILE_INTERVAL_S``) until publication succeeds."""
     reason = f"publication failed, to be retried: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
     log.warning("job %s: %s", files.job_id, reason)
-    store.release_finalizer(files.job_id, claim.token, outcome="retry", reason=reason, now=time.time())
+    store.release_finalizer(files.job_id, claim.token, outcome="retry", reason=reason)
     return f"retrying: {reason}"
 
 
 def _fail(store: StateStore, files: JobFiles, reason: str) -> str:
-    store.finish(files.job_id, JobState.FAILED, now=time.time(), reason=reason)
+    store.finish(files.job_id, JobState.FAILED, reason=reason)
     close_job(store, files.storage, files.job_id)
     return f"failed: {reason}"

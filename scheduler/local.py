@@ -193,7 +193,7 @@ def _drain(messages, progress: _Progress) -> None:
 
 def render_local(*, avatar: Avatar, audio: Path, out: Path, encoder: Path, generator: Path,
                  options: RenderOptions, settings: Settings, workers: int = 1,
-                 show_progress: bool = True, keep_work: bool = False) -> RenderResult:
+                 show_progress: bool = True) -> RenderResult:
     """Render ``audio`` onto ``avatar`` into the MP4 ``out``; see the module docstring."""
     started = time.perf_counter()
     out, audio = Path(out), Path(audio)
@@ -224,5 +224,4 @@ def render_local(*, avatar: Avatar, audio: Path, out: Path, encoder: Path, gener
         return RenderResult(out, plan.frame_count, time.perf_counter() - started, audio_s,
                             time.perf_counter() - stitched, stages, report)
     finally:
-        if not keep_work:
-            shutil.rmtree(storage.root, ignore_errors=True)
+        shutil.rmtree(storage.root, ignore_errors=True)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import tempfile
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -36,6 +35,8 @@ log = logging.getLogger(__name__)
 
 # enqueue_render(job id, chunk index, priority, frames label, delay in s, first: at the front)
 EnqueueRender = Callable[..., None]
+# enqueue_slots(priority, count): render messages of a lane, bound to chunks by fair share
+EnqueueSlots = Callable[[str, int], None]
 
 
 def _decode_and_plan(files: JobFiles, *, max_audio_s: float) -> Plan:
@@ -76,25 +77,38 @@ def _encode_audio_track(files: JobFiles, plan: Plan) -> None:
         storage.put_file(plan.audio.track_key, track.m4a)
 
 
+def _queue_chunks(store: StateStore, plan: Plan, enqueue_render: EnqueueRender,
+                  enqueue_slots: EnqueueSlots | None) -> None:
+    """A fast start's short chunks go to the front of the job's priority, each in a message of its
+    own; the rest are offered in the job's lane, with one slot message each, so that workers are
+    shared between the jobs waiting (``StateStore.claim_next``) rather than first come, first served."""
+    job_id, priority, full = plan.job_id, store.job(plan.job_id).priority, plan.options.chunk_frames
+    fast = [c for c in plan.chunks if c.frames < full and c.stop_frame < plan.frame_count]
+    for chunk in fast:
+        enqueue_render(job_id, chunk.index, priority, chunk.frames_label, 0.0, first=True)
+    rest = [c for c in plan.chunks if c not in fast]
+    if enqueue_slots is None:  # no lanes (a caller that binds every message itself)
+        for chunk in rest:
+            enqueue_render(job_id, chunk.index, priority, chunk.frames_label, 0.0, first=False)
+        return
+    enqueue_slots(priority, store.offer(job_id, [c.index for c in rest]))
+
+
 def plan_submitted_job(job_id: str, *, store: StateStore, files: JobFiles, enqueue_render: EnqueueRender,
-                       max_audio_s: float = 0.0) -> str:
+                       enqueue_slots: EnqueueSlots | None = None, max_audio_s: float = 0.0) -> str:
     """Plan job ``job_id``, queue its chunks, encode its audio; returns what happened, for the task."""
-    if not store.start_planning(job_id, now=time.time()):
+    if not store.start_planning(job_id):
         return f"skipped: job is {store.job(job_id).state.value}"
     try:
         plan = files.plan() if files.has_plan() else _decode_and_plan(files, max_audio_s=max_audio_s)
     except LipfarmError as exc:
-        store.finish(job_id, JobState.FAILED, now=time.time(), reason=str(exc))
+        store.finish(job_id, JobState.FAILED, reason=str(exc))
         close_job(store, files.storage, job_id)
         return f"failed: {exc}"
     ranges = [(c.start_frame, c.stop_frame) for c in plan.chunks]
-    if not store.start_rendering(job_id, ranges, output_key=plan.output_key, now=time.time()):
+    if not store.start_rendering(job_id, ranges, output_key=plan.output_key):
         return f"stopped: job is {store.job(job_id).state.value}"
-    priority = store.job(job_id).priority
-    full = plan.options.chunk_frames
-    for chunk in plan.chunks:  # a fast start's short chunks go to the front of the job's priority
-        enqueue_render(job_id, chunk.index, priority, chunk.frames_label, 0.0,
-                       first=chunk.frames < full and chunk.stop_frame < plan.frame_count)
+    _queue_chunks(store, plan, enqueue_render, enqueue_slots)
     log.info("job %s planned: %d frames in %d chunks", job_id, plan.frame_count, len(plan.chunks))
     try:
         _encode_audio_track(files, plan)

@@ -8,19 +8,21 @@ Every ``lipfarm worker`` runs it in a thread (at most one pass per interval acro
 2. rebuilds from storage when Redis lost its data (its generation marker is gone) or when asked:
    unfinished jobs are restored from their submission, plan and commit markers, ended ones from
    their end records;
-3. takes back, at once, chunks and finalizers whose process died on this host;
-4. requeues attempts whose lease expired (their worker died or stalled elsewhere), or fails their
+3. repairs, once a minute across the farm, jobs whose state Redis lost part of (a record, its
+   entry in the active set, some chunk records): restored from storage one by one as a rebuild would;
+4. takes back, at once, chunks and finalizers whose process died on this host;
+5. requeues attempts whose lease expired (their worker died or stalled elsewhere), or fails their
    chunk and job when out of attempts; queues a new finalizer for a job whose finalizer's lease
    expired;
-5. gives jobs that will not move on by themselves the message they lack (``Stall``), and re-queues
+6. gives jobs that will not move on by themselves the message they lack (``Stall``), and re-queues
    queued chunks whose render message was lost (none waits in the broker, yet they stay queued);
-6. re-sends webhook events whose delivery message was lost (their next attempt is long overdue):
+7. re-sends webhook events whose delivery message was lost (their next attempt is long overdue):
    attempts are fenced by number, so a message that was only late finds its attempt made.
-7. removes from Redis ended jobs whose end storage holds, ``LIPFARM_JOB_RETENTION_S`` after their
+8. removes from Redis ended jobs whose end storage holds, ``LIPFARM_JOB_RETENTION_S`` after their
    end (the CLI and the API bring one back from storage when it is asked for).
 
 The state store finds what is stuck; this module decides what to queue. ``reconcile`` never sleeps
-and takes the time as a parameter; ``run_forever`` is the loop, which logs an outage of Redis, the
+and measures time on Redis's clock (a test may pass ``now``); ``run_forever`` is the loop, which logs an outage of Redis, the
 broker or storage and carries on.
 """
 
@@ -28,7 +30,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
@@ -41,7 +42,7 @@ from lipfarm.common.errors import LipfarmError
 from lipfarm.common.farm import farm_id
 from lipfarm.common.identity import is_dead_here, worker_id
 from lipfarm.job.jobfiles import JobFiles
-from lipfarm.common.state import JobRecord, JobState, Stall, StateStore, Verdict
+from lipfarm.common.state import Damage, JobRecord, JobState, Stall, StateStore, TokenStore, Verdict
 from lipfarm.common.storage import Storage
 from lipfarm.common.storage.layout import submitted_job_ids
 
@@ -56,6 +57,8 @@ class Enqueue:
     render: Callable[[str, int, str, str, float], None]  # (job id, chunk, priority, frames label, delay s)
     finalize: Callable[[str, str], None]  # (job id, priority)
     waiting_renders: Callable[[], int] = lambda: 0  # render messages waiting in the broker
+    # (task name, job id) of plan and finalize messages in the broker, waiting or reserved
+    pending: Callable[[], set[tuple[str, str]]] = lambda: set()
     webhook: Callable[[str, str, int, float], None] | None = None  # (job id, event id, attempt, delay s)
 
 
@@ -71,11 +74,12 @@ class ReconcileReport:
     resent: list[str] = field(default_factory=list)
     webhooks_resent: list[str] = field(default_factory=list)
     forgotten: list[str] = field(default_factory=list)
+    repaired: list[str] = field(default_factory=list)  # "<job>: <what was lost>", restored from storage
     other_farms: list[str] = field(default_factory=list)  # jobs in the storage another farm submitted: left alone
 
 
-def reconcile(*, store: StateStore, storage: Storage, settings: Settings, now: float,
-              enqueue: Enqueue, rebuild: bool = False,
+def reconcile(*, store: StateStore, storage: Storage, settings: Settings, enqueue: Enqueue,
+              now: float | None = None, rebuild: bool = False,
               storage_at: Callable[[str], Storage] | None = None) -> ReconcileReport:
     """One recovery pass; see the module docstring.
 
@@ -84,6 +88,7 @@ def reconcile(*, store: StateStore, storage: Storage, settings: Settings, now: f
     it one runs only when Redis has lost its data.
     """
     storage_at = storage_at or (lambda url: storage)
+    now = store.now() if now is None else now  # Redis's clock: the one every lease was set on
     report = ReconcileReport(recorded=close_jobs(store, storage_at))
     if (rebuild or store.generation() is None) and store.take_rebuild_lock(owner := worker_id(), ttl_s=600):
         try:
@@ -91,6 +96,7 @@ def reconcile(*, store: StateStore, storage: Storage, settings: Settings, now: f
             store.set_generation(now=now)
         finally:
             store.release_rebuild_lock(owner)
+    _repair_partial_loss(store, storage, settings, now, enqueue, report)
     _dead_local_owners(store, storage_at, settings, now, enqueue, report)
     _expired_leases(store, storage_at, settings, now, enqueue, report)
     _stalled_jobs(store, settings, now, enqueue, report)
@@ -102,6 +108,32 @@ def reconcile(*, store: StateStore, storage: Storage, settings: Settings, now: f
         if items:
             log.info("reconcile %s: %s", kind, ", ".join(items))
     return report
+
+
+def _repair_partial_loss(store: StateStore, storage: Storage, settings: Settings, now: float,
+                         enqueue: Enqueue, report: ReconcileReport) -> None:
+    """State Redis lost part of is worse than state it lost whole: a job missing from the active set
+    is never looked at again, a job without some chunk records never ends. Once a minute across the
+    farm, such jobs are found and repaired: put back in the active set, or purged and restored from
+    storage one by one, as a full rebuild restores every job."""
+    if not store.take_repair_turn(worker_id(), interval_s=defaults.REPAIR_INTERVAL_S):
+        return
+    for job_id, damage in store.damaged_jobs():
+        if damage == Damage.NOT_ACTIVE:
+            store.reactivate(job_id)
+        else:
+            files = JobFiles(storage, job_id)
+            try:
+                files.submission()  # there, and readable: else the job is left as it is, and said so
+                store.purge(job_id)
+                _rebuild_job(store, files, settings, now, enqueue, report)
+            except LipfarmError as exc:  # one job that cannot be restored must not stop the others
+                log.warning("job %s: %s, and it cannot be restored from storage: %s", job_id, damage.value, exc)
+                continue
+        report.repaired.append(f"{job_id}: {damage.value}")
+    for name in TokenStore.of(store).forget_lost():
+        log.warning("API token '%s' was lost from Redis: it no longer works; create a new one", name)
+        report.repaired.append(f"token {name}: lost")
 
 
 def _requeued(store: StateStore, storage_at, job_id: str, index: int, move, enqueue: Enqueue,
@@ -140,23 +172,57 @@ def _expired_leases(store: StateStore, storage_at, settings: Settings, now: floa
         move = store.requeue(job_id, index, now=now, reason="lease expired: worker lost or stalled",
                              max_attempts=settings.max_attempts)
         _requeued(store, storage_at, job_id, index, move, enqueue, report, report.requeued, "lost")
+    pending = None
     for job_id in store.expired_finalizers(now):
-        enqueue.finalize(job_id, store.job(job_id).priority)
-        report.finalizers.append(job_id)
+        pending = _pending(enqueue) if pending is None else pending
+        job = store.job(job_id)
+        if _resend_finalizer(store, job, now, settings, pending):
+            enqueue.finalize(job_id, job.priority)
+            report.finalizers.append(job_id)
+
+
+def _pending(enqueue: Enqueue) -> set[tuple[str, str]]:
+    from lipfarm.common.celery_app import TASK_FINALIZE, TASK_PLAN
+
+    return {(PLAN if task == TASK_PLAN else FINALIZE if task == TASK_FINALIZE else task, job_id)
+            for task, job_id in enqueue.pending()}
+
+
+PLAN, FINALIZE = "plan", "finalize"
+
+
+def _resend_finalizer(store: StateStore, job: JobRecord, now: float, settings: Settings,
+                      pending: set[tuple[str, str]]) -> bool:
+    """Whether a job's finalizer is known lost: no finalize message for it in the broker, and
+    none sent by a recovery pass within the grace (recorded here, so the next pass does not repeat it)."""
+    if (FINALIZE, job.job_id) in pending:
+        return False
+    if job.finalize_enqueued_at and now - job.finalize_enqueued_at <= 2 * settings.lease_s:
+        return False
+    store.mark_finalizer_enqueued(job.job_id, now=now)
+    return True
 
 
 def _stalled_jobs(store: StateStore, settings: Settings, now: float, enqueue: Enqueue,
                   report: ReconcileReport) -> None:
-    for stalled in store.stalled_jobs(now=now, grace_s=2 * settings.lease_s):
+    """Jobs that will not move on by themselves get the one message they lack, and only when it is
+    known lost: nothing for them waits in the broker or is held by a worker. A job waiting its
+    turn behind a long queue is never sent a second message (messages stay proportional to work)."""
+    stalled_jobs = store.stalled_jobs(now=now, grace_s=2 * settings.lease_s)
+    if not stalled_jobs:
+        return
+    pending = _pending(enqueue)
+    for stalled in stalled_jobs:
         job = stalled.job
         if stalled.stall == Stall.PLAN_LOST:
-            enqueue.plan(job.job_id, job.priority)  # planning repeats safely
-            report.replanned.append(job.job_id)
+            if (PLAN, job.job_id) not in pending:
+                store.touch(job.job_id, now=now)  # recorded: the next pass waits out the grace again
+                enqueue.plan(job.job_id, job.priority)  # planning repeats safely
+                report.replanned.append(job.job_id)
             continue
-        if stalled.stall == Stall.FINALIZER_NOT_QUEUED:
-            store.mark_finalizer_enqueued(job.job_id, now=now)
-        enqueue.finalize(job.job_id, job.priority)
-        report.finalizers.append(job.job_id)
+        if _resend_finalizer(store, job, now, settings, pending):
+            enqueue.finalize(job.job_id, job.priority)
+            report.finalizers.append(job.job_id)
 
 
 def _lost_render_messages(store: StateStore, settings: Settings, now: float, enqueue: Enqueue,
@@ -244,6 +310,19 @@ def _rebuild_job(store: StateStore, files: JobFiles, settings: Settings, now: fl
         enqueue.finalize(files.job_id, submission.priority)
 
 
+def check_clock(store: StateStore) -> float:
+    """This host's clock against Redis's: logged when off by more than ``CLOCK_DRIFT_WARN_S``, and
+    exported. Nothing depends on it (the farm runs on Redis's clock); it tells where to fix NTP."""
+    from lipfarm.common import metrics  # here: a worker sets prometheus_client up before importing it
+
+    drift = store.clock_drift()
+    metrics.clock_drift(drift)
+    if abs(drift) > defaults.CLOCK_DRIFT_WARN_S:
+        log.warning("this host's clock is %+.1f s off Redis's (more than %g s): the farm keeps time by Redis, "
+                    "but fix this host's clock (NTP)", drift, defaults.CLOCK_DRIFT_WARN_S)
+    return drift
+
+
 def run_forever(connect: Callable[[], tuple[StateStore, Callable[[str], Storage]]], settings: Settings,
                 enqueue: Enqueue, *, rebuild_first: bool = False, stop: threading.Event | None = None,
                 turn: Callable[[StateStore], bool] | None = None, on_pass=None) -> None:
@@ -259,9 +338,10 @@ def run_forever(connect: Callable[[], tuple[StateStore, Callable[[str], Storage]
         try:
             if store is None:
                 store, storage_at = connect()
+            check_clock(store)
             if turn is None or turn(store):
                 report = reconcile(store=store, storage=storage_at(settings.storage_url), settings=settings,
-                                   now=time.time(), enqueue=enqueue, rebuild=rebuild, storage_at=storage_at)
+                                   enqueue=enqueue, rebuild=rebuild, storage_at=storage_at)
                 rebuild = False
                 if on_pass is not None:
                     on_pass(report)

@@ -17,7 +17,7 @@ import tempfile
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import av
 
@@ -68,8 +68,7 @@ def _open_track(audio_path: Path):
 
 
 def stitch(segments: Iterable[Segment], audio_path: Path, out_path: Path, *, expected_frames: int,
-           input_audio_s: float | None = None, audio_bitrate_bps: int = defaults.AUDIO_BITRATE_BPS,
-           progress: Callable[[int], None] | None = None) -> StitchReport:
+           input_audio_s: float | None = None, audio_bitrate_bps: int = defaults.AUDIO_BITRATE_BPS) -> StitchReport:
     """Join the segments, in order, with the job's audio into ``out_path``.
 
     With ``input_audio_s`` (the original input's duration in s, ``AudioTrack.duration_s``),
@@ -87,16 +86,16 @@ def stitch(segments: Iterable[Segment], audio_path: Path, out_path: Path, *, exp
     out_path = Path(out_path)
     if input_audio_s is not None:
         return _stitch(segments, Path(audio_path), out_path, expected_frames, input_audio_s,
-                       audio_bitrate_bps, progress)
+                       audio_bitrate_bps)
     with tempfile.TemporaryDirectory(prefix=".audio-", dir=out_path.parent) as temp:
         track = encode_audio_track(Path(audio_path), Path(temp) / "audio.m4a", bitrate_bps=audio_bitrate_bps,
                                    chunk_spans=[], pieces_dir=Path(temp))
         return _stitch(segments, track.m4a, out_path, expected_frames, track.duration_s,
-                       audio_bitrate_bps, progress)
+                       audio_bitrate_bps)
 
 
 def _stitch(segments: Iterable[Segment], track_path: Path, out_path: Path, expected_frames: int,
-            input_s: float, bitrate_bps: int, progress: Callable[[int], None] | None) -> StitchReport:
+            input_s: float, bitrate_bps: int) -> StitchReport:
     ordered = iter(segments)
     first = next(ordered)
     with _open_track(track_path) as source, \
@@ -124,8 +123,6 @@ def _stitch(segments: Iterable[Segment], track_path: Path, out_path: Path, expec
             while pending is not None and pending[0] <= frames / defaults.FPS:
                 out.mux(pending[1])
                 pending = next(packets, None)
-            if progress is not None:
-                progress(frames)
         while pending is not None:
             out.mux(pending[1])
             pending = next(packets, None)

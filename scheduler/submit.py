@@ -79,12 +79,12 @@ def _upload_once(storage: Storage, inputs: _CheckedInputs) -> AssetRef:
 
 def submit_job(settings: Settings, *, avatar: str, audio: Path, encoder: Path, generator: Path,
                options: RenderOptions, priority: str = defaults.PRIORITY,
-               job_id: str | None = None, webhook_url: str = "") -> "JobHandle":
+               job_id: str | None = None, webhook_url: str = "", tenant: str = "default") -> "JobHandle":
     """Validate, upload and queue a job; returns its handle. Nothing is queued on bad input."""
     from lipfarm.common.celery_app import enqueue_plan
 
     audio = Path(audio)
-    webhook_url = check_webhook_url(webhook_url) if webhook_url else ""
+    webhook_url = check_webhook_url(webhook_url, settings.outbound_allow) if webhook_url else ""
     inputs = _check_inputs(settings, avatar=avatar, audio=audio, encoder=Path(encoder),
                            generator=Path(generator), priority=priority)
     store = connect_farm(settings)
@@ -98,8 +98,8 @@ def submit_job(settings: Settings, *, avatar: str, audio: Path, encoder: Path, g
         submission = Submission(files.job_id, inputs.avatar.name, avatar_ref,
                                 AssetRef(inputs.encoder.sha256, inputs.encoder.key),
                                 AssetRef(inputs.generator.sha256, inputs.generator.key),
-                                files.put_input(audio, audio.name), audio.name, options, priority, time.time(),
-                                webhook_url=webhook_url, farm_id=farm)
+                                files.put_input(audio, audio.name), audio.name, options, priority, store.now(),
+                                webhook_url=webhook_url, farm_id=farm, tenant=tenant)
         files.put_submission(submission)
         store.create_job(JobRecord.queued(submission, storage.url))
         enqueue_plan(files.job_id, priority)
@@ -127,11 +127,11 @@ class JobHandle:
         self.job_id, self.store, self.storage = job_id, store, storage
 
     def status(self) -> JobStatus:
-        return self.store.status(self.job_id, now=time.time())
+        return self.store.status(self.job_id)
 
     def cancel(self) -> bool:
         """Cancel the job (False if it had ended); its end is recorded in storage at once."""
-        cancelled = self.store.cancel(self.job_id, now=time.time())
+        cancelled = self.store.cancel(self.job_id)
         if cancelled:
             close_job(self.store, self.storage, self.job_id)
         return cancelled
@@ -144,7 +144,7 @@ class JobHandle:
         job = self.store.job(self.job_id)
         if job.state == JobState.DONE:
             raise InputError(f"job {self.job_id} is done: there is nothing to resume", field="job")
-        resumed = self.store.resume(self.job_id, now=time.time())
+        resumed = self.store.resume(self.job_id)
         if resumed.verdict == Verdict.REFUSED:
             raise InputError(f"job {self.job_id} is {resumed.detail}: only a failed or cancelled job can be resumed",
                              field="job")
@@ -158,7 +158,7 @@ class JobHandle:
             if chunk.index in resumed.queued:
                 enqueue_render(self.job_id, chunk.index, job.priority, chunk.frames_label)
         if not resumed.queued:
-            self.store.mark_finalizer_enqueued(self.job_id, now=time.time())
+            self.store.mark_finalizer_enqueued(self.job_id)
             enqueue_finalize(self.job_id, job.priority)
         return len(resumed.queued)
 
@@ -226,19 +226,12 @@ def submit(*, avatar: str, audio: str | Path, encoder: str | Path | None = None,
 
 # --- Submissions that do not start from a file on this machine (the HTTP API) ----------------------
 
-def check_webhook_url(url: str) -> str:
-    """``url`` if it is an http(s) URL with a host (what the webhook is POSTed to), else ``InputError``."""
-    from urllib.parse import urlsplit
+def check_webhook_url(url: str, allow: str = "") -> str:
+    """``url`` if it is an http(s) URL whose host is a public address, or one ``allow``
+    (``LIPFARM_OUTBOUND_ALLOW``) lets through; else ``InputError`` naming ``webhook_url``."""
+    from lipfarm.common.netguard import check_url
 
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname
-    except ValueError:
-        parts, host = None, None
-    if parts is None or parts.scheme not in ("http", "https") or not host or any(c.isspace() for c in url):
-        raise InputError("not an http(s) URL with a host", field="webhook_url",
-                         expected="http://host/... or https://host/...", found=repr(url[:200]))
-    return url
+    return check_url(url, allow, field="webhook_url").url
 
 
 def checked_storage_key(key: str, field: str = "audio_key") -> str:

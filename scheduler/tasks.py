@@ -11,7 +11,8 @@ from celery import bootsteps
 
 from lipfarm.common import services
 from lipfarm.common.celery_app import (TASK_FINALIZE, TASK_PLAN, TASK_WEBHOOK, app, enqueue_finalize, enqueue_plan,
-                               enqueue_render, enqueue_webhook, waiting_renders)
+                               enqueue_render, enqueue_slots, enqueue_webhook, pending_control_messages,
+                                       waiting_renders)
 from lipfarm.common.config import Settings
 from lipfarm.common.errors import ServiceError
 from lipfarm.common.identity import this_process
@@ -34,7 +35,8 @@ def _job_files(job_id: str) -> JobFiles:
 def plan_job_task(job_id: str) -> str:
     """Plan job ``job_id``: normalise its audio, write plan.json, queue its chunks."""
     return plan_submitted_job(job_id, store=services.state_store(), files=_job_files(job_id),
-                              enqueue_render=enqueue_render, max_audio_s=services.settings().max_audio_s)
+                              enqueue_render=enqueue_render, enqueue_slots=enqueue_slots,
+                              max_audio_s=services.settings().max_audio_s)
 
 
 @app.task(name=TASK_FINALIZE)
@@ -54,7 +56,8 @@ def deliver_webhook_task(job_id: str, event_id: str, attempt: int = 1) -> str:
 
 
 def celery_enqueue() -> Enqueue:
-    return Enqueue(enqueue_plan, enqueue_render, enqueue_finalize, waiting_renders, enqueue_webhook)
+    return Enqueue(enqueue_plan, enqueue_render, enqueue_finalize, waiting_renders, pending_control_messages,
+                   enqueue_webhook)
 
 
 def connect_recovery(settings: Settings):

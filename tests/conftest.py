@@ -9,6 +9,7 @@ import pytest
 
 from lipfarm.common.config import load_settings
 from lipfarm.demo.speech import write_wav
+from tests.farm import Holds
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_FIXTURES = ROOT.parent / "shared" / "fixtures"
@@ -65,3 +66,9 @@ def clip(tmp_path_factory, speech_16k) -> Path:
     path = tmp_path_factory.mktemp("clip") / "clip.wav"
     write_wav(path, speech_16k[int(0.3 * 16000):int(4.4 * 16000)])
     return path
+
+
+@pytest.fixture(scope="module")
+def holds(tmp_path_factory) -> Holds:
+    """Where a test holds chunks mid-render (tests/farm.py ``Holds``); one folder per module."""
+    return Holds(tmp_path_factory.mktemp("holds"))

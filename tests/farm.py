@@ -25,8 +25,9 @@ from lipfarm.scheduler.cluster import LipfarmProcess, free_ports
 # The tests' Redis: one server (LIPFARM_TEST_REDIS, by default the machine's on 6379), and one database
 # per test module from this table, so modules running side by side never share keys.
 TEST_REDIS = os.environ.get("LIPFARM_TEST_REDIS", "redis://127.0.0.1:6379").rstrip("/")
-REDIS_DB = {"webhooks": 6, "metrics": 7, "progressive-broker": 8, "progressive": 9, "api": 10,
-            "recovery-defaults": 11, "recovery": 12, "state": 13, "farm": 14}
+REDIS_DB = {"tenants": 1, "bench-load": 2, "scheduling": 3, "clock": 4, "bench-watch": 5, "webhooks": 6, "metrics": 7,
+            "progressive-broker": 8, "progressive": 9, "api": 10, "recovery-defaults": 11, "recovery": 12,
+            "state": 13, "farm": 14}
 TEST_REDIS_DB = REDIS_DB["state"]
 TEST_PREFIX = "lipfarm-test"
 S3_KEY, S3_SECRET = "lipfarmtestkey", "lipfarmtestsecret"

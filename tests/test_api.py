@@ -180,8 +180,10 @@ def error_of(response: httpx.Response, status: int, code: str | None = None, fie
 
 def test_health_answers_without_a_token(api):
     response = httpx.get(f"{api}/v1/health")
-    assert response.status_code == 200 and response.json() == {"status": "ok",
-                                                               "checks": {"redis": "ok", "storage": "ok"}}
+    body = response.json()
+    assert response.status_code == 200 and body["status"] == "ok"
+    assert body["checks"] == {"redis": "ok", "storage": "ok"}
+    assert abs(body["clock_drift_s"]) < 1 and "warnings" not in body  # this host keeps Redis's time
 
 
 def test_health_names_the_service_that_does_not_answer(api_home, tmp_path):
@@ -220,7 +222,7 @@ def test_token_commands_create_list_and_revoke(env, api):
     made = lipfarm(env, "token", "create", "--name", "ci", "--read-only")
     assert made.returncode == 0, made.stderr
     value = made.stdout.split()[-1]
-    assert made.stdout.startswith("created token 'ci' (read-only)") and value.startswith("lf_")
+    assert made.stdout.startswith("created token 'ci' of tenant 'default' (read-only)") and value.startswith("lf_")
     listed = lipfarm(env, "token", "list")
     assert "ci" in listed.stdout and "read-only" in listed.stdout and value not in listed.stdout
     stored = redis_client(API_DB, decode_responses=True)  # only its SHA-256 is kept
@@ -266,7 +268,8 @@ def test_submit_follow_list_cancel_and_resume(client, talk):
     job = created.json()
     assert job["state"] == "queued" and job["avatar"] == "demo" and job["audio"] == "talk.wav"
     assert job["priority"] == "high" and job["output_url"] is None and job["running"] == []
-    assert set(job) == {"id", "state", "priority", "avatar", "audio", "created_at", "finished_at", "elapsed_s",
+    assert job["tenant"] == "default"  # a token made without --tenant, as every token before tenants
+    assert set(job) == {"id", "tenant", "state", "priority", "avatar", "audio", "created_at", "finished_at", "elapsed_s",
                         "eta_s", "frames_done", "frames_total", "chunks", "reason", "output_url", "playlist_url",
                         "playable_until_s", "running", "webhook"}
     assert job["webhook"] is None  # none was asked for
@@ -433,6 +436,9 @@ def test_bad_submissions_are_refused_naming_the_problem(client, talk, tmp_path, 
         (submit(client, notes), 422, "invalid", "audio", "notes.wav: not a readable media file"),
         (submit(client, talk, webhook_url="ftp://example.com/x"), 422, "invalid", "webhook_url", "http(s)"),
         (submit(client, talk, webhook_url="https:///nohost"), 422, "invalid", "webhook_url", "with a host"),
+        (submit(client, talk, webhook_url="http://0x7f000001:6379/"), 422, "invalid", "webhook_url", "loopback"),
+        (submit(client, talk, webhook_url="http://169.254.169.254/latest/meta-data/"), 422, "invalid",
+         "webhook_url", "metadata"),
         (submit(client, talk, chunk_frames="30"), 422, "invalid", "chunk_frames", "multiple of 25"),
         (submit(client, talk, chunk_frames="many"), 422, "invalid", "chunk_frames", "integer"),
         (submit(client, talk, colour="blue"), 422, "invalid", "colour", "Extra inputs"),

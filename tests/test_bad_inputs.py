@@ -10,7 +10,7 @@ import pytest
 import soundfile
 from onnx import TensorProto, helper
 
-from lipfarm.common.features import frame_count
+from lipfarm.common.timeline import frame_count
 from lipfarm.common.audio import load_16k
 from lipfarm.cli import main
 from tests.media import tone, video_info

@@ -7,6 +7,7 @@ import pytest
 
 from lipfarm.benchmarks.local import BenchConfig, draw_chart, run_bench
 from lipfarm.benchmarks.memory import measure_job
+from tests.farm import REDIS_DB
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +44,7 @@ def test_watch_bench_times_the_first_playable_segment_and_the_tail(settings, dem
     worker; the tail job (675 frames) is made of the fast-start job's segments."""
     from lipfarm.benchmarks.watch import run_watch_bench
 
-    figures = run_watch_bench(settings, minutes=0.3, tail_minutes=0.45, redis_db=5)
+    figures = run_watch_bench(settings, minutes=0.3, tail_minutes=0.45, redis_db=REDIS_DB["bench-watch"])
     fast, uniform = figures["fast_start"], figures["uniform"]
     assert fast["frames"] == uniform["frames"] == 449  # 18 s of audio
     assert (fast["chunks"], uniform["chunks"]) == (5, 2)
@@ -51,3 +52,16 @@ def test_watch_bench_times_the_first_playable_segment_and_the_tail(settings, dem
         assert 0 < job["first_playable_s"] <= job["half_playable_s"] <= job["total_s"]
         assert 0 <= job["tail_s"] < job["total_s"]
     assert figures["tail_0.45min_s"] > 0
+
+
+def test_the_load_bench_drives_the_real_scripts_and_reports_fair_shares(settings):
+    from lipfarm.benchmarks.load import LoadConfig, run_load_bench
+
+    config = LoadConfig(workers=12, jobs=24, chunks_min=10, chunks_max=40, claims=600)
+    figures = run_load_bench(settings, config, redis_db=REDIS_DB["bench-load"])
+    assert figures["claims"] == 600 and figures["commits"] == 600 - 12  # each worker holds its last claim
+    assert figures["chunks"] >= 24 * 10 and figures["messages_per_job"] == round(figures["chunks"] / 24 + 2, 1)
+    for tenant in figures["tenant_share"].values():
+        assert abs(tenant["share"] - tenant["weight_share"]) <= 0.10
+    assert figures["redis_bytes_per_chunk"] > 0 and figures["recovery_messages"] == 0
+    assert figures["job_list_jobs"] == 20 and figures["claims_and_commits_per_s"] > 0

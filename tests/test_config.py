@@ -1,4 +1,4 @@
-"""Settings: parsing, defaults, and the README's table."""
+"""Settings: parsing, defaults, and the table of docs/configuration.md."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from lipfarm.common.config import SETTINGS, load_settings, settings_markdown
 from lipfarm.common.errors import InputError
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+CONFIGURATION_DOC = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
 
 
 def test_defaults_and_derived_paths():
@@ -35,8 +35,8 @@ def test_threads_are_a_share_of_the_cores():
     assert auto.threads_per_process(10_000) == 1
 
 
-def test_readme_lists_every_setting_as_configured():
-    text = README.read_text()
+def test_the_configuration_doc_lists_every_setting_as_configured():
+    text = CONFIGURATION_DOC.read_text()
     start = text.index("<!-- settings-table")
     table = text[text.index("\n", start) + 1:text.index("<!-- end settings-table -->")].strip()
     assert table == settings_markdown()

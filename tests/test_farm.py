@@ -27,7 +27,7 @@ from lipfarm.cli import main
 from lipfarm.scheduler.local import render_local
 from lipfarm.scheduler.reconcile import Enqueue, reconcile
 from lipfarm.scheduler.submit import submit_job
-from tests.farm import farm_env, Holds, redis_client, REDIS_DB, redis_url, running_farm, SeaweedS3, TEST_PREFIX, until
+from tests.farm import farm_env, redis_client, REDIS_DB, redis_url, running_farm, SeaweedS3, TEST_PREFIX, until
 from tests.media import video_frames, video_info
 
 pytestmark = pytest.mark.slow
@@ -48,11 +48,6 @@ def s3(tmp_path_factory):
     server.client().create_bucket(Bucket=BUCKET)
     yield server
     server.stop()
-
-
-@pytest.fixture(scope="module")
-def holds(tmp_path_factory) -> Holds:
-    return Holds(tmp_path_factory.mktemp("holds"))
 
 
 @pytest.fixture(scope="module")
@@ -174,8 +169,9 @@ def test_cancel_mid_job_publishes_nothing_and_stops_the_workers(farm, holds, dem
 def _active_tasks(job_id: str) -> list:
     """The tasks of ``job_id`` the workers are running now, as Celery reports them."""
     inspector = celery_app.app.control.inspect(timeout=2)
+    # a lane's slot names no job until it is bound: with nothing else running, any render is this job's
     return [t for tasks in (inspector.active() or {}).values() for t in tasks
-            if t.get("kwargs", {}).get("job_id") == job_id]
+            if t.get("kwargs", {}).get("job_id") in (job_id, None) and t.get("name") == celery_app.TASK_RENDER]
 
 
 def test_high_priority_chunks_run_before_queued_low_ones(farm, holds, demo, speech_16k, tmp_path):
@@ -196,6 +192,29 @@ def test_high_priority_chunks_run_before_queued_low_ones(farm, holds, demo, spee
     waiting_low_starts = [a.started_at for chunk in _attempts(low, 7)[2:] for a in chunk]
     assert len(high_starts) == 2 and len(waiting_low_starts) == 5
     assert max(high_starts) < min(waiting_low_starts)
+
+
+def test_a_short_job_sent_behind_a_long_one_shares_the_workers(farm, holds, demo, speech_16k, tmp_path):
+    """Fair share with real workers: the short job's chunks are bound to the next slots the workers
+    take, not queued behind the eight chunks the long job still has waiting (first come, first served)."""
+    settings, _ = farm
+    long_audio, short_audio = tmp_path / "long.wav", tmp_path / "short.wav"
+    write_wav(long_audio, speech_16k)  # 249 frames: 10 chunks
+    write_wav(short_audio, speech_16k[:int(2.1 * 16000)])  # 2 chunks
+    long_id = new_job_id()
+    holds.hold(long_id, 0, 1)  # both render workers busy with the long job, 8 of its chunks waiting
+    long = _submit(settings, demo, long_audio, job_id=long_id)
+    until(lambda: long.status().chunks.get("running") == 2, what="both workers on the long job")
+    short = _submit(settings, demo, short_audio)
+    until(lambda: short.status().state == JobState.RENDERING, what="the short job planned")
+    holds.release(long_id)
+    assert short.wait(timeout_s=300).state == JobState.DONE
+    assert long.wait(timeout_s=300).state == JobState.DONE
+    short_starts = [a.started_at for chunk in _attempts(short, 2) for a in chunk]
+    waiting_long_starts = [a.started_at for chunk in _attempts(long, 10)[2:] for a in chunk]
+    assert len(short_starts) == 2 and len(waiting_long_starts) == 8
+    # round robin: at most one long chunk for each short one (and a tie the older job wins)
+    assert sum(start < max(short_starts) for start in waiting_long_starts) <= 3
 
 
 def test_killed_render_processes_lose_nothing(farm, holds, demo, clip):
@@ -240,6 +259,32 @@ def test_unfinished_jobs_are_rebuilt_from_storage_after_redis_loses_its_data(far
     attempts = _attempts(handle, 7)
     assert attempts[0] == attempts[1] == []  # restored as committed from their markers: not rendered again
     assert all(len(a) == 1 and a[0].outcome == "committed" for a in attempts[2:])
+
+
+def test_a_job_redis_lost_part_of_is_repaired_from_storage(farm, holds, demo, speech_16k, tmp_path):
+    """Some of a running job's keys vanish (its entry in the active set, two chunk records): the
+    recovery pass restores the job from storage as a rebuild would, and it completes."""
+    settings, _ = farm
+    audio = tmp_path / "partial.wav"
+    write_wav(audio, speech_16k[:int(6.2 * 16000)])  # 154 frames, 7 chunks
+    job_id = new_job_id()
+    holds.hold(job_id, 2, 3)
+    handle = _submit(settings, demo, audio, job_id=job_id)
+    until(lambda: handle.status().chunks == {"committed": 2, "running": 2, "queued": 3},
+          what="chunks 0 and 1 committed, 2 and 3 held")
+    client = redis_client(FARM_DB)
+    client.srem(f"{TEST_PREFIX}:jobs:active", job_id)
+    client.delete(f"{TEST_PREFIX}:chunk:{job_id}:4", f"{TEST_PREFIX}:chunk:{job_id}:5")
+    client.delete(f"{TEST_PREFIX}:repair:turn")  # the workers' next recovery pass may look at once
+    until(lambda: client.sismember(f"{TEST_PREFIX}:jobs:active", job_id)
+          and client.exists(*[f"{TEST_PREFIX}:chunk:{job_id}:{i}" for i in range(7)]) == 7,
+          what="the workers' recovery pass to restore the job")
+    holds.release(job_id)
+    status = handle.wait(timeout_s=300)
+    assert status.state == JobState.DONE and status.frames_done == status.frames_total == 154
+    assert info_frames(_download(settings, status, tmp_path / "repaired.mp4")) == 154
+    attempts = _attempts(handle, 7)
+    assert attempts[0] == attempts[1] == []  # restored as committed from their markers: not rendered again
 
 
 def info_frames(path: Path) -> int:

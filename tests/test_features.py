@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 
 from lipfarm.common.audio import ArrayPcm, load_16k
-from lipfarm.common.features import AudioFeatures, audio_inputs, embeddings, frame_count, window_count, window_start
-from lipfarm.common.mel import _slaney_mel_basis, mel_basis, mel_frame_count, mel_spectrogram, stft_window
+from lipfarm.common.features import AudioFeatures, audio_inputs, embeddings, window_start
+from lipfarm.common.timeline import frame_count, window_count
+from lipfarm.common.mel import _slaney_mel_basis, mel_basis, mel_spectrogram, stft_window
+from lipfarm.common.timeline import mel_frame_count
 from lipfarm.common.models import inspect_encoder
 from lipfarm.common.runtime import open_runner, run_encoder
 from tests.media import tone

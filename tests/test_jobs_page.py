@@ -4,7 +4,7 @@ processes on loopback (Redis DB 10, local storage), driven through the API and a
 Jobs are submitted through the API (multipart) before the workers start, with hold files placed from
 the ids the API answers with, so a chunk is caught mid-render by its state, never by timing. The page
 test ends with a screenshot of a done job with its player open, a failed one with its reason and a
-cancelled one: out/jobs-page.png, and docs/jobs-page.png (the README's) with LIPFARM_UPDATE_DOCS=1.
+cancelled one: out/jobs-page.png, and docs/jobs-page.png (shown in docs/api.md) with LIPFARM_UPDATE_DOCS=1.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from tests.test_bad_inputs import _nan_generator
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-# A test run leaves tracked files alone unless asked to refresh the README's picture.
+# A test run leaves tracked files alone unless asked to refresh the picture in docs/api.md.
 SCREENSHOT = ROOT / ("docs" if os.environ.get("LIPFARM_UPDATE_DOCS") == "1" else "out") / "jobs-page.png"
 CLIP_S = 2.5
 HELD_AFTER_FRAMES = 5

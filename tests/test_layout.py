@@ -148,3 +148,14 @@ def test_the_wheel_installs_one_lipfarm_namespace(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {"lipfarm/common/state/store.py", "lipfarm/worker/tasks.py", "lipfarm/api/static/index.html",
             "lipfarm/cli/__init__.py", "lipfarm/job/endings.py"} <= names
+
+
+def test_planning_arithmetic_imports_no_media_stack():
+    """``common.plan`` cuts a timeline into chunks: integers, not audio decoding or inference."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, lipfarm.common.plan; print(sorted({m.split('.')[0] for m in sys.modules} & "
+             "{'librosa', 'scipy', 'av', 'cv2', 'onnxruntime', 'openvino', 'numba', 'soxr'}))")
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"

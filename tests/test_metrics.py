@@ -22,7 +22,7 @@ from lipfarm.common.options import RenderOptions
 from lipfarm.common.state import JobState
 from lipfarm.scheduler.cluster import LipfarmProcess, free_ports
 from lipfarm.scheduler.submit import submit_job
-from tests.farm import farm_env, Holds, redis_client, REDIS_DB, redis_url, until
+from tests.farm import farm_env, redis_client, REDIS_DB, redis_url, until
 
 METRICS_DB = REDIS_DB["metrics"]
 PREFIX = "lipfarm-metricstest"
@@ -82,11 +82,6 @@ def _flush() -> None:
 
 
 @pytest.fixture(scope="module")
-def holds(tmp_path_factory) -> Holds:
-    return Holds(tmp_path_factory.mktemp("metrics-holds"))
-
-
-@pytest.fixture(scope="module")
 def farm(tmp_path_factory, home, demo, holds):
     """A worker taking every queue with two render processes and metrics on a free port, and the
     API; their settings also in this process's environment (for ``submit_job``) for the module."""
@@ -96,7 +91,7 @@ def farm(tmp_path_factory, home, demo, holds):
                    LIPFARM_KEY_PREFIX=PREFIX, LIPFARM_HOLD_DIR=str(holds.folder))
     worker_port, api_port = free_ports(2)
     worker = LipfarmProcess.worker(env, folder / "lipfarm.worker.log", "--concurrency", "2", "--queues",
-                                   "jobs,render,finalize", "--metrics-port", str(worker_port),
+                                   "jobs,finalize,render", "--metrics-port", str(worker_port),
                                    "--hostname", f"metrics-{os.getpid()}@test")
     api = LipfarmProcess(["api", "--host", "127.0.0.1", "--port", str(api_port)], env=env, log=folder / "api.log",
                          ready_text=b"Uvicorn running on")

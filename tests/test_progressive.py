@@ -29,7 +29,7 @@ from lipfarm.cli import main
 from lipfarm.scheduler.local import render_local
 from lipfarm.scheduler.submit import submit_job
 from tests.browser import chromium_page, serve_folder
-from tests.farm import farm_env, Holds, redis_client, REDIS_DB, redis_url, running_farm, until
+from tests.farm import farm_env, redis_client, REDIS_DB, redis_url, running_farm, until
 from tests.media import decode_streams, video_frames
 
 pytestmark = pytest.mark.slow
@@ -37,11 +37,6 @@ DB = REDIS_DB["progressive"]
 FPS = 25
 CHUNK = RenderOptions(chunk_frames=25)
 CLIP_FRAMES = 101  # 4.1 s of speech: chunks of 25, 25, 25, 25, 1
-
-
-@pytest.fixture(scope="module")
-def holds(tmp_path_factory) -> Holds:
-    return Holds(tmp_path_factory.mktemp("holds"))
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from lipfarm.demo.speech import write_wav
 from lipfarm.scheduler.local import render_local
 from lipfarm.scheduler.reconcile import Enqueue, reconcile
 from lipfarm.scheduler.submit import submit_job
-from tests.farm import farm_env, Holds, redis_client, REDIS_DB, redis_url, running_farm, until
+from tests.farm import farm_env, redis_client, REDIS_DB, redis_url, running_farm, until
 from tests.media import video_frames
 
 pytestmark = pytest.mark.slow
@@ -38,11 +38,6 @@ CLIP_FRAMES, CLIP_CHUNKS = 101, 5  # 4.1 s of speech
 
 def _flush() -> None:
     redis_client(DB).flushdb()
-
-
-@pytest.fixture(scope="module")
-def holds(tmp_path_factory) -> Holds:
-    return Holds(tmp_path_factory.mktemp("holds"))
 
 
 @pytest.fixture(scope="module")

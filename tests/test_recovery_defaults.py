@@ -20,16 +20,11 @@ from lipfarm.common.identity import new_job_id
 from lipfarm.common.options import RenderOptions
 from lipfarm.demo.speech import write_wav
 from lipfarm.scheduler.submit import submit_job
-from tests.farm import farm_env, Holds, redis_client, REDIS_DB, redis_url, until, Workers
+from tests.farm import farm_env, redis_client, REDIS_DB, redis_url, until, Workers
 
 pytestmark = pytest.mark.slow
 DB = REDIS_DB["recovery-defaults"]
 RECLAIMED_WITHIN_S = 30
-
-
-@pytest.fixture(scope="module")
-def holds(tmp_path_factory) -> Holds:
-    return Holds(tmp_path_factory.mktemp("holds"))
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,8 @@ import pytest
 from lipfarm.common.audio import ArrayPcm, load_16k
 from lipfarm.common.avatar import pingpong_indices
 from lipfarm.common.errors import AvatarError
-from lipfarm.common.features import audio_inputs, frame_count
+from lipfarm.common.features import audio_inputs
+from lipfarm.common.timeline import frame_count
 from lipfarm.common.models import inspect_encoder
 from lipfarm.common.options import RenderOptions
 from lipfarm.common.runtime import open_runner, run_encoder

@@ -14,7 +14,6 @@ with certificates made by ``trustme``.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import os
 import shutil
 import subprocess
@@ -28,13 +27,12 @@ import redis
 from celery import Celery
 
 from lipfarm.common import celery_app, services
-from lipfarm.common.avatar import AvatarStore
 from lipfarm.common.celery_app import TASK_RENDER
 from lipfarm.common.state.connection import mask_url, redis_failure, redis_tls_options, url_without_tls_params
 from lipfarm.common.config import load_settings
 from lipfarm.common.errors import InputError
 from lipfarm.common.options import RenderOptions
-from lipfarm.common.state import JobState, StateStore
+from lipfarm.common.state import JobState
 from lipfarm.demo.speech import write_wav
 from lipfarm.cli import main
 from lipfarm.scheduler.cluster import LipfarmProcess
@@ -298,8 +296,6 @@ def test_wrong_credentials_or_ca_exit_5_with_one_line(case, plain_redis, tls_red
     assert plain_redis.client().dbsize() == 0  # the refused submissions wrote nothing
 
 
-@pytest.mark.xfail("tls_ca_file" not in inspect.signature(StateStore.connect).parameters, strict=True,
-                   reason="StateStore.connect does not take LIPFARM_REDIS_TLS_CA_FILE yet (see the report)")
 def test_the_state_store_uses_the_ca_setting(tls_redis, certs, capsys):
     env = {"LIPFARM_BROKER_URL": tls_redis.url(), "LIPFARM_REDIS_URL": tls_redis.url(),
            "LIPFARM_REDIS_TLS_CA_FILE": str(certs.ca)}
@@ -321,7 +317,7 @@ def farm(request, tmp_path_factory, home, demo, certs):
     env = farm_env(home, str(folder / "storage"), None, LIPFARM_BROKER_URL=url, LIPFARM_REDIS_URL=url,
                    LIPFARM_REDIS_TLS_CA_FILE="")
     worker = LipfarmProcess.worker(env, folder / "lipfarm.worker.log", "--concurrency", "1", "--queues",
-                                   "jobs,render,finalize", "--hostname", f"sec-{request.param}-{os.getpid()}@test")
+                                   "jobs,finalize,render", "--hostname", f"sec-{request.param}-{os.getpid()}@test")
     worker.start()
     try:
         worker.wait_ready(timeout_s=120)
@@ -400,20 +396,8 @@ def test_a_worker_refuses_pickled_messages_and_takes_json(farm, finished_job, tm
 # --- Identifiers at every entry point -----------------------------------------------------------------
 
 
-def _avatar_names_checked() -> bool:
-    try:
-        AvatarStore("/nonexistent").path("x\x00y")
-        return False
-    except InputError:
-        return True
-
-
-NEEDS_AVATAR_CHECK = pytest.mark.xfail(not _avatar_names_checked(), strict=True,
-                                       reason="AvatarStore.path accepts NUL and over-long names (see the report)")
-
-
-def _hostile(marks_for=("x\x00y", "a" * 300)):
-    return [pytest.param(value, id=repr(value)[:20], marks=NEEDS_AVATAR_CHECK if value in marks_for else ())
+def _hostile():
+    return [pytest.param(value, id=repr(value)[:20])
             for value in HOSTILE]
 
 
@@ -477,14 +461,6 @@ def test_submit_refuses_audio_longer_than_the_maximum_before_any_service(three_h
            "found 10800.0 s" in err[0]
 
 
-def _plans_with_a_bound() -> bool:
-    from lipfarm.scheduler.planning import plan_submitted_job
-
-    return "max_audio_s" in inspect.signature(plan_submitted_job).parameters
-
-
-@pytest.mark.xfail(not _plans_with_a_bound(), strict=True,
-                   reason="plan_submitted_job does not take LIPFARM_MAX_AUDIO_S yet (see the report)")
 def test_planning_refuses_audio_that_decodes_longer_than_the_maximum(plain_redis, demo, clip, tmp_path):
     """A container that passed the submit-time probe but decodes longer (as a lying one would): the
     plan fails the job naming the bound, and writes neither PCM nor plan to storage."""

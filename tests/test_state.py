@@ -343,3 +343,44 @@ def test_ended_jobs_leave_redis_after_their_retention_and_come_back_when_asked(s
     assert sorted(store.redis.zrange(store.keys.jobs(), 0, -1)) == sorted(set(jobs) - {"old", "outbox"})
     assert reconcile(store=store, storage=storage, settings=load_settings({"LIPFARM_JOB_RETENTION_S": "0"}),
                      now=T0 + 10 ** 6, enqueue=Recorder()).forgotten == []  # 0: kept for ever
+
+
+def test_statuses_of_many_jobs_equal_each_jobs_status(store):
+    jobs = [make_job(store, f"s{i}", chunks=i + 1) for i in range(4)]
+    c = claim(store, jobs[2], 1)
+    store.beat(jobs[2], 1, c.token, now=T0 + 3, lease_s=LEASE, frames_done=7)
+    assert store.cancel(jobs[3], now=T0 + 4)
+    many = store.statuses([*jobs, "not-a-job"], now=T0 + 5)
+    assert [s.job_id for s in many] == jobs
+    assert many == [store.status(job_id, now=T0 + 5) for job_id in jobs]
+
+
+def test_reconcile_repairs_a_job_left_out_of_the_active_set_and_leaves_one_it_cannot_restore(store, tmp_path):
+    """Partial loss (a failover, a key deleted by hand): the recovery pass reads only the active
+    set, so a running job missing from it would never be looked at again."""
+    settings = load_settings({"LIPFARM_LEASE_S": str(LEASE)})
+    job = make_job(store, "orphan", chunks=2)
+    store.set_generation(now=T0)
+    store.redis.srem(store.keys.active(), job)
+    lost = make_job(store, "lost", chunks=1)
+    store.redis.delete(store.keys.job(lost))  # its record gone, and storage has nothing of it
+    report = reconcile(store=store, storage=LocalStorage(tmp_path), settings=settings, now=T0 + 1, enqueue=Recorder())
+    assert report.repaired == ["orphan: not active"]
+    assert job in store.active_job_ids()
+    again = reconcile(store=store, storage=LocalStorage(tmp_path), settings=settings, now=T0 + 2, enqueue=Recorder())
+    assert again.repaired == []  # once a minute across the farm, not every pass
+
+
+def test_reconcile_drops_token_names_whose_token_was_lost(store, tmp_path):
+    from lipfarm.common.state import TokenStore
+
+    tokens = TokenStore.of(store)
+    kept, _ = tokens.create(name="kept", read_only=False, now=T0)
+    lost, _ = tokens.create(name="lost", read_only=True, now=T0)
+    digest = store.redis.hget(store.keys.api_token_names(), "lost")
+    store.redis.delete(store.keys.api_token(digest))
+    store.set_generation(now=T0)
+    report = reconcile(store=store, storage=LocalStorage(tmp_path), settings=load_settings(), now=T0 + 1,
+                       enqueue=Recorder())
+    assert report.repaired == ["token lost: lost"]
+    assert [t.name for t in tokens.list()] == ["kept"] and store.redis.hkeys(store.keys.api_token_names()) == ["kept"]

@@ -45,6 +45,8 @@ from tests.farm import delete_prefixed, farm_env, prefixed_store, redis_client, 
 WEBHOOK_DB = REDIS_DB["webhooks"]
 PREFIX = "lipfarm-webhooktest"
 SECRET = "whsec-test-0123456789"
+# the receiver listens on loopback, which the farm refuses to post to unless allowed (common.netguard)
+LOOPBACK_ALLOWED = {"LIPFARM_OUTBOUND_ALLOW": "127.0.0.1/32"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,7 +114,7 @@ def receiver():
 
 
 def readme_verify(secret: str, header: str, body: bytes, tolerance_s: float = 300) -> bool:
-    """The README's recipe, word for word."""
+    """The recipe of docs/api.md (Webhooks, Signatures), word for word."""
     parts = dict(item.split("=", 1) for item in header.split(","))
     signed = parts["t"].encode() + b"." + body
     expected = hmac.new(secret.encode(), signed, hashlib.sha256).hexdigest()
@@ -184,7 +186,7 @@ def test_delivery_gives_up_after_the_retry_window_and_duplicates_stop(store, tmp
     job_id = _ended_job(store, storage, receiver.url, now=start)
     queued = []
     webhooks.queue_event(store, JobFiles(storage, job_id), enqueue=lambda *a: queued.append(a), now=start)
-    settings = load_settings({"LIPFARM_WEBHOOK_SECRET": SECRET, "LIPFARM_WEBHOOK_RETRY_S": "100",
+    settings = load_settings({**LOOPBACK_ALLOWED, "LIPFARM_WEBHOOK_SECRET": SECRET, "LIPFARM_WEBHOOK_RETRY_S": "100",
                               "LIPFARM_WEBHOOK_BACKOFF_S": "10", "LIPFARM_WEBHOOK_TIMEOUT_S": "2"})
     clock = [start]
     results = []
@@ -223,7 +225,7 @@ def test_the_recovery_pass_resends_a_delivery_message_the_broker_lost(store, tmp
     """Each delivery message is lost on its way (a broker that lost its data): the recovery pass
     finds the overdue attempt and queues it again, never one that is only waiting or being sent."""
     storage = open_storage(str(tmp_path / "storage"))
-    settings = load_settings({"LIPFARM_WEBHOOK_SECRET": SECRET, "LIPFARM_WEBHOOK_BACKOFF_S": "10",
+    settings = load_settings({**LOOPBACK_ALLOWED, "LIPFARM_WEBHOOK_SECRET": SECRET, "LIPFARM_WEBHOOK_BACKOFF_S": "10",
                               "LIPFARM_WEBHOOK_TIMEOUT_S": "2", "LIPFARM_LEASE_S": "30"})
     grace = 2 * settings.lease_s + 60
     receiver.answers = [503]
@@ -269,7 +271,7 @@ def test_after_redis_loses_its_data_an_undelivered_event_is_sent_again(store, tm
     """The delivery state lived in Redis: a rebuild from storage queues again the event of a job that
     ended within the retry window, unless storage records it delivered; an older end is left alone."""
     storage = open_storage(str(tmp_path / "storage"))
-    settings = load_settings({"LIPFARM_WEBHOOK_SECRET": SECRET, "LIPFARM_WEBHOOK_RETRY_S": "3600"})
+    settings = load_settings({**LOOPBACK_ALLOWED, "LIPFARM_WEBHOOK_SECRET": SECRET, "LIPFARM_WEBHOOK_RETRY_S": "3600"})
     start = time.time()
     store.set_generation(now=start)
     fresh = _ended_job(store, storage, receiver.url, now=start)
@@ -309,9 +311,9 @@ def worker(tmp_path_factory, home, demo):
     folder = tmp_path_factory.mktemp("webhook-farm")
     env = farm_env(home, str(folder / "storage"), None, LIPFARM_BROKER_URL=redis_url(WEBHOOK_DB),
                    LIPFARM_KEY_PREFIX=PREFIX, LIPFARM_WEBHOOK_SECRET=SECRET, LIPFARM_WEBHOOK_BACKOFF_S="0.5",
-                   LIPFARM_WEBHOOK_TIMEOUT_S="1")
+                   LIPFARM_WEBHOOK_TIMEOUT_S="1", **LOOPBACK_ALLOWED)
     process = LipfarmProcess.worker(env, folder / "lipfarm.worker.log", "--concurrency", "1",
-                                    "--queues", "jobs,render,finalize", "--hostname", f"webhooks-{os.getpid()}@test")
+                                    "--queues", "jobs,finalize,render", "--hostname", f"webhooks-{os.getpid()}@test")
     with pytest.MonkeyPatch.context() as patch:
         for name, value in env.items():
             patch.setenv(name, value)
@@ -386,3 +388,19 @@ def test_a_done_job_is_told_where_its_output_is(worker, demo, short_clip, receiv
     view = Job.model_validate(job_view(handle.status(), Signer("s", ttl_s=60), now=time.time())).webhook
     assert view.state == "delivered" and view.attempts == 1 and view.last_status == 200
     assert view.event_id == event["id"] and view.url == receiver.url
+
+
+def test_an_address_refused_at_delivery_is_given_up_at_once_and_shown_without_detail(store, tmp_path, receiver):
+    storage = open_storage(str(tmp_path / "storage"))
+    now = time.time()
+    job_id = _ended_job(store, storage, receiver.url, now=now)  # accepted once (an allow-list since removed)
+    queued = []
+    webhooks.queue_event(store, JobFiles(storage, job_id), enqueue=lambda *a: queued.append(a), now=now)
+    settings = load_settings({"LIPFARM_WEBHOOK_SECRET": SECRET})  # no allow-list: loopback is refused
+    result = webhooks.deliver(store, settings, job_id, queued[0][1], 1, storage_at=lambda url: storage,
+                              enqueue=lambda *a: queued.append(a), clock=lambda: now)
+    assert result.startswith("failed") and receiver.received == [] and len(queued) == 1  # nothing sent, no retry
+    record = store.webhook(job_id)
+    assert record.state == "failed" and record.last_status == 0 and "loopback" in record.last_error
+    view = job_view(store.status(job_id, now=now), Signer("s", ttl_s=60), now=now)["webhook"]
+    assert (view["state"], view["last_status"], view["last_error"]) == ("failed", 0, "refused: not a public address")

@@ -109,7 +109,9 @@ class Heartbeat(KeepAlive):
         self.ctx, self.job_id, self.index, self.token = ctx, job_id, index, token
         self.frames, self.report = frames, report
         self.frames_done = 0
-        self.renewed_at = time.time()  # the lease runs out lease_s after the last renewal Redis took
+        # The lease runs out lease_s after the last renewal Redis took; measured here on the monotonic
+        # clock, as a duration, since Redis's clock and this host's may differ.
+        self.renewed_at = time.monotonic()
 
     @property
     def lease_until(self) -> float:
@@ -134,11 +136,11 @@ class Heartbeat(KeepAlive):
             log.warning("chunk %s:%s: ownership check failed, rendering on: %s", self.job_id, self.index, exc)
 
     def _renew(self) -> Verdict:
-        now = time.time()
-        verdict = self.ctx.store.beat(self.job_id, self.index, self.token, now=now, lease_s=self.ctx.settings.lease_s,
+        sent = time.monotonic()
+        verdict = self.ctx.store.beat(self.job_id, self.index, self.token, lease_s=self.ctx.settings.lease_s,
                                       frames_done=self.frames_done, peak_rss=peak_rss_bytes())
         if verdict == Verdict.OK:
-            self.renewed_at = now
+            self.renewed_at = sent
         if self.report is not None:
             self.report(self.frames_done, self.frames)
         return verdict
@@ -170,9 +172,19 @@ def _broken_or_unknown(cached_copy_broken: Callable[[BaseException], bool], exc:
 
 
 def run_attempt(ctx: FarmContext, job_id: str, index: int, *,
-                report: Callable[[int, int], None] | None = None) -> AttemptResult:
-    """Claim chunk ``index`` of ``job_id``, render it, upload its segment and commit it."""
-    claim = _claim(ctx, job_id, index)
+                report: Callable[[int, int], None] | None = None, lane: str = "",
+                on_bound: Callable[[str, int], None] | None = None) -> AttemptResult:
+    """Claim chunk ``index`` of ``job_id`` (or, given a ``lane``, the chunk fair share binds the
+    lane's slot to: ``on_bound`` hears which), render it, upload its segment and commit it."""
+    if lane:
+        claim = ctx.store.claim_next(lane, worker=ctx.process.id, worker_started=ctx.process.started,
+                                     lease_s=ctx.settings.lease_s, max_attempts=ctx.settings.max_attempts)
+        if claim.job_id:
+            job_id, index = claim.job_id, claim.index
+            if on_bound is not None:
+                on_bound(job_id, index)
+    else:
+        claim = _claim(ctx, job_id, index)
     if not claim.ok:
         outcome = Outcome.FAILED if claim.verdict == Verdict.FAILED else Outcome.SKIPPED
         return AttemptResult(outcome, claim.detail)
@@ -184,7 +196,7 @@ def run_attempt(ctx: FarmContext, job_id: str, index: int, *,
         plan = _plan(storage, job_id)
         segment, times, lease_until = _render_and_upload(ctx, storage, plan, index, claim, report)
     except (KeyboardInterrupt, SystemExit):
-        if ctx.store.release(job_id, index, claim.token, reason="worker shut down", now=time.time()) == Verdict.RELEASED:
+        if ctx.store.release(job_id, index, claim.token, reason="worker shut down") == Verdict.RELEASED:
             ctx.enqueue_render(job_id, index, job.priority, plan.chunks[index].frames_label if plan else "", 0.0)
         raise
     except Exception as exc:
@@ -204,14 +216,14 @@ def _claim(ctx: FarmContext, job_id: str, index: int) -> Claim:
     killed mid-chunk, whose message Celery redelivers at once), requeue it now rather than when its
     lease runs out; the next attempt waits as the retry rule says."""
     process, settings = ctx.process, ctx.settings
-    claim = ctx.store.claim(job_id, index, worker=process.id, worker_started=process.started, now=time.time(),
+    claim = ctx.store.claim(job_id, index, worker=process.id, worker_started=process.started,
                             lease_s=settings.lease_s, max_attempts=settings.max_attempts)
     if claim.verdict == Verdict.LATER:  # this message came before the chunk's retry delay ran out
         ctx.enqueue_render(job_id, index, ctx.store.job(job_id).priority, "", float(claim.detail))
         return Claim(Verdict.SKIP, f"waits {float(claim.detail):.1f} s before its next attempt: queued for then")
     if claim.verdict == Verdict.SKIP and claim.owner and is_dead_here(claim.owner, claim.owner_started):
         log.warning("chunk %s:%s: its worker %s died; requeueing it", job_id, index, claim.owner)
-        move = ctx.store.requeue(job_id, index, now=time.time(), reason=f"worker process {claim.owner} died",
+        move = ctx.store.requeue(job_id, index, reason=f"worker process {claim.owner} died",
                                  max_attempts=settings.max_attempts, dead_token=claim.owner_token)
         job = ctx.store.job(job_id)
         if move.verdict in (Verdict.REQUEUED, Verdict.FAILED):
@@ -296,7 +308,7 @@ def _until_redis_answers(call: Callable[[], object], *, until: float):
         try:
             return call()
         except ServiceError as exc:
-            if time.time() + wait > until:
+            if time.monotonic() + wait > until:
                 log.warning("Redis unreachable until the lease would run out: %s", exc)
                 return None
             time.sleep(wait)
@@ -306,9 +318,9 @@ def _until_redis_answers(call: Callable[[], object], *, until: float):
 def _failed(ctx: FarmContext, job, index: int, label: str, claim: Claim, failure: Failure) -> AttemptResult:
     job_id = job.job_id
     move = _until_redis_answers(lambda: ctx.store.fail(job_id, index, claim.token, reason=failure.reason,
-                                                       retryable=failure.retryable, now=time.time(),
+                                                       retryable=failure.retryable,
                                                        max_attempts=ctx.settings.max_attempts),
-                                until=time.time() + ctx.settings.lease_s)
+                                until=time.monotonic() + ctx.settings.lease_s)
     if move is None:
         return AttemptResult(Outcome.UNREPORTED, failure.reason)
     log.warning("chunk %s:%s attempt %s: %s (%s)", job_id, index, claim.attempt, failure.reason, move.verdict.value)
@@ -326,13 +338,12 @@ def _commit(ctx: FarmContext, files: JobFiles, plan: Plan, index: int, claim: Cl
     chunk = plan.chunks[index]
     before = time.perf_counter()
     verdict = _until_redis_answers(
-        lambda: ctx.store.commit(plan.job_id, index, claim.token, frames=chunk.frames, segment=segment,
-                                 now=time.time()),
+        lambda: ctx.store.commit(plan.job_id, index, claim.token, frames=chunk.frames, segment=segment),
         until=lease_until)
     if verdict is None:
         return AttemptResult(Outcome.UNREPORTED, "Redis unreachable at commit", chunk.frames, asdict(times))
     if verdict in (Verdict.OK, Verdict.COMPLETE):
-        metrics.chunk_committed(ctx.store, plan.job_id, now=time.time())
+        metrics.chunk_committed(ctx.store, plan.job_id)
         timing = {**{k: round(v, 4) for k, v in times.extra.items()},
                   "commit_s": round(time.perf_counter() - before, 4), "peak_rss": peak_rss_bytes(),
                   "stages": {k: round(getattr(times, k), 4) for k in

@@ -21,7 +21,6 @@ import numpy as np
 
 from lipfarm.common import defaults
 from lipfarm.common.options import RenderOptions
-from lipfarm.worker.yuv import i420_planes
 
 TIME_BASE = Fraction(1, defaults.FPS)
 
@@ -73,12 +72,6 @@ class SegmentWriter:
         for packet in self._stream.encode(self._frame):
             self._container.mux(packet)
         self.frames += 1
-
-    def write(self, i420: np.ndarray) -> None:
-        """Encode one frame given as an I420 array ``[h * 3 / 2, w]``."""
-        for view, plane in zip(self._planes, i420_planes(i420, self.width, self.height)):
-            view[:] = plane  # libx264 copies the picture on submission, so one frame is reused
-        self.submit()
 
     def close(self) -> int:
         """Flush the encoder and finish the file; returns the number of frames written."""

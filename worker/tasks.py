@@ -26,14 +26,18 @@ def farm_context() -> FarmContext:
 
 
 @app.task(name=TASK_RENDER, bind=True)
-def render_chunk_task(self, job_id: str, chunk: int, frames: str = "") -> dict:
-    """Render chunk ``chunk`` (``frames``, for display) of job ``job_id`` and commit it."""
+def render_chunk_task(self, job_id: str = "", chunk: int = -1, frames: str = "", lane: str = "") -> dict:
+    """Render chunk ``chunk`` (``frames``, for display) of job ``job_id`` and commit it; or, as a
+    slot of a priority's ``lane``, the chunk fair share picks when this message is taken."""
 
     task_id = self.request.id  # the request is thread-local; progress is sent from the heartbeat thread
+    bound = {"job_id": job_id, "chunk": chunk, "frames": frames, "lane": lane}
+
+    def on_bound(bound_job: str, bound_chunk: int) -> None:
+        bound.update(job_id=bound_job, chunk=bound_chunk)
 
     def report(done: int, total: int) -> None:
-        self.update_state(task_id=task_id, state="PROGRESS",
-                          meta={"job_id": job_id, "chunk": chunk, "frames": frames,
-                                "frames_done": done, "frames_total": total})
+        self.update_state(task_id=task_id, state="PROGRESS", meta={**bound, "frames_done": done, "frames_total": total})
 
-    return run_attempt(farm_context(), job_id, chunk, report=report).to_dict()
+    result = run_attempt(farm_context(), job_id, chunk, report=report, lane=lane, on_bound=on_bound).to_dict()
+    return {**result, "job_id": bound["job_id"], "chunk": bound["chunk"]}

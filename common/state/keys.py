@@ -56,6 +56,10 @@ class Keys:
         """String with a TTL: the process whose recovery pass this interval is (one per farm)."""
         return f"{self.prefix}:reconcile:turn"
 
+    def repair_turn(self) -> str:
+        """String with a TTL: the process whose turn it is to look for partly lost state."""
+        return f"{self.prefix}:repair:turn"
+
     def rebuild_lock(self) -> str:
         """String with a TTL: the process rebuilding state from storage (one at a time)."""
         return f"{self.prefix}:rebuild:lock"
@@ -91,6 +95,16 @@ class Keys:
         """String with a TTL: a job submission's idempotency key -> its parameters' fingerprint and job."""
         return f"{self.prefix}:api:idempotency:{scope}:{key_digest}"
 
+    # --- tenants (common.state.tenants) -------------------------------------------------------------
+
+    def tenants(self) -> str:
+        """Hash: tenant name -> its quotas and fair-share weight (JSON: max_queued, rps, weight)."""
+        return f"{self.prefix}:tenants"
+
+    def tenant_bucket(self, tenant: str) -> str:
+        """Hash with a TTL: the tenant's request token bucket (tokens left, when it was last filled)."""
+        return f"{self.prefix}:tenant:{tenant}:bucket"
+
     # --- farm-wide figures, exported by the API's /metrics (common.metrics) ---------------------------
 
     def metrics_totals(self) -> str:
@@ -100,6 +114,29 @@ class Keys:
     def metrics_histogram(self, name: str) -> str:
         """Hash: one histogram observed where it happens (bucket bound -> count, "count", "sum")."""
         return f"{self.prefix}:metrics:hist:{name}"
+
+    # --- fair share (the scripts build these names from the prefix: common.state.scripts PRELUDE) --
+
+    def sched_waiting(self, job_id: str) -> str:
+        """Sorted set: the job's chunks offered in its lane, waiting for a slot (score: the index)."""
+        return f"{self.prefix}:sched:waiting:{job_id}"
+
+    def sched_lane(self, priority: str, tenant: str) -> str:
+        """Sorted set: a tenant's jobs with chunks waiting in a priority's lane, the least served
+        first (score: running chunks x 1e12 + created at)."""
+        return f"{self.prefix}:sched:lane:{priority}:{tenant}"
+
+    def sched_tenants(self, priority: str) -> str:
+        """Sorted set: tenants with jobs in a priority's lane (score: running chunks / weight)."""
+        return f"{self.prefix}:sched:tenants:{priority}"
+
+    def sched_running(self, priority: str) -> str:
+        """Hash: tenant -> chunks of that priority running now."""
+        return f"{self.prefix}:sched:running:{priority}"
+
+    def tenant_weights(self) -> str:
+        """Hash: tenant -> its weight in the fair share of workers (1 when absent)."""
+        return f"{self.prefix}:sched:weights"
 
     # --- webhooks (common.webhooks) -----------------------------------------------------------------
 

@@ -20,6 +20,7 @@ from lipfarm.common.errors import ServiceError
 from lipfarm.common.storage.layout import playlist_key
 
 JOB_RECORD_VERSION = 1
+DEFAULT_TENANT = "default"  # the tenant of every job and token made before tenants existed
 
 
 class JobState(str, Enum):
@@ -121,6 +122,7 @@ class JobRecord:
     first_playable_at: float | None = None
     half_playable_at: float | None = None
     rebuilt_at: float | None = None
+    tenant: str = DEFAULT_TENANT  # whose job (the API token's tenant); records from before tenants read as default
     version: int = JOB_RECORD_VERSION
 
     @classmethod
@@ -129,7 +131,8 @@ class JobRecord:
         return cls(job_id=submission.job_id, state=JobState.QUEUED, priority=submission.priority,
                    avatar=submission.avatar_name, audio=submission.audio_name, storage_url=storage_url,
                    created_at=submission.submitted_at,
-                   updated_at=submission.submitted_at if now is None else now)
+                   updated_at=submission.submitted_at if now is None else now,
+                   tenant=getattr(submission, "tenant", "") or DEFAULT_TENANT)
 
     @classmethod
     def from_hash(cls, data: dict[str, str]) -> "JobRecord":
@@ -278,6 +281,7 @@ class JobStatus:
     playlist_key: str = ""  # its HLS playlist, once a chunk from the start is playable
     playable_until_s: float = 0.0  # how far a viewer can watch it now
     webhook: dict | None = None  # its webhook event's delivery (``WebhookRecord.to_dict``), if it has one
+    tenant: str = DEFAULT_TENANT
 
     @classmethod
     def of(cls, job: JobRecord, chunks: list[ChunkRecord], *, now: float) -> "JobStatus":
@@ -301,7 +305,7 @@ class JobStatus:
                    output_key=job.output_key, output_location=job.output_location,
                    workers=sorted({r.worker for r in live}), running=running,
                    playlist_key=playlist_key(job.job_id) if job.playlist_chunks else "",
-                   playable_until_s=round(job.playable_frames / defaults.FPS, 3))
+                   playable_until_s=round(job.playable_frames / defaults.FPS, 3), tenant=job.tenant)
 
     def to_dict(self) -> dict:
         data = asdict(self)

@@ -12,8 +12,9 @@ Every script gets the same KEYS, so the helpers below can reach what they need:
     KEYS[8] farm-wide totals (the commit counts its frames there, for /metrics)
 
 and ARGV[1] = job id, ARGV[2] = chunk index (or 'finalize'), ARGV[3] = now, ARGV[4] = the key
-prefix of the job's chunks and attempt logs (``<prefix>:chunk:<job>:``, ``<prefix>:attempts:<job>:``
-joined by a space). Ending a job touches all of its chunks, whose keys come from that prefix:
+prefix of the job's chunks and attempt logs (``<prefix>:chunk:<job>:``, ``<prefix>:attempts:<job>:``)
+and the farm's key prefix, joined by spaces. The fair-share keys (``common.state.keys``, under
+``<prefix>:sched:``) and another job's keys, for ``CLAIM_NEXT``, are built from that prefix. Ending a job touches all of its chunks, whose keys come from that prefix:
 a single Redis server is assumed (no cluster).
 
 A chunk's ``attempt`` numbers its attempts (1, 2, ...; never reused) and ``spent`` counts those
@@ -25,8 +26,52 @@ log, a list of JSON events: who rendered what, when, and how each attempt ended.
 PRELUDE = """
 local job, chunk, leases, active, log, unrecorded, final_leases = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
 local job_id, index, now = ARGV[1], ARGV[2], ARGV[3]
-local chunk_prefix, log_prefix = string.match(ARGV[4], '^(%S+) (%S+)$')
+local chunk_prefix, log_prefix, root = string.match(ARGV[4], '^(%S+) (%S+) (%S+)$')
 local member = job_id .. ':' .. index
+
+-- Fair share (docs/scheduling.md). A planned job offers its chunks in its priority's lane: they wait
+-- in a sorted set, and the job in its tenant's lane; a lane's render message is a slot that
+-- CLAIM_NEXT binds, when a worker takes it, to the least served tenant (running chunks / weight),
+-- then that tenant's job with the fewest running chunks (the oldest first), then its lowest chunk.
+local function sched(...) return root .. ':sched:' .. table.concat({...}, ':') end
+local function job_of(jkey)
+  local tenant = redis.call('HGET', jkey, 'tenant')
+  if not tenant or tenant == '' then tenant = 'default' end
+  return redis.call('HGET', jkey, 'priority') or 'normal', tenant
+end
+local function job_score(jkey)
+  return tonumber(redis.call('HGET', jkey, 'running') or '0') * 1e12 + tonumber(redis.call('HGET', jkey, 'created_at') or '0')
+end
+local function tenant_score(p, tenant)
+  local weight = tonumber(redis.call('HGET', sched('weights'), tenant) or '1')
+  if not weight or weight <= 0 then weight = 1 end
+  return tonumber(redis.call('HGET', sched('running', p), tenant) or '0') / weight
+end
+-- Refresh the job's place in its lane and its tenant's among the lane's tenants, where present.
+local function reschedule(jkey, jid)
+  local p, tenant = job_of(jkey)
+  if redis.call('ZSCORE', sched('lane', p, tenant), jid) then
+    redis.call('ZADD', sched('lane', p, tenant), job_score(jkey), jid)
+  end
+  if redis.call('ZSCORE', sched('tenants', p), tenant) then
+    redis.call('ZADD', sched('tenants', p), tenant_score(p, tenant), tenant)
+  end
+end
+-- The current job's running chunks went up or down by one (a claim; a commit, requeue, failure...).
+local function running_changed(delta)
+  local p, tenant = job_of(job)
+  if redis.call('HINCRBY', job, 'running', delta) < 0 then redis.call('HSET', job, 'running', 0) end
+  if redis.call('HINCRBY', sched('running', p), tenant, delta) <= 0 then redis.call('HDEL', sched('running', p), tenant) end
+  reschedule(job, job_id)
+end
+-- A chunk bound by its own message (a retry, a fast start, a re-send) leaves the lane's waiting set.
+local function unoffer(jid, i)
+  local waiting = sched('waiting', jid)
+  if redis.call('ZREM', waiting, i) == 1 and redis.call('ZCARD', waiting) == 0 then
+    local p, tenant = job_of(root .. ':job:' .. jid)
+    redis.call('ZREM', sched('lane', p, tenant), jid)
+  end
+end
 
 local function event(log_key, attempt, name, reason, worker)
   redis.call('RPUSH', log_key, cjson.encode({attempt = tonumber(attempt) or 0, event = name,
@@ -53,6 +98,7 @@ local function stop_chunk_at(key, log_key, i, reason)
   if state == 'running' then
     event(log_key, redis.call('HGET', key, 'attempt'), 'stopped', reason, redis.call('HGET', key, 'worker'))
     redis.call('ZREM', leases, job_id .. ':' .. i)
+    running_changed(-1)
   end
   if state == 'running' or state == 'queued' then
     redis.call('HSET', key, 'state', 'cancelled', 'reason', reason, 'updated_at', now, 'token', '')
@@ -76,11 +122,17 @@ local function end_job(state, reason)
   for i = 0, total - 1 do
     stop_chunk_at(chunk_prefix .. i, log_prefix .. i, i, 'job ' .. state)
   end
+  local p, tenant = job_of(job)
+  redis.call('DEL', sched('waiting', job_id))
+  redis.call('ZREM', sched('lane', p, tenant), job_id)
   return true
 end
 
 local function fail_chunk(reason)
-  if redis.call('HGET', chunk, 'state') == 'running' then log_event('failed', reason) end
+  if redis.call('HGET', chunk, 'state') == 'running' then
+    log_event('failed', reason)
+    running_changed(-1)
+  end
   redis.call('HSET', chunk, 'state', 'failed', 'reason', reason, 'updated_at', now, 'token', '')
   redis.call('ZREM', leases, member)
   end_job('failed', 'chunk ' .. index .. ' (frames ' .. redis.call('HGET', chunk, 'start_frame') .. '-' ..
@@ -93,7 +145,8 @@ end
 """
 
 # ARGV[5] worker, [6] token, [7] lease deadline, [8] max attempts, [9] worker's process start
-CLAIM = PRELUDE + """
+CLAIM_FN = """
+local function claim_chunk()
 local js = redis.call('HGET', job, 'state')
 local state = redis.call('HGET', chunk, 'state')
 if not state then return {'skip', 'no such chunk'} end
@@ -106,6 +159,7 @@ if state == 'running' then
   end
   log_event('expired', 'lease expired: taken over')
   redis.call('HSET', chunk, 'state', 'queued')  -- that attempt is over; this claim starts the next
+  running_changed(-1)
 elseif state ~= 'queued' then
   return {'skip', 'chunk is ' .. state}
 else
@@ -127,8 +181,63 @@ redis.call('HSET', chunk, 'state', 'running', 'attempt', attempt, 'spent', spent
            'beat_at', now, 'frames_done', 0)
 redis.call('ZADD', leases, ARGV[7], member)
 log_event('started', '', ARGV[5])
+unoffer(job_id, index)
+running_changed(1)
 if not redis.call('HGET', job, 'rendering_at') then redis.call('HSET', job, 'rendering_at', now) end
 return {'ok', tostring(attempt)}
+end
+"""
+
+CLAIM = PRELUDE + CLAIM_FN + """
+return claim_chunk()
+"""
+
+# A lane's slot: bind it to the chunk fair share picks (see PRELUDE), and claim that. ARGV[1] and [2]
+# are '' (the caller does not know them), [5..9] as CLAIM, [10] the lane (a priority). Answers as
+# CLAIM with the job id and chunk index appended, or {'empty'} when nothing waits in the lane.
+# Jobs that ended or hold nothing any more are dropped from the lane on the way.
+CLAIM_NEXT = PRELUDE + CLAIM_FN + """
+local p = ARGV[10]
+for _ = 1, 100 do
+  local tenant = redis.call('ZRANGE', sched('tenants', p), 0, 0)[1]
+  if not tenant then return {'empty'} end
+  local lane = sched('lane', p, tenant)
+  local jid = redis.call('ZRANGE', lane, 0, 0)[1]
+  if not jid then
+    redis.call('ZREM', sched('tenants', p), tenant)
+  else
+    local waiting = sched('waiting', jid)
+    local i = redis.call('ZRANGE', waiting, 0, 0)[1]
+    if not i or redis.call('HGET', root .. ':job:' .. jid, 'state') ~= 'rendering' then
+      redis.call('ZREM', lane, jid)
+      redis.call('DEL', waiting)
+    else
+      job_id, index, member = jid, i, jid .. ':' .. i
+      job, chunk_prefix, log_prefix = root .. ':job:' .. jid, root .. ':chunk:' .. jid .. ':', root .. ':attempts:' .. jid .. ':'
+      chunk, log = chunk_prefix .. i, log_prefix .. i
+      unoffer(jid, i)
+      local answer = claim_chunk()
+      if answer[1] == 'ok' or answer[1] == 'failed' then
+        table.insert(answer, jid)
+        table.insert(answer, i)
+        return answer
+      end
+    end
+  end
+end
+return {'empty'}
+"""
+
+# The planner offers a job's chunks (ARGV[5...]) in its lane; it then sends one slot message for each.
+OFFER = PRELUDE + """
+if redis.call('HGET', job, 'state') ~= 'rendering' then return '0' end
+local p, tenant = job_of(job)
+for n = 5, #ARGV do
+  redis.call('ZADD', sched('waiting', job_id), tonumber(ARGV[n]), ARGV[n])
+end
+redis.call('ZADD', sched('lane', p, tenant), job_score(job), job_id)
+redis.call('ZADD', sched('tenants', p), tenant_score(p, tenant), tenant)
+return tostring(#ARGV - 4)
 """
 
 # ARGV[5] token, [6] lease deadline, [7] frames done, [8] peak rss bytes
@@ -152,6 +261,7 @@ redis.call('HSET', chunk, 'state', 'committed', 'committed_at', now, 'updated_at
            'reason', '', 'token', '', 'segment_key', ARGV[7], 'segment_size', ARGV[8], 'segment_sha256', ARGV[9],
            'hls_key', ARGV[10], 'hls_size', ARGV[11], 'hls_sha256', ARGV[12])
 redis.call('ZREM', leases, member)
+running_changed(-1)
 log_event('committed')
 local done = redis.call('HINCRBY', job, 'chunks_committed', 1)
 redis.call('HINCRBY', job, 'frames_committed', ARGV[6])
@@ -178,6 +288,7 @@ local attempt = redis.call('HGET', chunk, 'attempt')
 local spent = tonumber(redis.call('HGET', chunk, 'spent') or '0')
 local reason = 'attempt ' .. attempt .. ': ' .. ARGV[5]
 if spent >= tonumber(ARGV[6]) then fail_chunk(reason .. ' (out of attempts)') return {'failed', reason} end
+running_changed(-1)
 log_event('requeued', ARGV[5])
 local delay = retry_delay(ARGV[8], spent)
 redis.call('HSET', chunk, 'state', 'queued', 'reason', reason, 'updated_at', now, 'token', '',
@@ -194,6 +305,7 @@ redis.call('ZREM', leases, member)
 local attempt = redis.call('HGET', chunk, 'attempt')
 local spent = tonumber(redis.call('HGET', chunk, 'spent') or '0')
 if ARGV[7] == '1' and spent < tonumber(ARGV[8]) then
+  running_changed(-1)
   log_event('requeued', ARGV[6])
   local delay = retry_delay(ARGV[9], spent)
   redis.call('HSET', chunk, 'state', 'queued', 'reason', 'attempt ' .. attempt .. ': ' .. ARGV[6],
@@ -210,6 +322,7 @@ if not owned_by(ARGV[5]) then return {'stale'} end
 local js = redis.call('HGET', job, 'state')
 if js ~= 'rendering' then return {'stopped'} end
 redis.call('ZREM', leases, member)
+running_changed(-1)
 log_event('released', ARGV[6])
 redis.call('HINCRBY', chunk, 'spent', -1)
 redis.call('HSET', chunk, 'state', 'queued', 'reason', ARGV[6], 'updated_at', now, 'token', '')

@@ -17,8 +17,10 @@ Every move is one Lua script (``common.state.scripts``), a single atomic step wi
   ``forget_ended`` removes ended jobs whose end storage holds, after ``LIPFARM_JOB_RETENTION_S``.
 
 A Redis that cannot be reached raises ``ServiceError`` naming it, from every verb: callers that
-must ride out an outage catch one kind of error. Time is always a parameter (``now``), so tests
-never sleep; reads have no side effects, but one: with a recall set (the CLI's and the API's
+must ride out an outage catch one kind of error. Time is Redis's clock (``now()``, Redis's TIME):
+the farm's hosts never compare their own clocks, so one that is minutes off neither fails nor delays
+a healthy job. Every verb takes ``now`` as an optional parameter, so tests can move time and never
+sleep; reads have no side effects, but one: with a recall set (the CLI's and the API's
 store), asking for a job that left Redis restores it from its ``ended.json``.
 """
 
@@ -27,7 +29,8 @@ from __future__ import annotations
 import functools
 import json
 import secrets
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Callable
 
@@ -41,7 +44,7 @@ from lipfarm.common.state.keys import Keys
 from lipfarm.common.state.records import (JOB_MOVES, AttemptRecord, ChunkRecord, ChunkState, JobRecord, JobState,
                                   JobStatus, Verdict, WebhookRecord)
 
-SCRIPTS = ("claim", "beat", "commit", "requeue", "fail", "release", "reopen", "take_finalize",
+SCRIPTS = ("claim", "claim_next", "offer", "beat", "commit", "requeue", "fail", "release", "reopen", "take_finalize",
            "beat_finalize", "finish_done", "release_finalize", "job_move", "resume",
            "observe", "first_commit", "webhook_open", "webhook_begin", "webhook_end", "forget")
 
@@ -57,6 +60,8 @@ class Claim:
     owner: str = ""  # on SKIP because another attempt runs: its worker, process start, token
     owner_started: str = ""
     owner_token: str = ""
+    job_id: str = ""  # what a lane's slot was bound to (claim_next)
+    index: int = -1
 
     @property
     def ok(self) -> bool:
@@ -105,6 +110,14 @@ class Lease:
     worker: str
     worker_started: str
     token: str
+
+
+class Damage(str, Enum):
+    """State that Redis lost part of (a failover, a key deleted by hand): the recovery pass repairs it."""
+
+    RECORD_LOST = "record lost"  # listed among the jobs, its record gone
+    NOT_ACTIVE = "not active"  # unfinished, but missing from the active set the recovery pass reads
+    CHUNKS_LOST = "chunks lost"  # rendering or finalizing with some chunk records gone
 
 
 class Stall(str, Enum):
@@ -179,11 +192,30 @@ class StateStore:
 
     # --- calling the scripts ----------------------------------------------------------------------
 
-    def _call(self, name: str, job_id: str, index, now: float, *args) -> list[str]:
+    @_guarded
+    def now(self) -> float:
+        """Redis's clock, in Unix seconds. Every lease, retry delay, stall and retention time is
+        measured on it, so a host whose clock is off neither fails nor delays anyone's work."""
+        seconds, micros = self.redis.time()
+        return seconds + micros / 1e6
+
+    def _at(self, now: float | None) -> float:
+        """``now`` when a caller (a test) gives one, else Redis's clock."""
+        return self.now() if now is None else now
+
+    def clock_drift(self) -> float:
+        """How far this host's clock is ahead of Redis's (negative: behind), in seconds; the
+        round trip's half is taken off, so the figure is good to a few milliseconds."""
+        sent = time.time()
+        redis_now = self.now()
+        return (sent + time.time()) / 2 - redis_now
+
+    def _call(self, name: str, job_id: str, index, now: float | None, *args) -> list[str]:
+        now = self._at(now)
         keys = self.keys
         chunk = keys.chunk(job_id, index) if isinstance(index, int) else ""
         log = keys.attempts(job_id, index if isinstance(index, int) else "finalize")
-        prefixes = f"{keys.chunk(job_id, '')} {keys.attempts(job_id, '')}"
+        prefixes = f"{keys.chunk(job_id, '')} {keys.attempts(job_id, '')} {keys.prefix}"
         result = self._scripts[name](
             keys=[keys.job(job_id), chunk, keys.leases(), keys.active(), log, keys.unrecorded(),
                   keys.finalize_leases(), keys.metrics_totals()],
@@ -201,43 +233,80 @@ class StateStore:
     # --- chunk moves ------------------------------------------------------------------------------
 
     @_guarded
-    def claim(self, job_id: str, index: int, *, worker: str, now: float, lease_s: float,
+    def claim(self, job_id: str, index: int, *, worker: str, now: float | None = None, lease_s: float,
               max_attempts: int, worker_started: str = "") -> Claim:
         """Claim a chunk: a new attempt, or a SKIP naming the attempt that holds it."""
+        now = self._at(now)
         token = secrets.token_hex(8)
         return self._claim(self._call("claim", job_id, index, now, worker, token, repr(now + lease_s),
                                       max_attempts, worker_started), token)
 
     @_guarded
-    def beat(self, job_id: str, index: int, token: str, *, now: float, lease_s: float,
+    def offer(self, job_id: str, indexes: list[int], *, now: float | None = None) -> int:
+        """Offer a rendering job's chunks in its priority's lane; the caller sends one slot message
+        (``claim_next``) per chunk offered. Returns how many were (0 if the job is not rendering)."""
+        if not indexes:
+            return 0
+        return int(self._call("offer", job_id, None, now, *indexes)[0])
+
+    @_guarded
+    def claim_next(self, priority: str, *, worker: str, now: float | None = None, lease_s: float,
+                   max_attempts: int, worker_started: str = "") -> Claim:
+        """Bind a slot of ``priority``'s lane to the chunk fair share picks, and claim it: the
+        claim names the chunk (``job_id``, ``index``); SKIP when nothing waits in the lane."""
+        now = self._at(now)
+        token = secrets.token_hex(8)
+        result = self._call("claim_next", "", None, now, worker, token, repr(now + lease_s), max_attempts,
+                            worker_started, priority)
+        if result[0] == "empty":
+            return Claim(Verdict.SKIP, f"nothing waits in the {priority} lane")
+        claim = self._claim(result[:-2], token)
+        return replace(claim, job_id=result[-2], index=int(result[-1]))
+
+    @_guarded
+    def set_tenant_weight(self, tenant: str, weight: float) -> None:
+        """A tenant's weight in the fair share of workers (each busy tenant gets weight / sum of
+        the busy tenants' weights); takes effect at the next claim."""
+        if not weight > 0:
+            raise ValueError(f"a tenant's weight must be above 0, not {weight}")
+        self.redis.hset(self.keys.tenant_weights(), tenant, repr(float(weight)))
+
+    @_guarded
+    def beat(self, job_id: str, index: int, token: str, *, now: float | None = None, lease_s: float,
              frames_done: int, peak_rss: int = 0) -> Verdict:
+        now = self._at(now)
         return Verdict(self._call("beat", job_id, index, now, token, repr(now + lease_s), frames_done, peak_rss)[0])
 
     @_guarded
-    def commit(self, job_id: str, index: int, token: str, *, frames: int, segment: Segment, now: float) -> Verdict:
+    def commit(self, job_id: str, index: int, token: str, *, frames: int, segment: Segment, now: float | None = None) -> Verdict:
+        now = self._at(now)
         return Verdict(self._call("commit", job_id, index, now, token, frames, segment.key, segment.size,
                                   segment.sha256, segment.hls_key, segment.hls_size, segment.hls_sha256)[0])
 
     @_guarded
-    def requeue(self, job_id: str, index: int, *, now: float, reason: str, max_attempts: int,
+    def requeue(self, job_id: str, index: int, *, now: float | None = None, reason: str, max_attempts: int,
                 dead_token: str = "") -> Move:
         """Requeue an attempt whose lease expired, or (``dead_token``) whose process is known dead."""
+        now = self._at(now)
         return self._move(self._call("requeue", job_id, index, now, reason, max_attempts, dead_token,
                                      _retry_schedule(max_attempts, worker_lost=True)))
 
     @_guarded
-    def fail(self, job_id: str, index: int, token: str, *, reason: str, retryable: bool, now: float,
+    def fail(self, job_id: str, index: int, token: str, *, reason: str, retryable: bool, now: float | None = None,
              max_attempts: int) -> Move:
+        now = self._at(now)
         return self._move(self._call("fail", job_id, index, now, token, reason, int(retryable), max_attempts,
                                      _retry_schedule(max_attempts, worker_lost=False)))
 
     @_guarded
-    def release(self, job_id: str, index: int, token: str, *, reason: str, now: float) -> Verdict:
+    def release(self, job_id: str, index: int, token: str, *, reason: str, now: float | None = None) -> Verdict:
+        now = self._at(now)
         return Verdict(self._call("release", job_id, index, now, token, reason)[0])
 
     @_guarded
-    def reopen(self, job_id: str, index: int, *, reason: str, now: float, max_reopens: int) -> Verdict:
+    def reopen(self, job_id: str, index: int, *, reason: str, now: float | None = None, max_reopens: int) -> Verdict:
         """A committed chunk whose segment failed its check goes back to the queue (see the script)."""
+        now = self._at(now)
         return Verdict(self._call("reopen", job_id, index, now, reason, max_reopens)[0])
 
     @staticmethod
@@ -258,25 +327,29 @@ class StateStore:
     # --- the finalizer ----------------------------------------------------------------------------
 
     @_guarded
-    def take_finalizer(self, job_id: str, *, worker: str, now: float, lease_s: float,
+    def take_finalizer(self, job_id: str, *, worker: str, now: float | None = None, lease_s: float,
                        worker_started: str = "", take_over: str = "") -> Claim:
         """Become the job's one finalizer (a lease with a token, renewed by ``beat_finalizer``)."""
+        now = self._at(now)
         token = secrets.token_hex(8)
         return self._claim(self._call("take_finalize", job_id, None, now, worker, token, repr(now + lease_s),
                                       worker_started, take_over), token)
 
     @_guarded
-    def beat_finalizer(self, job_id: str, token: str, *, now: float, lease_s: float) -> Verdict:
+    def beat_finalizer(self, job_id: str, token: str, *, now: float | None = None, lease_s: float) -> Verdict:
+        now = self._at(now)
         return Verdict(self._call("beat_finalize", job_id, None, now, token, repr(now + lease_s))[0])
 
     @_guarded
-    def finish_done(self, job_id: str, token: str, *, output_location: str, now: float) -> Verdict:
+    def finish_done(self, job_id: str, token: str, *, output_location: str, now: float | None = None) -> Verdict:
         """The finalizer publishes: the job is done (refused if it was cancelled meanwhile)."""
+        now = self._at(now)
         return Verdict(self._call("finish_done", job_id, None, now, token, output_location)[0])
 
     @_guarded
-    def release_finalizer(self, job_id: str, token: str, *, outcome: str, reason: str, now: float) -> Verdict:
+    def release_finalizer(self, job_id: str, token: str, *, outcome: str, reason: str, now: float | None = None) -> Verdict:
         """Give up the finalize lease: ``outcome`` is 'reopened' (chunks to render again) or 'released'."""
+        now = self._at(now)
         return Verdict(self._call("release_finalize", job_id, None, now, token, outcome, reason)[0])
 
     @_guarded
@@ -310,9 +383,10 @@ class StateStore:
             pipe.srem(self.keys.active(), job_id)
             pipe.execute()
 
-    def _job_move(self, job_id: str, to: JobState, *, now: float, reason: str = "",
+    def _job_move(self, job_id: str, to: JobState, *, now: float | None = None, reason: str = "",
                   fields: dict | None = None) -> bool:
         """Move a job along ``JOB_MOVES``; False if its current state does not allow the move."""
+        now = self._at(now)
         allowed = ",".join(s.value for s, targets in JOB_MOVES.items() if to in targets)
         extra = [_text(x) for pair in (fields or {}).items() for x in pair]
         result = self._call("job_move", job_id, None, now, to.value, allowed, reason, *extra)
@@ -321,27 +395,31 @@ class StateStore:
         return result[0] == Verdict.OK
 
     @_guarded
-    def start_planning(self, job_id: str, *, now: float) -> bool:
+    def start_planning(self, job_id: str, *, now: float | None = None) -> bool:
+        now = self._at(now)
         return self._job_move(job_id, JobState.PLANNING, now=now)
 
     @_guarded
     def start_rendering(self, job_id: str, frame_ranges: list[tuple[int, int]], *, output_key: str,
-                        now: float) -> bool:
+                        now: float | None = None) -> bool:
         """Create the planned chunks (existing ones are kept: planning may run twice) and move to
         rendering; False if the job moved on meanwhile (cancelled)."""
+        now = self._at(now)
         self._add_chunks(job_id, frame_ranges, now=now)
         return self._job_move(job_id, JobState.RENDERING, now=now, fields={"output_key": output_key})
 
     @_guarded
-    def finish(self, job_id: str, state: JobState, *, now: float, reason: str) -> bool:
+    def finish(self, job_id: str, state: JobState, *, now: float | None = None, reason: str) -> bool:
         """End a job that has not ended as failed, with the reason (its chunks stop with it)."""
+        now = self._at(now)
         if state != JobState.FAILED:
             raise ValueError(f"finish() ends a job as failed, not {state.value}: see finish_done and cancel")
         return self._job_move(job_id, state, now=now, reason=reason)
 
     @_guarded
-    def resume(self, job_id: str, *, now: float) -> Resumed:
+    def resume(self, job_id: str, *, now: float | None = None) -> Resumed:
         """Resume a failed or cancelled job (see the script); REFUSED names the state it is in."""
+        now = self._at(now)
         result = self._call("resume", job_id, None, now)
         if result[0] == "missing":
             raise NotFoundError(f"unknown job '{job_id}'")
@@ -352,11 +430,13 @@ class StateStore:
         return Resumed(Verdict.OK, queued=[int(i) for i in result[1:]])
 
     @_guarded
-    def cancel(self, job_id: str, *, now: float, reason: str = "cancelled by user") -> bool:
+    def cancel(self, job_id: str, *, now: float | None = None, reason: str = "cancelled by user") -> bool:
         """Cancel a job that has not ended; its chunks stop with it. False if it had ended."""
+        now = self._at(now)
         return self._job_move(job_id, JobState.CANCELLED, now=now, reason=reason)
 
-    def _add_chunks(self, job_id: str, frame_ranges: list[tuple[int, int]], *, now: float) -> None:
+    def _add_chunks(self, job_id: str, frame_ranges: list[tuple[int, int]], *, now: float | None = None) -> None:
+        now = self._at(now)
         with self.redis.pipeline() as pipe:
             for index, (start, stop) in enumerate(frame_ranges):
                 key = self.keys.chunk(job_id, index)
@@ -371,7 +451,15 @@ class StateStore:
             pipe.execute()
 
     @_guarded
-    def mark_finalizer_enqueued(self, job_id: str, *, now: float) -> None:
+    def touch(self, job_id: str, *, now: float | None = None) -> None:
+        """Record that a recovery pass acted on a job (its ``updated_at``): the next pass waits out
+        its grace again before taking the job for stalled."""
+        now = self._at(now)
+        self.redis.hset(self.keys.job(job_id), "updated_at", repr(now))
+
+    @_guarded
+    def mark_finalizer_enqueued(self, job_id: str, *, now: float | None = None) -> None:
+        now = self._at(now)
         self.redis.hset(self.keys.job(job_id), "finalize_enqueued_at", repr(now))
 
     # --- the HLS playlist ---------------------------------------------------------------------------
@@ -395,9 +483,10 @@ class StateStore:
             self.redis.delete(self.keys.playlist_lock(job_id))
 
     @_guarded
-    def set_playlist(self, job_id: str, *, chunks: int, frames: int, frames_total: int, now: float) -> None:
+    def set_playlist(self, job_id: str, *, chunks: int, frames: int, frames_total: int, now: float | None = None) -> None:
         """The playlist now lists ``chunks`` chunks (``frames`` frames); the first and the half-way
         moments are kept, for time-to-first-frame figures."""
+        now = self._at(now)
         key = self.keys.job(job_id)
         with self.redis.pipeline() as pipe:
             pipe.hset(key, mapping={"playlist_chunks": chunks, "playable_frames": frames})
@@ -467,7 +556,8 @@ class StateStore:
         return self.redis.get(self.keys.generation())
 
     @_guarded
-    def set_generation(self, *, now: float) -> None:
+    def set_generation(self, *, now: float | None = None) -> None:
+        now = self._at(now)
         self.redis.set(self.keys.generation(), repr(now))
 
     @_guarded
@@ -479,6 +569,64 @@ class StateStore:
     def release_rebuild_lock(self, owner: str) -> None:
         if self.redis.get(self.keys.rebuild_lock()) == owner:
             self.redis.delete(self.keys.rebuild_lock())
+
+    @_guarded
+    def take_repair_turn(self, owner: str, *, interval_s: float) -> bool:
+        """Whether ``owner`` looks for partly lost state now (once per ``interval_s`` across the farm)."""
+        return bool(self.redis.set(self.keys.repair_turn(), owner, nx=True, px=max(1, int(interval_s * 1000))))
+
+    @_guarded
+    def damaged_jobs(self) -> list[tuple[str, Damage]]:
+        """Jobs whose state Redis lost part of, in three pipelined reads whatever their number: a
+        listed job without its record, an unfinished job missing from the active set, a rendering or
+        finalizing job with chunk records missing."""
+        ids = self.redis.zrange(self.keys.jobs(), 0, -1)
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.hmget(self.keys.job(job_id), "state", "chunks_total")
+            records = pipe.execute()
+        active = self.redis.smembers(self.keys.active())
+        damaged, counted = [], []
+        for job_id, (state, total) in zip(ids, records):
+            if state is None:
+                damaged.append((job_id, Damage.RECORD_LOST))
+                continue
+            if state not in ("done", "failed", "cancelled") and job_id not in active:
+                damaged.append((job_id, Damage.NOT_ACTIVE))
+            if state in ("rendering", "finalizing") and int(total or 0):
+                counted.append((job_id, int(total)))
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job_id, total in counted:
+                pipe.exists(*[self.keys.chunk(job_id, i) for i in range(total)])
+            present = pipe.execute()
+        damaged += [(job_id, Damage.CHUNKS_LOST) for (job_id, total), n in zip(counted, present) if n < total]
+        return damaged
+
+    @_guarded
+    def reactivate(self, job_id: str) -> None:
+        """Put an unfinished job back in the active set (the recovery pass reads only that set)."""
+        self.redis.sadd(self.keys.active(), job_id)
+
+    @_guarded
+    def purge(self, job_id: str) -> None:
+        """Remove what is left of a job whose state is partly lost, before it is restored from storage
+        as a rebuild would: every key of its own, and its entries in the farm-wide sets."""
+        keys = self.keys
+        own = [keys.job(job_id), keys.sched_waiting(job_id), keys.webhook(job_id), keys.webhook_attempts(job_id),
+               keys.playlist_lock(job_id), keys.playlist_dirty(job_id), keys.attempts(job_id, "finalize")]
+        own += list(self.redis.scan_iter(f"{keys.chunk(job_id, '')}*")) + list(
+            self.redis.scan_iter(f"{keys.attempts(job_id, '')}*"))
+        leases = [m for m in self.redis.zrange(keys.leases(), 0, -1) if m.startswith(f"{job_id}:")]
+        with self.redis.pipeline() as pipe:
+            pipe.delete(*own)
+            if leases:
+                pipe.zrem(keys.leases(), *leases)
+            pipe.zrem(keys.finalize_leases(), job_id)
+            pipe.zrem(keys.jobs(), job_id)
+            pipe.srem(keys.active(), job_id)
+            pipe.srem(keys.unrecorded(), job_id)
+            pipe.zrem(keys.webhooks_due(), job_id)
+            pipe.execute()
 
     @_guarded
     def take_reconcile_turn(self, owner: str, *, interval_s: float) -> bool:
@@ -504,18 +652,21 @@ class StateStore:
         return found
 
     @_guarded
-    def expired_leases(self, now: float) -> list[tuple[str, int]]:
+    def expired_leases(self, now: float | None = None) -> list[tuple[str, int]]:
+        now = self._at(now)
         members = self.redis.zrangebyscore(self.keys.leases(), "-inf", repr(now))
         return [Keys.parse_lease_member(m) for m in members]
 
     @_guarded
-    def expired_finalizers(self, now: float) -> list[str]:
+    def expired_finalizers(self, now: float | None = None) -> list[str]:
+        now = self._at(now)
         return list(self.redis.zrangebyscore(self.keys.finalize_leases(), "-inf", repr(now)))
 
     @_guarded
-    def stalled_jobs(self, *, now: float, grace_s: float) -> list[StalledJob]:
+    def stalled_jobs(self, *, now: float | None = None, grace_s: float) -> list[StalledJob]:
         """Active jobs that will not move on by themselves (see ``Stall``), ``grace_s`` after their
         last change, so a message on its way is not taken for a lost one."""
+        now = self._at(now)
         found = []
         for job_id in self.active_job_ids():
             try:
@@ -527,7 +678,7 @@ class StateStore:
                 found.append(StalledJob(job, stall))
         return found
 
-    def _stall(self, job: JobRecord, *, now: float, grace_s: float) -> Stall | None:
+    def _stall(self, job: JobRecord, *, now: float | None = None, grace_s: float) -> Stall | None:
         if job.state == JobState.RENDERING:
             complete = job.chunks_total > 0 and job.chunks_committed == job.chunks_total
             enqueued = job.finalize_enqueued_at
@@ -542,12 +693,16 @@ class StateStore:
         return None
 
     @_guarded
-    def waiting_chunks(self, *, now: float, grace_s: float) -> list[tuple[JobRecord, ChunkRecord]]:
+    def waiting_chunks(self, *, now: float | None = None, grace_s: float) -> list[tuple[JobRecord, ChunkRecord]]:
         """Queued chunks of rendering jobs, queued more than ``grace_s`` ago: if no render message
         is waiting in the broker, theirs was lost (``grace_s`` must exceed the longest retry delay)."""
+        now = self._at(now)
         found = []
         for job_id in self.active_job_ids():
-            job = self.job(job_id)
+            try:
+                job = self.job(job_id)
+            except NotFoundError:  # its record was lost: the repair step restores it from storage
+                continue
             if job.state != JobState.RENDERING:
                 continue
             for chunk in self.chunks(job_id, job.chunks_total):
@@ -557,10 +712,11 @@ class StateStore:
 
     @_guarded
     def restore_job(self, record: JobRecord, frame_ranges: list[tuple[int, int]], *,
-                    committed: dict[int, dict], now: float) -> None:
+                    committed: dict[int, dict], now: float | None = None) -> None:
         """Recreate an unfinished job lost from Redis from what storage records: ``record`` (queued),
         its planned chunks with those in ``committed`` (index -> commit marker fields: frames,
         attempt, worker, committed_at, segment) marked committed, moved to rendering."""
+        now = self._at(now)
         self.create_job(record)
         if not frame_ranges:
             return
@@ -665,12 +821,42 @@ class StateStore:
         return sorted(self.redis.smembers(self.keys.active()))
 
     @_guarded
-    def status(self, job_id: str, *, now: float) -> JobStatus:
+    def status(self, job_id: str, *, now: float | None = None) -> JobStatus:
+        now = self._at(now)
         job = self.job(job_id)
         status = JobStatus.of(job, self.chunks(job_id, job.chunks_total), now=now)
         webhook = self.webhook(job_id)
         status.webhook = webhook.to_dict() if webhook else None
         return status
+
+    @_guarded
+    def statuses(self, job_ids: list[str], *, now: float | None = None) -> list[JobStatus]:
+        """The status of each of ``job_ids`` still in Redis, in order, in two round trips whatever
+        their number (the job lists of the CLI and the API). Jobs that left Redis are left out."""
+        now = self._at(now)
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hgetall(self.keys.job(job_id))
+                pipe.hgetall(self.keys.webhook(job_id))
+                pipe.lrange(self.keys.webhook_attempts(job_id), 0, -1)
+            raw = pipe.execute()
+        found = [(JobRecord.from_hash(job), hook, log) for job, hook, log in zip(raw[0::3], raw[1::3], raw[2::3]) if job]
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job, _, _ in found:
+                for index in range(job.chunks_total):
+                    pipe.hgetall(self.keys.chunk(job.job_id, index))
+                if job.chunks_total:
+                    pipe.zmscore(self.keys.leases(), [f"{job.job_id}:{i}" for i in range(job.chunks_total)])
+            replies = iter(pipe.execute())
+        statuses = []
+        for job, hook, log in found:
+            chunks = [next(replies) for _ in range(job.chunks_total)]
+            deadlines = next(replies) if job.chunks_total else []
+            status = JobStatus.of(job, [ChunkRecord.from_hash(i, c, lease_until=d)
+                                        for i, (c, d) in enumerate(zip(chunks, deadlines)) if c], now=now)
+            status.webhook = WebhookRecord.from_hash(hook, [json.loads(e) for e in log]).to_dict() if hook else None
+            statuses.append(status)
+        return statuses
 
     # --- farm-wide figures, for the API's /metrics (common.metrics names and buckets them) ---------
     # Figures of the farm as a whole are kept here rather than in a process's memory: a job's first
@@ -684,9 +870,10 @@ class StateStore:
                                  args=[repr(float(value)), *[repr(float(b)) for b in buckets]])
 
     @_guarded
-    def first_commit(self, job_id: str, *, now: float, histogram: str, buckets: tuple[float, ...]) -> float | None:
+    def first_commit(self, job_id: str, *, now: float | None = None, histogram: str, buckets: tuple[float, ...]) -> float | None:
         """Mark the job's first commit, once; the first caller also observes the seconds since the
         job was submitted into ``histogram`` and gets them back (later callers get None)."""
+        now = self._at(now)
         delay = self._scripts["first_commit"](keys=[self.keys.job(job_id), self.keys.metrics_histogram(histogram)],
                                               args=[repr(now), *[repr(float(b)) for b in buckets]])
         return None if delay is None else float(delay)
@@ -724,36 +911,41 @@ class StateStore:
                                    args=[_text(a) for a in (*args, job_id)])
 
     @_guarded
-    def open_webhook(self, job_id: str, *, event_id: str, event_type: str, url: str, now: float) -> bool:
+    def open_webhook(self, job_id: str, *, event_id: str, event_type: str, url: str, now: float | None = None) -> bool:
         """Record the job's webhook event (replacing an earlier event of the job, e.g. before a resume);
         True if this very event was queued for delivery already."""
+        now = self._at(now)
         return bool(self._webhook_call("webhook_open", job_id, event_id, event_type, url, now))
 
     @_guarded
-    def mark_webhook_queued(self, job_id: str, event_id: str, *, now: float) -> None:
+    def mark_webhook_queued(self, job_id: str, event_id: str, *, now: float | None = None) -> None:
+        now = self._at(now)
         key = self.keys.webhook(job_id)
         if self.redis.hget(key, "event_id") == event_id:
             self.redis.hsetnx(key, "queued_at", repr(now))
 
     @_guarded
-    def begin_webhook_attempt(self, job_id: str, event_id: str, attempt: int, *, now: float,
+    def begin_webhook_attempt(self, job_id: str, event_id: str, attempt: int, *, now: float | None = None,
                               stale_s: float) -> tuple[str, str]:
         """May attempt ``attempt`` of the event go now? ('ok', ''), ('skip', why) if it was made, the
         event delivered, given up or superseded, or ('busy', why) while another sender is at it."""
+        now = self._at(now)
         verdict, detail = self._webhook_call("webhook_begin", job_id, event_id, attempt, now, stale_s)
         return str(verdict), str(detail)
 
     @_guarded
-    def end_webhook_attempt(self, job_id: str, event_id: str, attempt: int, *, now: float, outcome: str,
+    def end_webhook_attempt(self, job_id: str, event_id: str, attempt: int, *, now: float | None = None, outcome: str,
                             status: int, error: str, duration_s: float, next_at: float | None) -> None:
         """Record how an attempt went: ``outcome`` delivered, retry (at ``next_at``) or failed (given up)."""
+        now = self._at(now)
         self._webhook_call("webhook_end", job_id, event_id, attempt, now, outcome, status, error[:500],
                            round(duration_s, 3), "" if next_at is None else next_at)
 
     @_guarded
-    def overdue_webhooks(self, *, now: float, grace_s: float) -> list[tuple[str, str, int]]:
+    def overdue_webhooks(self, *, now: float | None = None, grace_s: float) -> list[tuple[str, str, int]]:
         """Pending webhook events whose next attempt should have begun more than ``grace_s`` ago:
         (job id, event id, the attempt to make). Their delivery message was lost (or a sender died)."""
+        now = self._at(now)
         overdue = []
         for job_id in self.redis.zrangebyscore(self.keys.webhooks_due(), "-inf", now - grace_s):
             record = self.webhook(job_id)

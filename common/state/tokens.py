@@ -2,7 +2,8 @@
 
 - **Tokens** (``lipfarm token create|list|revoke``): a token is ``lf_`` and 43 random URL-safe
   characters (256 bits). Redis keeps only its SHA-256, with a name, an id (the first 12 hex digits of
-  that hash, safe to show), a read-only flag and the time it was made: a copy of Redis gives no
+  that hash, safe to show), its tenant (``default`` for tokens made before tenants), a read-only and
+  an admin flag and the time it was made: a copy of Redis gives no
   usable token. A token is looked up by the hash of what a request presents; 256 random bits need no
   slow hash (there is nothing to guess), and the lookup time says nothing about a stored token.
 - **The signing secret**: ``<video>`` elements cannot send a bearer header, so the API gives them
@@ -28,6 +29,8 @@ import redis
 
 from lipfarm.common.errors import InputError, NotFoundError
 from lipfarm.common.state.keys import Keys
+from lipfarm.common.state.records import DEFAULT_TENANT
+from lipfarm.common.state.tenants import check_tenant_name
 from lipfarm.common.state.store import StateStore, _guarded
 
 TOKEN_PREFIX = "lf_"
@@ -46,10 +49,16 @@ class ApiToken:
     name: str
     read_only: bool
     created_at: float
+    tenant: str = DEFAULT_TENANT
+    admin: bool = False  # sees and steers every tenant's jobs
 
     @property
     def access(self) -> str:
-        return "read-only" if self.read_only else "read-write"
+        return ("admin, " if self.admin else "") + ("read-only" if self.read_only else "read-write")
+
+    def sees(self, tenant: str) -> bool:
+        """Whether this token may see (and, if it writes, steer) a job of ``tenant``."""
+        return self.admin or tenant == self.tenant
 
 
 @dataclass(frozen=True)
@@ -91,16 +100,19 @@ class TokenStore:
     # --- tokens -------------------------------------------------------------------------------------
 
     @_guarded
-    def create(self, *, name: str | None, read_only: bool, now: float) -> tuple[ApiToken, str]:
-        """A new token: its record and its value (shown once, never stored)."""
+    def create(self, *, name: str | None, read_only: bool, now: float, tenant: str = DEFAULT_TENANT,
+               admin: bool = False) -> tuple[ApiToken, str]:
+        """A new token of ``tenant``: its record and its value (shown once, never stored)."""
         value = TOKEN_PREFIX + secrets.token_urlsafe(32)
         digest = token_digest(value)
-        token = ApiToken(digest[:12], check_token_name(name or f"token-{digest[:8]}"), read_only, now)
+        token = ApiToken(digest[:12], check_token_name(name or f"token-{digest[:8]}"), read_only, now,
+                         check_tenant_name(tenant), admin)
         if not self.redis.hsetnx(self.keys.api_token_names(), token.name, digest):
             raise InputError("a token of this name exists (revoke it first, or pick another name)",
                              field="name", found=token.name)
         self.redis.hset(self.keys.api_token(digest), mapping={
-            "id": token.id, "name": token.name, "read_only": int(read_only), "created_at": repr(now)})
+            "id": token.id, "name": token.name, "read_only": int(read_only), "created_at": repr(now),
+            "tenant": token.tenant, "admin": int(admin)})
         return token, value
 
     @_guarded
@@ -114,7 +126,8 @@ class TokenStore:
     def _record(data: dict) -> ApiToken | None:
         if not data:
             return None
-        return ApiToken(data["id"], data["name"], data.get("read_only") == "1", float(data["created_at"]))
+        return ApiToken(data["id"], data["name"], data.get("read_only") == "1", float(data["created_at"]),
+                        data.get("tenant") or DEFAULT_TENANT, data.get("admin") == "1")
 
     @_guarded
     def list(self) -> list[ApiToken]:
@@ -125,6 +138,20 @@ class TokenStore:
                 pipe.hgetall(self.keys.api_token(digest))
             records = [self._record(data) for data in pipe.execute()]
         return sorted((r for r in records if r is not None), key=lambda r: (r.created_at, r.name))
+
+    @_guarded
+    def forget_lost(self) -> list[str]:
+        """Names whose token record Redis lost (the name list kept, the token gone): removed, so the
+        list says what works. Their holders get 401 and need a new token; the names are returned."""
+        names = self.redis.hgetall(self.keys.api_token_names())
+        with self.redis.pipeline(transaction=False) as pipe:
+            for digest in names.values():
+                pipe.exists(self.keys.api_token(digest))
+            present = pipe.execute()
+        lost = [name for name, there in zip(names, present) if not there]
+        if lost:
+            self.redis.hdel(self.keys.api_token_names(), *lost)
+        return lost
 
     @_guarded
     def revoke(self, name: str) -> ApiToken:
