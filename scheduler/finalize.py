@@ -20,9 +20,10 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 from lipfarm.common import metrics
+from lipfarm.common.messages import EnqueueRender
 from lipfarm.common.config import Settings
 from lipfarm.common.scratch import scratch_dir
 from lipfarm.job.endings import close_job
@@ -56,7 +57,7 @@ class Finalizer:
     store: StateStore
     settings: Settings
     process: WorkerProcess
-    enqueue_render: Callable[[str, int, str, str, float], None]
+    enqueue_render: EnqueueRender
 
 
 def finalize_job(job_id: str, *, ctx: Finalizer, files: JobFiles) -> str:

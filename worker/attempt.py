@@ -28,9 +28,10 @@ from pathlib import Path
 from typing import Callable
 
 from lipfarm.common import defaults, metrics
+from lipfarm.common.messages import EnqueueJob, EnqueueRender
 from lipfarm.common.scratch import scratch_dir
 from lipfarm.common.config import Settings
-from lipfarm.job.endings import close_job
+from lipfarm.job.endings import follow_move
 from lipfarm.common.errors import (AvatarError, CancelledError, InputError, LipfarmError, ModelError, NotFoundError,
                            ServiceError)
 from lipfarm.common.fileio import file_sha256
@@ -53,7 +54,6 @@ from lipfarm.worker.templates import TemplateCache
 log = logging.getLogger(__name__)
 
 # enqueue_render(job id, chunk, priority, frames label, delay in s)
-EnqueueRender = Callable[[str, int, str, str, float], None]
 
 
 @dataclass
@@ -67,7 +67,7 @@ class FarmContext:
     templates: TemplateCache
     process: WorkerProcess
     enqueue_render: EnqueueRender
-    enqueue_finalize: Callable[[str, str], None]
+    enqueue_finalize: EnqueueJob
 
 
 class Outcome(str, Enum):
@@ -228,10 +228,7 @@ def _claim(ctx: FarmContext, job_id: str, index: int) -> Claim:
         job = ctx.store.job(job_id)
         if move.verdict in (Verdict.REQUEUED, Verdict.FAILED):
             metrics.attempt_failed("crash", retried=move.verdict == Verdict.REQUEUED)
-        if move.verdict == Verdict.REQUEUED:
-            ctx.enqueue_render(job_id, index, job.priority, "", move.delay_s)
-        elif move.verdict == Verdict.FAILED:
-            close_job(ctx.store, ctx.storage_at(job.storage_url), job_id)
+        follow_move(ctx.store, ctx.storage_at, job, index, move, ctx.enqueue_render)
         return Claim(move.verdict if move.verdict == Verdict.FAILED else Verdict.SKIP, "its worker died: requeued")
     return claim
 
@@ -324,10 +321,7 @@ def _failed(ctx: FarmContext, job, index: int, label: str, claim: Claim, failure
     if move is None:
         return AttemptResult(Outcome.UNREPORTED, failure.reason)
     log.warning("chunk %s:%s attempt %s: %s (%s)", job_id, index, claim.attempt, failure.reason, move.verdict.value)
-    if move.verdict == Verdict.REQUEUED:
-        ctx.enqueue_render(job_id, index, job.priority, label, move.delay_s)
-    elif move.verdict == Verdict.FAILED:
-        close_job(ctx.store, ctx.storage_at(job.storage_url), job_id)
+    follow_move(ctx.store, ctx.storage_at, job, index, move, ctx.enqueue_render, label)
     outcome = {Verdict.REQUEUED: Outcome.REQUEUED, Verdict.FAILED: Outcome.FAILED,
                Verdict.STOPPED: Outcome.STOPPED}.get(move.verdict, Outcome.STALE)
     return AttemptResult(outcome, failure.reason)
