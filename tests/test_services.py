@@ -461,3 +461,26 @@ def test_whose_temporary_folders_are_swept(tmp_path):
     child.wait()
     assert removed == {zombie, earlier_boot}
     assert (tmp_path / alive).is_dir() and (tmp_path / other_host).is_dir()
+
+
+def test_a_killed_render_process_leaves_nothing_while_its_worker_lives(tmp_path, home, redis_server, demo,
+                                                                      short_clip):
+    """No start follows (the worker forks a new render process lazily): the recovery loop of every
+    worker sweeps its host each interval."""
+    server = redis_server("--maxmemory-policy", "noeviction")
+    temp = tmp_path / "temp"
+    env = farm_env(home, server, tmp_path / "storage", LIPFARM_TEMP_DIR=str(temp))
+    farm = Farm(env, tmp_path / "farm").start()
+    try:
+        job_id = _submit_held(farm, demo, short_clip)
+        until(lambda: any(name.startswith("lipfarm-chunk-") for names in _roots(temp).values() for name in names),
+              timeout_s=300, what="the chunk's work folder")
+        (dead_root,) = [root for root, names in _roots(temp).items() if any(n.startswith("lipfarm-chunk-") for n in names)]
+        pid = int(dead_root.name.split(".")[-2])
+        assert pid in farm.render.children()
+        os.kill(pid, 9)
+        until(lambda: not dead_root.exists(), timeout_s=30, what="the dead render process's folder swept")
+        (farm.holds / f"{job_id}.0.hold").unlink()
+        until(lambda: farm.state(job_id) == "done", timeout_s=300, what="the job")
+    finally:
+        farm.stop()
