@@ -132,8 +132,8 @@ SETTINGS = (
             "Unset: the system's temporary folder."),
     Setting("farm_id", "LIPFARM_FARM_ID", "", str,
             "This farm's id, stamped in every job it submits; a rebuild from storage adopts only its own farm's "
-            "jobs. Unset: one made once and kept in Redis (or, if Redis lost it, the storage's first farm's). Set "
-            "it where farms share a storage."),
+            "jobs. Unset: derived from the Redis URL and key prefix (the same after Redis loses its data); set it "
+            "where hosts reach one Redis by different names."),
     Setting("allow_evicting_redis", "LIPFARM_ALLOW_EVICTING_REDIS", 0, int,
             "1: accept a Redis whose `maxmemory-policy` is not `noeviction` (it may drop some of lipfarm's keys "
             "and strand jobs); 0: every role refuses one at start (exit 5) and `/v1/health` answers 503."),
