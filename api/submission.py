@@ -122,10 +122,12 @@ def _within_quota(farm: Farm, token: ApiToken) -> None:
                                 "RateLimit": f'"queued";r=0;t={wait}'})
 
 
-def submit_request(farm: Farm, token: ApiToken, request: JobRequest, header_key: str | None) -> Submitted:
+def submit_request(farm: Farm, token: ApiToken, request: JobRequest, header_key: str | None,
+                   api_url: str = "") -> Submitted:
     """Submit ``request`` (idempotently where it carries a key) as a job of the token's tenant, within
-    its quota of jobs not yet ended; see the module docstring."""
-    job = {**_checked(farm, request), "tenant": token.tenant}
+    its quota of jobs not yet ended; see the module docstring. ``api_url``, the API's public base URL
+    as this request reached it, is kept with the job for its webhook's ``output_url``."""
+    job = {**_checked(farm, request), "tenant": token.tenant, "api_url": api_url}
     key = request.params.idempotency_key or header_key
     if not key:
         _within_quota(farm, token)
