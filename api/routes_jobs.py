@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from lipfarm.common import defaults
 from lipfarm.common.state import ApiToken, JobState
+from lipfarm.api.audio_url import fetch_audio, storage_key
 from lipfarm.api.auth import reader, writer
 from lipfarm.api.context import Farm, farm
 from lipfarm.api.errors import ApiError, documented
@@ -38,10 +40,32 @@ async def _job_request(request: Request, folder: Path, the_farm: Farm) -> JobReq
         audio.path.rename(named)
         return JobRequest(validated(JobFields, form.fields), audio_file=named, audio_sha256=audio.sha256)
     if content_type == "application/json":
-        params = validated(JobFromStorage, await read_json(request))
-        return JobRequest(params, audio_key=params.audio_key)
+        return await _json_request(validated(JobFromStorage, await read_json(request)), folder, the_farm)
     raise ApiError(415, "send multipart/form-data (an audio upload) or application/json (audio already in "
-                        "the farm's storage, as audio_key)", field="Content-Type")
+                        "the farm's storage as audio_key, or by URL as audio_url)", field="Content-Type")
+
+
+async def _json_request(params, folder: Path, the_farm: Farm) -> JobRequest:
+    """A JSON submission: audio named by ``audio_key``, or by ``audio_url`` (fetched now: ``api.audio_url``)."""
+    if (params.audio_key is None) == (params.audio_url is None):
+        field = "audio_url" if params.audio_key else "audio_key"
+        raise ApiError(422, f"{field}: give audio_key or audio_url (one of them is required, not both)", field=field)
+    if params.audio_key is not None:
+        return JobRequest(params, audio_key=params.audio_key)
+    key = storage_key(params.audio_url)
+    if key is not None:
+        return JobRequest(params, audio_key=key, audio_field="audio_url")
+    path = await run_in_threadpool(fetch_audio, params.audio_url, folder, the_farm.settings)
+    return JobRequest(params, audio_file=path, audio_sha256=await run_in_threadpool(_sha256, path),
+                      audio_field="audio_url")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _view(the_farm: Farm, job_id: str, base: str) -> dict:
@@ -53,13 +77,14 @@ def _view(the_farm: Farm, job_id: str, base: str) -> dict:
              openapi_extra={"requestBody": request_body_schema()},
              responses={200: {"model": Job, "description": "The job an earlier request with this idempotency key "
                                                             "made, with the same parameters"},
-                        **documented(401, 403, 404, 409, 413, 415, 422, 429, 503)})
+                        **documented(401, 403, 404, 409, 413, 415, 422, 429, 503, 504)})
 async def create_job(request: Request, response: Response,
                      idempotency_key: str | None = Header(None, alias="Idempotency-Key", max_length=255),
                      token: ApiToken = Depends(writer), the_farm: Farm = Depends(farm),
                      base: str = Depends(public_base)) -> dict:
     """Render ``audio`` onto ``avatar``: a multipart upload (the ``audio`` file and the fields), or a
-    JSON body naming audio already in the farm's storage (``audio_key``). Checked, uploaded and queued
+    JSON body naming audio already in the farm's storage (``audio_key``) or where to fetch it (``audio_url``:
+    https, or ``storage:KEY``). Checked, uploaded and queued
     as by ``lipfarm submit``; nothing is queued on bad input."""
     with upload_folder(the_farm.settings) as folder:
         job_request = await _job_request(request, folder, the_farm)
