@@ -115,7 +115,8 @@ ROOM_IMPORTS = {
     "scheduler": {"common", "job", "demo", "worker"},
     "api": {"common", "job", "scheduler", "demo"},
     "benchmarks": {"common", "job", "demo", "worker", "scheduler"},
-    "cli": {"common", "job", "demo", "worker", "scheduler", "api", "benchmarks"},
+    "client": set(),
+    "cli": {"common", "job", "demo", "worker", "scheduler", "api", "benchmarks", "client"},
 }
 
 
