@@ -27,7 +27,7 @@ from lipfarm.scheduler.cluster import LipfarmProcess, free_ports
 TEST_REDIS = os.environ.get("LIPFARM_TEST_REDIS", "redis://127.0.0.1:6379").rstrip("/")
 REDIS_DB = {"tenants": 1, "bench-load": 2, "scheduling": 3, "clock": 4, "bench-watch": 5, "webhooks": 6, "metrics": 7,
             "progressive-broker": 8, "progressive": 9, "api": 10, "recovery-defaults": 11, "recovery": 12,
-            "state": 13, "farm": 14}
+            "state": 13, "farm": 14, "client": 15}
 TEST_REDIS_DB = REDIS_DB["state"]
 TEST_PREFIX = "lipfarm-test"
 S3_KEY, S3_SECRET = "lipfarmtestkey", "lipfarmtestsecret"
