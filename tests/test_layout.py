@@ -15,7 +15,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # The role folders at the top of the repository, each installed as lipfarm.<folder> (pyproject.toml).
-PACKAGES = ("lipfarm", "common", "job", "worker", "scheduler", "api", "cli", "benchmarks", "demo")
+PACKAGES = ("lipfarm", "common", "job", "worker", "scheduler", "api", "client", "cli", "benchmarks", "demo")
 RENDERING_SCHEDULER_MODULES = {"lipfarm.scheduler.local"}
 
 
