@@ -325,6 +325,7 @@ def test_bad_audio_urls_are_refused_naming_audio_url(apis, token, audio_server):
         ("http://93.184.216.34/a.wav", 422, "https:// only"),  # a public host: plain http is not taken
         ("http://169.254.169.254/latest/meta-data/", 422, "metadata"),
         ("http://0x7f000002/a.wav", 422, "loopback"),  # 127.0.0.2: not in the allow-list (127.0.0.1/32)
+        ("http://127.0.0.1:1/a.wav", 422, "no answer"),  # allowed, but nothing listens there
         (f"{served}/missing.wav", 404, "not found"),
         (f"{served}/moved.wav", 422, "redirect"),
         (f"{served}/endless.wav", 413, "at most"),
