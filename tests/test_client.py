@@ -15,10 +15,12 @@ from __future__ import annotations
 import asyncio
 import datetime
 import shutil
+import ssl
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import unquote
 
 import httpx
 import pytest
@@ -42,13 +44,16 @@ AUDIO_LIMIT_MB = 1
 # An audio server on loopback: files of a folder, and the answers a bad URL may meet
 
 class AudioServer:
-    def __init__(self, folder: Path) -> None:
+    """Files of ``folder`` over HTTP, or HTTPS with ``tls`` (an ``ssl.SSLContext``)."""
+
+    def __init__(self, folder: Path, tls: ssl.SSLContext | None = None) -> None:
         self.folder = folder
+        self.scheme = "https" if tls else "http"
         server = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):
-                name = self.path.lstrip("/")
+                name = unquote(self.path.lstrip("/"))
                 if name == "moved.wav":
                     return self._answer(302, b"", {"Location": f"{server.url}/talk.wav"})
                 if name == "endless.wav":  # no Content-Length: only counting while it streams can stop it
@@ -79,11 +84,13 @@ class AudioServer:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
+        return f"{self.scheme}://127.0.0.1:{self.server.server_address[1]}"
 
     def stop(self) -> None:
         self.server.shutdown()
@@ -128,11 +135,33 @@ def audio_server(tmp_path_factory, talk):
 
 
 @pytest.fixture(scope="module")
-def env(farm_home) -> dict[str, str]:
-    # the receiver and the audio server listen on loopback, which the farm refuses unless allowed
-    return farm_env(farm_home, str(farm_home / "storage"), None, LIPFARM_BROKER_URL=redis_url(DB), LIPFARM_KEY_PREFIX=PREFIX,
-                    LIPFARM_OUTBOUND_ALLOW="127.0.0.1/32", LIPFARM_WEBHOOK_SECRET=SECRET,
-                    LIPFARM_API_MAX_AUDIO_MB=str(AUDIO_LIMIT_MB))
+def tls(tmp_path_factory):
+    """A CA (its file, for the API process to trust: SSL_CERT_FILE) and the audio server's TLS context."""
+    trustme = pytest.importorskip("trustme", reason="trustme (test-only) makes the TLS certificates")
+    ca = trustme.CA()
+    ca_file = tmp_path_factory.mktemp("ca") / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    return {"ca_file": ca_file, "context": context}
+
+
+@pytest.fixture(scope="module")
+def https_server(tmp_path_factory, talk, tls):
+    folder = tmp_path_factory.mktemp("served-tls")
+    shutil.copyfile(talk, folder / "secure talk.wav")
+    server = AudioServer(folder, tls["context"])
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def env(farm_home, tls) -> dict[str, str]:
+    # the receiver and the audio servers listen on loopback, which the farm refuses unless allowed;
+    # the HTTPS one's certificate is of a CA the API trusts through SSL_CERT_FILE
+    return farm_env(farm_home, str(farm_home / "storage"), None, LIPFARM_BROKER_URL=redis_url(DB),
+                    LIPFARM_KEY_PREFIX=PREFIX, LIPFARM_OUTBOUND_ALLOW="127.0.0.1/32", LIPFARM_WEBHOOK_SECRET=SECRET,
+                    LIPFARM_API_MAX_AUDIO_MB=str(AUDIO_LIMIT_MB), SSL_CERT_FILE=str(tls["ca_file"]))
 
 
 @pytest.fixture(scope="module")
@@ -316,6 +345,13 @@ def test_audio_by_url_is_fetched_and_submitted(farm, audio_server, farm_home, ta
     kept = farm.submit(audio_url="storage:uploads/kept.wav", chunk_frames=25)
     assert kept.audio == "kept.wav"
     farm.cancel(kept)
+
+
+def test_audio_by_https_url_is_fetched_from_the_checked_address(farm, https_server, farm_home, talk):
+    job = farm.submit(audio_url=f"{https_server.url}/secure%20talk.wav", chunk_frames=25)
+    assert job.audio == "secure_talk.wav"
+    assert (farm_home / "storage" / "jobs" / job.id / "input" / "secure_talk.wav").read_bytes() == talk.read_bytes()
+    farm.cancel(job)
 
 
 def test_bad_audio_urls_are_refused_naming_audio_url(apis, token, audio_server):
