@@ -4,16 +4,18 @@ real webhook receiver.
 
 - Conventions: absolute URLs (``LIPFARM_PUBLIC_URL``, or the request's forwarded host), ISO 8601
   times beside the seconds, the webhook's ``output_url`` a signed API URL that downloads the video.
-- Inputs by URL: ``audio_url`` (http from an allowed host here, ``storage:KEY``), and each refusal a
-  4xx naming ``audio_url`` with nothing queued.
+- Inputs by URL: ``audio_url`` (https from a server whose CA the API trusts, http from an allowed host,
+  ``storage:KEY``), and each refusal a 4xx naming ``audio_url`` with nothing queued.
 - ``lipfarm.client``: one job rendered by a real worker, submitted, waited on with progress and
   downloaded through ``Client``; ``AsyncClient`` the same; errors as ``ApiError``; webhooks verified.
 """
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import datetime
+import re
 import shutil
 import ssl
 import threading
@@ -33,6 +35,7 @@ from tests.test_api import bearer, error_of, lipfarm, make_token, start_api
 from tests.test_webhooks import Receiver
 
 pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
 DB = REDIS_DB["client"]
 PREFIX = "lipfarm-clienttest"
 SECRET = "whsec-client-0123456789"
@@ -280,6 +283,21 @@ def test_a_webhook_is_verified_with_the_farms_signature(rendered, receiver):
     ]:
         with pytest.raises(WebhookSignatureError):
             verify_webhook(body, headers, secret, now=now)
+
+
+def test_the_documented_examples_are_python_that_uses_only_what_the_client_has():
+    import lipfarm.client
+
+    page = (ROOT / "docs" / "api.md").read_text()
+    section = page.split("## The Python client", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert len(blocks) == 2
+    for block in blocks:
+        for node in ast.walk(ast.parse(block)):
+            if isinstance(node, ast.ImportFrom) and node.module == "lipfarm.client":
+                assert all(hasattr(lipfarm.client, alias.name) for alias in node.names)
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "farm":
+                assert hasattr(Client, node.attr), node.attr
 
 
 # ---------------------------------------------------------------------------------------------
