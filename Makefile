@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(BIN)/lipfarm demo --out out/demo.mp4
 
 lint: $(STAMP)
-	$(BIN)/ruff check lipfarm common job worker scheduler api cli benchmarks demo tests
+	$(BIN)/ruff check lipfarm common job worker scheduler api client cli benchmarks demo tests
 
 test: lint
 	$(BIN)/python -m pytest

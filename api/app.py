@@ -13,6 +13,7 @@ from fastapi import Depends, FastAPI
 from fastapi.staticfiles import StaticFiles
 
 from lipfarm.common.config import Settings
+from lipfarm.common.signing import check_public_url
 from lipfarm.api import routes_avatars, routes_health, routes_jobs, routes_metrics, routes_models, routes_output
 from lipfarm.api.context import Farm
 from lipfarm.api.errors import install_error_handlers
@@ -37,6 +38,8 @@ def create_app(settings: Settings) -> FastAPI:
     """The API for the farm of ``settings``, with the jobs page at ``/``."""
     app = FastAPI(title="lipfarm", version=_version(), description=DESCRIPTION, docs_url=None, redoc_url=None,
                   dependencies=[Depends(no_unknown_query)])
+    if settings.public_url:
+        check_public_url(settings.public_url)
     app.state.farm = Farm(settings)
     install_error_handlers(app)
     for routes in (routes_health, routes_jobs, routes_output, routes_avatars, routes_models, routes_metrics):

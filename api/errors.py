@@ -30,7 +30,8 @@ log = logging.getLogger("lipfarm.api")
 
 _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
                405: "method_not_allowed", 408: "request_timeout", 409: "conflict", 413: "too_large", 415: "unsupported_media_type",
-               422: "invalid", 429: "too_many_requests", 503: "service_unavailable"}
+               422: "invalid", 429: "too_many_requests", 503: "service_unavailable",
+               504: "gateway_timeout"}
 
 
 class ApiError(Exception):
@@ -116,5 +117,6 @@ def documented(*statuses: int) -> dict:
              404: "Not found", 409: "Conflicts with the current state", 413: "The upload is larger than allowed",
              415: "Not the content type this operation takes", 422: "Bad input, naming the field",
              429: "Over the tenant's requests per second or queued jobs (see Retry-After and RateLimit)",
-             503: "A service the farm needs is unreachable"}
+             503: "A service the farm needs is unreachable",
+             504: "audio_url: the server did not send the audio in time"}
     return {status: {"model": ErrorBody, "description": words[status]} for status in statuses}

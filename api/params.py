@@ -54,8 +54,12 @@ def _option_fields() -> dict:
 JobFields = create_model("JobFields", __base__=_JobBase, **_option_fields())
 JobFromStorage = create_model(
     "JobFromStorage", __base__=JobFields,
-    audio_key=(str, Field(min_length=1, max_length=1024,
-                          description="key of the audio in the farm's storage, e.g. uploads/talk.wav")))
+    audio_key=(str | None, Field(None, min_length=1, max_length=1024,
+                                 description="key of the audio in the farm's storage, e.g. uploads/talk.wav "
+                                             "(this or audio_url)")),
+    audio_url=(str | None, Field(None, min_length=1, max_length=2048,
+                                 description="where the API fetches the audio: https://... (no redirects; a public "
+                                             "address) or storage:KEY (this or audio_key)")))
 OPTION_NAMES = tuple(spec.name for spec in dataclass_fields(RenderOptions))
 
 

@@ -28,6 +28,9 @@ router = APIRouter(prefix="/v1/jobs", tags=["output"])
 _MEDIA = {".mp4": "video/mp4", ".ts": "video/mp2t", ".m3u8": "application/vnd.apple.mpegurl"}
 _PLAYER = {200: {"description": "The file (206 for a Range request)", "content": {"video/mp4": {}}},
            302: {"description": "S3 storage: a presigned URL of the file"}}
+# the live folder holds the playlist and its segments: each served with its own type
+_LIVE = {**_PLAYER, 200: {"description": "The playlist, or one of its segments (206 for a Range request)",
+                          "content": {media: {} for media in sorted(set(_MEDIA.values()))}}}
 
 
 def _serve(storage: Storage, key: str, *, cache: str) -> Response:
@@ -52,7 +55,7 @@ def job_output(job_id: str = JOB_ID, token: ApiToken | None = Depends(signed_or_
 
 
 @router.get("/{job_id}/live/{expires}/{signature}/{name}", summary="A file of a job's live HLS playlist",
-            response_class=Response, responses={**_PLAYER, **documented(401, 404, 422, 429, 503)})
+            response_class=Response, responses={**_LIVE, **documented(401, 404, 422, 429, 503)})
 def live_file(job_id: str = JOB_ID, expires: int = PathParam(ge=0), signature: str = PathParam(max_length=128),
               name: str = PathParam(pattern=ID_PATTERN),
               the_farm: Farm = Depends(farm)):

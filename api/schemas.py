@@ -45,8 +45,10 @@ class Webhook(BaseModel):
     last_error: str = Field(description='"" when a receiver answered; otherwise "no HTTP answer" or '
                                         '"refused: not a public address" (never an error\'s own text: it would map '
                                         'the farm\'s network)')
-    next_at: float | None = Field(description="when the next attempt goes, while pending")
-    delivered_at: float | None
+    next_at: float | None = Field(description="when the next attempt goes, while pending (Unix seconds)")
+    next_at_iso: str | None = Field(description="next_at as ISO 8601 UTC")
+    delivered_at: float | None = Field(description="Unix seconds")
+    delivered_at_iso: str | None = Field(description="delivered_at as ISO 8601 UTC")
 
 
 class Job(BaseModel):
@@ -57,15 +59,18 @@ class Job(BaseModel):
     avatar: str
     audio: str
     created_at: float = Field(description="Unix seconds")
-    finished_at: float | None
+    created_at_iso: str = Field(description='created_at as ISO 8601 UTC: "2026-12-06T17:16:47.123Z"')
+    finished_at: float | None = Field(description="Unix seconds, once it ended")
+    finished_at_iso: str | None = Field(description="finished_at as ISO 8601 UTC")
     elapsed_s: float
     eta_s: float | None = Field(description="at the job's pace so far; null until it is known")
     frames_done: int
     frames_total: int = Field(description="0 until the job is planned")
     chunks: dict[str, int] = Field(description="chunks by state")
     reason: str = Field(description="why it failed or was cancelled")
-    output_url: str | None = Field(description="a signed URL of the output (no token needed), once done")
-    playlist_url: str | None = Field(description="a signed URL of its HLS playlist while it renders, where there is one")
+    output_url: str | None = Field(description="an absolute signed URL of the output (no token needed), once done")
+    playlist_url: str | None = Field(description="an absolute signed URL of its HLS playlist while it renders, where "
+                                                           "there is one")
     playable_until_s: float = Field(description="how far the playlist can be watched now")
     running: list[RunningChunk]
     webhook: Webhook | None = Field(description="how telling its webhook URL of its end went, once it ended")

@@ -39,6 +39,7 @@ class JobRequest:
     audio_file: Path | None = None
     audio_sha256: str = ""
     audio_key: str = ""
+    audio_field: str = ""  # the request field that gave the audio, where it is not "audio" / "audio_key"
 
     @property
     def audio(self) -> str:
@@ -99,12 +100,16 @@ def _submit(settings: Settings, request: JobRequest, job_id: str, job: dict) -> 
             renamed = as_uploaded(exc, {str(request.audio_file.parent): ""})
             if renamed is exc:
                 raise
-            raise ApiError(422, str(renamed), field=renamed.field or "audio") from None
+            raise ApiError(422, str(renamed), field=request.audio_field or renamed.field or "audio") from None
     try:
         return submit_from_storage(settings, audio_key=request.audio_key, job_id=job_id,
                                    max_bytes=int(settings.api_max_audio_mb * MB), **job)
     except NotFoundError as exc:
-        raise ApiError(404, str(exc), field="audio_key") from None
+        raise ApiError(404, str(exc), field=request.audio_field or "audio_key") from None
+    except InputError as exc:
+        if not request.audio_field:
+            raise
+        raise ApiError(422, str(exc), field=request.audio_field) from None
 
 
 def _within_quota(farm: Farm, token: ApiToken) -> None:
@@ -122,10 +127,12 @@ def _within_quota(farm: Farm, token: ApiToken) -> None:
                                 "RateLimit": f'"queued";r=0;t={wait}'})
 
 
-def submit_request(farm: Farm, token: ApiToken, request: JobRequest, header_key: str | None) -> Submitted:
+def submit_request(farm: Farm, token: ApiToken, request: JobRequest, header_key: str | None,
+                   api_url: str = "") -> Submitted:
     """Submit ``request`` (idempotently where it carries a key) as a job of the token's tenant, within
-    its quota of jobs not yet ended; see the module docstring."""
-    job = {**_checked(farm, request), "tenant": token.tenant}
+    its quota of jobs not yet ended; see the module docstring. ``api_url``, the API's public base URL
+    as this request reached it, is kept with the job for its webhook's ``output_url``."""
+    job = {**_checked(farm, request), "tenant": token.tenant, "api_url": api_url}
     key = request.params.idempotency_key or header_key
     if not key:
         _within_quota(farm, token)

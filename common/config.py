@@ -103,6 +103,10 @@ SETTINGS = (
     Setting("api_secret_key", "LIPFARM_API_SECRET", "", str,
             "`lipfarm api`: the secret that signs output URLs (HMAC-SHA256). Unset: a random one made once "
             "and kept in Redis, shared by every API process."),
+    Setting("public_url", "LIPFARM_PUBLIC_URL", "", str,
+            "The API's public base URL (https://lipfarm.example.com), written before every URL a client or a "
+            "webhook receiver is given. Unset: the request's host (X-Forwarded-Host and -Proto behind a proxy); "
+            "webhooks then use the base URL of the request that submitted the job."),
     Setting("api_url_ttl_s", "LIPFARM_API_URL_TTL_S", defaults.API_URL_TTL_S, float,
             "`lipfarm api`: how long a signed output URL stays valid, in seconds."),
     Setting("archive_max_members", "LIPFARM_ARCHIVE_MAX_MEMBERS", defaults.ARCHIVE_MAX_MEMBERS, int,
@@ -174,6 +178,7 @@ class Settings:
     api_max_model_mb: float
     api_body_timeout_s: float
     api_secret_key: str
+    public_url: str
     api_url_ttl_s: float
     archive_max_members: int
     archive_max_mb: float

@@ -13,6 +13,8 @@ error) tells the submitter what lives there. So:
 - The answer is a ``Target`` holding the address that was checked; ``post`` connects to that very
   address (the Host header and TLS's SNI and certificate check keep the URL's name), so a second DNS
   answer cannot swap in a private address (DNS rebinding). Redirects are not followed.
+- ``fetch`` downloads from a checked ``Target`` the same way (inputs by URL: ``audio_url``), a 3xx being
+  an answer like any other, its size bounded while it streams and its time bounded in all.
 - ``LIPFARM_OUTBOUND_ALLOW`` (off by default) lists CIDRs and host names that may be reached anyway,
   for farms that post to receivers inside their own network.
 """
@@ -23,6 +25,7 @@ import http.client
 import ipaddress
 import socket
 import ssl
+import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -178,10 +181,53 @@ def check_url(url: str, allow: AllowList | str = "", *, field: str = "webhook_ur
     return Target(url, scheme, host, port, path, str(addresses[0]))
 
 
-def post(target: Target, body: bytes, headers: dict[str, str], *, timeout_s: float) -> int:
-    """POST ``body`` to the checked address of ``target``; the answer's HTTP status (redirects are
-    answers like any other: not followed). Raises ``OSError`` / ``http.client.HTTPException``
-    when there is no answer."""
+def inside(target: Target) -> bool:
+    """Whether ``target`` was let through only by the allow-list (its address is not public)."""
+    return blocked_reason(ipaddress.ip_address(target.address.split("%", 1)[0])) is not None
+
+
+class TooLarge(InputError):
+    """What ``fetch`` raises when the answer is larger than it may be (declared, or once streamed)."""
+
+
+def fetch(target: Target, dest, *, max_bytes: int, timeout_s: float, total_s: float,
+          field: str) -> tuple[int, str]:
+    """GET ``target`` (pinned to its checked address) into the file ``dest``: (HTTP status, content type).
+    Only a 200's body is written; ``TooLarge`` past ``max_bytes`` (declared or counted while it streams),
+    ``TimeoutError`` past ``total_s`` in all; ``OSError`` / ``http.client.HTTPException`` without an answer."""
+    connection = _connection(target, timeout_s)
+    deadline = time.monotonic() + total_s
+    try:
+        connection.request("GET", target.path, headers={"User-Agent": "lipfarm", "Accept": "audio/*, video/*, */*"})
+        response = connection.getresponse()
+        kind = (response.getheader("Content-Type") or "").split(";")[0].strip().lower()
+        if response.status != 200:
+            return response.status, kind
+        declared = response.getheader("Content-Length") or ""
+        if declared.isdigit() and int(declared) > max_bytes:
+            raise TooLarge("the answer is larger than an audio upload may be", field=field,
+                           expected=f"at most {max_bytes} bytes", found=f"{declared} bytes declared")
+        _stream(response, dest, max_bytes=max_bytes, deadline=deadline, field=field)
+        return response.status, kind
+    finally:
+        connection.close()
+
+
+def _stream(response, dest, *, max_bytes: int, deadline: float, field: str) -> None:
+    total = 0
+    with open(dest, "wb") as out:
+        while chunk := response.read(64 * 1024):
+            total += len(chunk)
+            if total > max_bytes:
+                raise TooLarge("the answer is larger than an audio upload may be", field=field,
+                               expected=f"at most {max_bytes} bytes", found=f"more than {max_bytes} bytes")
+            if time.monotonic() > deadline:
+                raise TimeoutError("the download took too long")
+            out.write(chunk)
+
+
+def _connection(target: Target, timeout_s: float) -> http.client.HTTPConnection:
+    """A connection to ``target``'s checked address, naming its host (Host header, SNI, certificate)."""
     if target.scheme == "https":
         connection = http.client.HTTPSConnection(target.host, target.port, timeout=timeout_s,
                                                  context=ssl.create_default_context())
@@ -191,6 +237,14 @@ def post(target: Target, body: bytes, headers: dict[str, str], *, timeout_s: flo
     # http.client connects through this attribute: the socket goes to the checked address, while the
     # Host header, SNI and the certificate check still use the URL's host name
     connection._create_connection = lambda _where, *args, **kwargs: socket.create_connection(pinned, *args, **kwargs)
+    return connection
+
+
+def post(target: Target, body: bytes, headers: dict[str, str], *, timeout_s: float) -> int:
+    """POST ``body`` to the checked address of ``target``; the answer's HTTP status (redirects are
+    answers like any other: not followed). Raises ``OSError`` / ``http.client.HTTPException``
+    when there is no answer."""
+    connection = _connection(target, timeout_s)
     try:
         connection.request("POST", target.path, body=body, headers=headers)
         response = connection.getresponse()

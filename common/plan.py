@@ -85,6 +85,7 @@ class Submission:
     webhook_url: str = ""  # told (POST, signed) when the job ends
     farm_id: str = ""  # the farm that took it (``common.farm``): a rebuild adopts only its own; "" before farm ids
     tenant: str = "default"  # whose job (kept here too, so a rebuild from storage keeps it)
+    api_url: str = ""  # the API's public base URL as the submitting request reached it ("" from the CLI)
     version: int = SUBMISSION_VERSION
 
     def to_json(self) -> str:

@@ -21,8 +21,11 @@
   older than a few minutes (``verify``).
 
 The event (JSON): ``{"id", "type": "job.done|job.failed|job.cancelled", "created_at", "job": {"id",
-"state", "output_url", "reason", "frames_total", "created_at", "finished_at", "elapsed_s"}}``, with
-``output_url`` made at each attempt (a fresh presigned URL for S3; the path for local storage).
+"state", "output_url", "reason", "frames_total", "created_at", "finished_at", "elapsed_s"}}``, each time
+in seconds beside its ISO 8601 UTC twin (``created_at_iso``...), and ``output_url`` the API's signed URL of
+the output (``/v1/jobs/<id>/output?expires=&signature=``, no token needed), signed at each attempt:
+absolute after ``LIPFARM_PUBLIC_URL``, or else the base URL of the request that submitted the job; a job
+submitted from the CLI with no public URL set gets the signed path alone. Never a storage URL or a server path.
 """
 
 from __future__ import annotations
@@ -39,7 +42,8 @@ from lipfarm.common import defaults, netguard
 from lipfarm.common.config import Settings
 from lipfarm.common.errors import InputError, LipfarmError, NotFoundError
 from lipfarm.job.jobfiles import JobFiles
-from lipfarm.common.state import JobRecord, StateStore, WebhookRecord
+from lipfarm.common.signing import Signer, iso_utc, output_path
+from lipfarm.common.state import JobRecord, StateStore, TokenStore, WebhookRecord
 from lipfarm.common.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -64,9 +68,11 @@ def event_body(job: JobRecord, record: WebhookRecord, output_url: str | None) ->
     """The event as sent: compact JSON."""
     finished = job.finished_at or job.updated_at
     event = {"id": record.event_id, "type": record.type, "created_at": record.created_at,
+             "created_at_iso": iso_utc(record.created_at),
              "job": {"id": job.job_id, "state": job.state.value, "output_url": output_url, "reason": job.reason,
-                     "frames_total": job.frames_total, "created_at": job.created_at, "finished_at": job.finished_at,
-                     "elapsed_s": round(finished - job.created_at, 3)}}
+                     "frames_total": job.frames_total, "created_at": job.created_at,
+                     "created_at_iso": iso_utc(job.created_at), "finished_at": job.finished_at,
+                     "finished_at_iso": iso_utc(job.finished_at), "elapsed_s": round(finished - job.created_at, 3)}}
     return json.dumps(event, separators=(",", ":")).encode()
 
 
@@ -149,7 +155,7 @@ def deliver(store: StateStore, settings: Settings, job_id: str, event: str, atte
                                   error="superseded: the job was resumed", duration_s=0.0, next_at=None)
         return "skipped: the job was resumed"
     started = clock()
-    status, error = post(record.url, _signed(settings, event_body(job, record, _output_url(job, storage_at)),
+    status, error = post(record.url, _signed(settings, event_body(job, record, output_url(store, settings, job, storage_at)),
                                              event, attempt, timestamp=int(started)),
                          timeout_s=settings.webhook_timeout_s, allow=settings.outbound_allow)
     ended = clock()
@@ -224,15 +230,25 @@ def _signed(settings: Settings, body: bytes, event: str, attempt: int, *, timest
     return body, headers
 
 
-def _output_url(job: JobRecord, storage_at: Callable[[str], Storage]) -> str | None:
-    """Where the output is, for a done job: made now (a presigned URL for S3 lives 7 days)."""
+def output_url(store: StateStore, settings: Settings, job: JobRecord,
+               storage_at: Callable[[str], Storage], *, now: float | None = None) -> str | None:
+    """The API's signed URL of a done job's output, signed now with the API's secret (see the module docstring)."""
     if job.state.value != "done" or not job.output_key:
         return None
+    secret = settings.api_secret_key or TokenStore.of(store).signing_secret()
+    path = Signer(secret, ttl_s=settings.api_url_ttl_s).signed(output_path(job.job_id),
+                                                               now=time.time() if now is None else now)
+    return _api_base(settings, job, storage_at) + path
+
+
+def _api_base(settings: Settings, job: JobRecord, storage_at: Callable[[str], Storage]) -> str:
+    if settings.public_url:
+        return settings.public_url.rstrip("/")
     try:
-        return storage_at(job.storage_url).location(job.output_key)
+        return JobFiles(storage_at(job.storage_url), job.job_id).submission().api_url
     except LipfarmError as exc:
-        log.warning("job %s: output URL not made now (%s); sending the one made at publication", job.job_id, exc)
-        return job.output_location or None
+        log.warning("job %s: its submission cannot be read (%s); the webhook's output_url is a path", job.job_id, exc)
+        return ""
 
 
 def post(url: str, signed: tuple[bytes, dict], *, timeout_s: float, allow: str = "") -> tuple[int, str]:

@@ -79,7 +79,8 @@ def _upload_once(storage: Storage, inputs: _CheckedInputs) -> AssetRef:
 
 def submit_job(settings: Settings, *, avatar: str, audio: Path, encoder: Path, generator: Path,
                options: RenderOptions, priority: str = defaults.PRIORITY,
-               job_id: str | None = None, webhook_url: str = "", tenant: str = "default") -> "JobHandle":
+               job_id: str | None = None, webhook_url: str = "", tenant: str = "default",
+               api_url: str = "") -> "JobHandle":
     """Validate, upload and queue a job; returns its handle. Nothing is queued on bad input."""
     from lipfarm.common.celery_app import enqueue_plan
 
@@ -99,7 +100,7 @@ def submit_job(settings: Settings, *, avatar: str, audio: Path, encoder: Path, g
                                 AssetRef(inputs.encoder.sha256, inputs.encoder.key),
                                 AssetRef(inputs.generator.sha256, inputs.generator.key),
                                 files.put_input(audio, audio.name), audio.name, options, priority, store.now(),
-                                webhook_url=webhook_url, farm_id=farm, tenant=tenant)
+                                webhook_url=webhook_url, farm_id=farm, tenant=tenant, api_url=api_url)
         files.put_submission(submission)
         store.create_job(JobRecord.queued(submission, storage.url))
         enqueue_plan(files.job_id, priority)

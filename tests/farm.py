@@ -29,7 +29,8 @@ TEST_REDIS = os.environ.get("LIPFARM_TEST_REDIS", "redis://127.0.0.1:6379").rstr
 REDIS_DB = {"tenants": 1, "bench-load": 2, "scheduling": 3, "flower": 4, "bench-watch": 5, "webhooks": 6,
             "metrics": 7, "progressive-broker": 8, "progressive": 9, "api": 10, "recovery-defaults": 11,
             "recovery": 12, "state": 13, "farm": 14, "cli": 15,
-            "clock": 13}  # shares the state tests' database, under a key prefix of its own
+            "clock": 13,  # shares the state tests' database, under a key prefix of its own
+            "client": 15}  # shares the cli tests' (a few keys of theirs, which run apart: it flushes the database)
 TEST_REDIS_DB = REDIS_DB["state"]
 TEST_PREFIX = "lipfarm-test"
 S3_KEY, S3_SECRET = "lipfarmtestkey", "lipfarmtestsecret"

@@ -269,8 +269,8 @@ def test_submit_follow_list_cancel_and_resume(client, talk):
     assert job["state"] == "queued" and job["avatar"] == "demo" and job["audio"] == "talk.wav"
     assert job["priority"] == "high" and job["output_url"] is None and job["running"] == []
     assert job["tenant"] == "default"  # a token made without --tenant, as every token before tenants
-    assert set(job) == {"id", "tenant", "state", "priority", "avatar", "audio", "created_at", "finished_at", "elapsed_s",
-                        "eta_s", "frames_done", "frames_total", "chunks", "reason", "output_url", "playlist_url",
+    assert set(job) == {"id", "tenant", "state", "priority", "avatar", "audio", "created_at", "created_at_iso",
+                        "finished_at", "finished_at_iso", "elapsed_s", "eta_s", "frames_done", "frames_total", "chunks", "reason", "output_url", "playlist_url",
                         "playable_until_s", "running", "webhook"}
     assert job["webhook"] is None  # none was asked for
     assert sum(queued_messages().values()) >= 1  # its plan is queued

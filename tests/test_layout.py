@@ -15,7 +15,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # The role folders at the top of the repository, each installed as lipfarm.<folder> (pyproject.toml).
-PACKAGES = ("lipfarm", "common", "job", "worker", "scheduler", "api", "cli", "benchmarks", "demo")
+PACKAGES = ("lipfarm", "common", "job", "worker", "scheduler", "api", "client", "cli", "benchmarks", "demo")
 RENDERING_SCHEDULER_MODULES = {"lipfarm.scheduler.local"}
 
 
@@ -115,7 +115,8 @@ ROOM_IMPORTS = {
     "scheduler": {"common", "job", "demo", "worker"},
     "api": {"common", "job", "scheduler", "demo"},
     "benchmarks": {"common", "job", "demo", "worker", "scheduler"},
-    "cli": {"common", "job", "demo", "worker", "scheduler", "api", "benchmarks"},
+    "client": set(),
+    "cli": {"common", "job", "demo", "worker", "scheduler", "api", "benchmarks", "client"},
 }
 
 

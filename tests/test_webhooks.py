@@ -36,6 +36,7 @@ from lipfarm.common.storage import open_storage
 from lipfarm.demo.speech import write_wav
 from lipfarm.api.schemas import Job
 from lipfarm.api.signing import Signer
+from lipfarm.common.signing import iso_utc
 from lipfarm.api.views import job_view
 from lipfarm.scheduler.cluster import LipfarmProcess
 from lipfarm.scheduler.reconcile import Enqueue, reconcile
@@ -359,7 +360,9 @@ def test_a_cancelled_job_is_told_after_a_500_and_a_timeout(worker, demo, short_c
     assert event["id"] == f"{handle.job_id}:cancelled:{job.finished_at:.6f}" and event["type"] == "job.cancelled"
     assert event["job"] == {"id": handle.job_id, "state": "cancelled", "output_url": None, "reason": job.reason,
                             "frames_total": job.frames_total, "created_at": job.created_at,
-                            "finished_at": job.finished_at, "elapsed_s": round(job.finished_at - job.created_at, 3)}
+                            "created_at_iso": iso_utc(job.created_at), "finished_at": job.finished_at,
+                            "finished_at_iso": iso_utc(job.finished_at),
+                            "elapsed_s": round(job.finished_at - job.created_at, 3)}
     for request in receiver.received:
         assert readme_verify(SECRET, request.headers["Lipfarm-Signature"], request.body)
         assert request.headers["Content-Type"] == "application/json"
@@ -381,7 +384,9 @@ def test_a_done_job_is_told_where_its_output_is(worker, demo, short_clip, receiv
     event = request.event
     assert event["type"] == "job.done" and event["id"] == f"{handle.job_id}:done:{final.finished_at:.6f}"
     assert event["job"]["state"] == "done" and event["job"]["frames_total"] == final.frames_total > 0
-    assert event["job"]["output_url"] == final.output_location and Path(event["job"]["output_url"]).is_file()
+    # the API's signed URL (a path: submitted from Python, with no LIPFARM_PUBLIC_URL), never a storage path
+    assert event["job"]["output_url"].startswith(f"/v1/jobs/{handle.job_id}/output?expires=")
+    assert final.output_location not in event["job"]["output_url"]
     assert until(lambda: (handle.status().webhook or {}).get("state") == "delivered", what="delivered")
     assert len(receiver.received) == 1
     # the API's job JSON sums the delivery up (and validates against its schema)
