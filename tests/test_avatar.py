@@ -1,4 +1,4 @@
-"""Avatar packages, the two importers, the rect rule and the ping-pong walk."""
+"""Avatar packages, the two importers, the rect rule and the ping-pong walk (bounce, the default sync mode)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,15 @@ import cv2
 import numpy as np
 import pytest
 
-from lipfarm.common.avatar import AvatarStore, load_avatar, pingpong_indices, rect_from_landmarks
+from lipfarm.common.avatar import AvatarStore, load_avatar, rect_from_landmarks
 from lipfarm.common.avatar_import import import_avatar, read_landmarks
 from lipfarm.common.errors import AvatarError, NotFoundError
+from lipfarm.common.syncmode import template_indices
 from tests.reference import reference_pingpong
+
+
+def pingpong_indices(start: int, stop: int, n: int) -> np.ndarray:
+    return template_indices("bounce", start, stop, n, stop)
 
 
 @pytest.mark.parametrize("n", [2, 3, 5, 40, 125])

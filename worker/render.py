@@ -29,12 +29,13 @@ import numpy as np
 
 from lipfarm.common import defaults
 from lipfarm.common.audio import PcmSource
-from lipfarm.common.avatar import Avatar, pingpong_indices
+from lipfarm.common.avatar import Avatar
 from lipfarm.common.errors import CancelledError, InputError, ModelError
 from lipfarm.common.features import AudioFeatures
 from lipfarm.common.models import EncoderSpec, GeneratorSpec
 from lipfarm.common.options import RenderOptions
 from lipfarm.common.runtime import open_runner, resolve_backend, run_encoder
+from lipfarm.common.syncmode import template_indices
 from lipfarm.worker.compose import generated_to_crop, paste_into_region
 from lipfarm.worker.encode import SegmentWriter
 from lipfarm.worker.roi import crop_side, fill_visual_input
@@ -52,6 +53,7 @@ class ChunkWork:
     pcm: PcmSource
     start_frame: int
     stop_frame: int
+    frame_count: int  # the job's: a sync mode's walk over the template may depend on it
     options: RenderOptions
     output: Path
 
@@ -83,9 +85,9 @@ class StageTimes:
 
 def check_chunk(work: ChunkWork) -> None:
     """Guard clauses run before anything is reserved or written."""
-    if not 0 <= work.start_frame < work.stop_frame:
-        raise InputError("empty or negative frame range", field="frames",
-                         found=f"[{work.start_frame}, {work.stop_frame})")
+    if not 0 <= work.start_frame < work.stop_frame <= work.frame_count:
+        raise InputError("empty or negative frame range, or one past the job's end", field="frames",
+                         found=f"[{work.start_frame}, {work.stop_frame}) of {work.frame_count}")
     if not work.output.parent.is_dir():
         raise InputError("output directory does not exist", path=work.output.parent)
 
@@ -185,7 +187,8 @@ class _StagePipeline:
         self.roi, self.side = spec.roi_px, crop_side(spec.roi_px)
         self.n = work.stop_frame - work.start_frame
         self.batches = [range(i, min(i + batch, self.n)) for i in range(0, self.n, batch)]
-        self.indices = pingpong_indices(work.start_frame, work.stop_frame, work.avatar.frame_count)
+        self.indices = template_indices(work.options.sync_mode, work.start_frame, work.stop_frame,
+                                        work.avatar.frame_count, work.frame_count)
         self.stop = threading.Event()
         self.errors: list[BaseException] = []
         depth = defaults.PIPELINE_QUEUE_BATCHES
