@@ -88,3 +88,14 @@ def decode_streams(container) -> Decoded:
             audio_times.append((float(frame.time), float(frame.time) + frame.samples / frame.sample_rate))
     return Decoded(frames, min(video_times), audio_times[0][0], audio_times[-1][1],
                    np.concatenate(audio_blocks, axis=1))
+
+
+def short_avatar(settings, demo_avatar, frames: int):
+    """An avatar of the demo avatar's first ``frames`` frames, named ``demo-<frames>``: a template
+    short audio runs past (sync modes)."""
+    from lipfarm.common.avatar import AvatarStore, write_avatar
+
+    name = f"demo-{frames}"
+    return write_avatar(AvatarStore(settings.avatars_dir).path(name), name=name,
+                        frames=[demo_avatar.frame_path(i) for i in range(frames)], rects=demo_avatar.rects[:frames],
+                        width=demo_avatar.width, height=demo_avatar.height, source={"layout": "test"}, replace=True)

@@ -10,14 +10,14 @@ import av
 import numpy as np
 import pytest
 
-from lipfarm.common.avatar import Avatar, AvatarStore, write_avatar
+from lipfarm.common.avatar import Avatar
 from lipfarm.common.options import RenderOptions
 from lipfarm.common.syncmode import samples_for_frames, template_index
 from lipfarm.common.timeline import frame_count
 from lipfarm.demo.speech import write_wav
 from lipfarm.scheduler.local import render_local
 from lipfarm.worker.yuv import bgr_to_i420, even_bounds
-from tests.media import video_frames, video_info
+from tests.media import short_avatar, video_frames, video_info
 
 pytestmark = pytest.mark.slow
 
@@ -29,11 +29,7 @@ SHORT_SAMPLES = 9_600  # 0.6 s: 14 frames, shorter than the template
 @pytest.fixture(scope="module")
 def avatar(settings, demo_avatar) -> Avatar:
     """The demo avatar's first 20 frames: short enough that 1.2 s of audio runs past its end."""
-    name = "sync-20"
-    return write_avatar(AvatarStore(settings.avatars_dir).path(name), name=name,
-                        frames=[demo_avatar.frame_path(i) for i in range(N_TEMPLATE)],
-                        rects=demo_avatar.rects[:N_TEMPLATE], width=demo_avatar.width,
-                        height=demo_avatar.height, source={"layout": "test"}, replace=True)
+    return short_avatar(settings, demo_avatar, N_TEMPLATE)
 
 
 @pytest.fixture(scope="module")
