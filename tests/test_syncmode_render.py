@@ -110,3 +110,11 @@ def _assert_silent_after(path: Path, start_s: float) -> None:
     start = max(0, round((start_s - blocks[0][0]) * rate))
     assert samples.shape[1] > start and np.abs(samples[:, start:]).max() < 1e-3
     assert np.abs(samples[:, :start]).max() > 0.01  # and the speech before it is there
+
+
+def test_silence_with_audio_longer_than_the_template_renders_as_bounce(settings, demo, avatar, clips, tmp_path):
+    bounce, silence = (_render(settings, demo, avatar, clips["long"], tmp_path / f"{mode}.mp4", mode, chunk_frames=10)
+                       for mode in ("bounce", "silence"))
+    a, b = (video_frames(r.output, "yuv420p") for r in (bounce, silence))
+    assert len(a) == len(b) == 29 and all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert video_info(silence.output)["audio_s"] == video_info(bounce.output)["audio_s"]  # not padded
