@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 
 from lipfarm.common import defaults
@@ -20,6 +21,10 @@ def add_commands(commands) -> None:
     up.add_argument("--api-port", type=int, default=defaults.API_PORT,
                     help=f"the API's port (default {defaults.API_PORT}; 0: a free one)")
     up.add_argument("--flower-port", type=int, default=5555, help="Flower's port (default 5555; 0: a free one)")
+    up.add_argument("--redis", metavar="URL", default="",
+                    help="use this Redis (it must answer); default: LIPFARM_BROKER_URL if set in the environment, "
+                         "else a redis-server of the cluster's own on a free port (never one that merely answers "
+                         "on the default port)")
     up.set_defaults(func=cmd_cluster_up)
     actions.add_parser("down", help="stop every process of the cluster (its data stays)").set_defaults(
         func=cmd_cluster_down)
@@ -30,7 +35,9 @@ def add_commands(commands) -> None:
 def cmd_cluster_up(args, settings: Settings) -> int:
     from lipfarm.scheduler.cluster import ClusterSpec, LocalCluster
 
-    spec = ClusterSpec(workers=args.workers, s3=args.s3, api_port=args.api_port, flower_port=args.flower_port)
+    redis, named_by = _named_redis(args.redis)
+    spec = ClusterSpec(workers=args.workers, s3=args.s3, api_port=args.api_port, flower_port=args.flower_port,
+                       redis=redis, redis_named_by=named_by)
     print(f"starting a cluster in {settings.home / 'cluster'} ...", flush=True)
     cluster = LocalCluster(settings).up(spec)
     for note in cluster.notes:
@@ -49,6 +56,16 @@ def cmd_cluster_up(args, settings: Settings) -> int:
             print(f"export {name}={shlex.quote(value)}")
     print("# stop it with: lipfarm cluster down", flush=True)
     return 0
+
+
+def _named_redis(flag: str) -> tuple[str, str]:
+    """The Redis the user named, and how: ``--redis``, else LIPFARM_BROKER_URL set in the environment
+    (a setting left at its default names nothing)."""
+    if flag:
+        return flag, "--redis"
+    if os.environ.get("LIPFARM_BROKER_URL"):
+        return os.environ["LIPFARM_BROKER_URL"], "LIPFARM_BROKER_URL"
+    return "", ""
 
 
 def cmd_cluster_down(args, settings: Settings) -> int:

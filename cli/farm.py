@@ -9,7 +9,9 @@ import shutil
 import socket
 import sys
 import tempfile
+from datetime import datetime
 
+from lipfarm.cli import logs
 from lipfarm.common import defaults
 from lipfarm.common.config import Settings
 from lipfarm.common.errors import InputError
@@ -52,9 +54,13 @@ def cmd_worker(args, settings: Settings) -> int:
     concurrency = args.concurrency or settings.worker_concurrency
     os.environ["LIPFARM_WORKER_CONCURRENCY"] = str(concurrency)  # children size their threads by it
     connect_farm(settings)
+    from lipfarm.common import shutdown  # noqa: F401  its shared stop flag is made here, before the pool forks
+    if args.log_json:
+        logs.json_for_celery()
     from lipfarm.common.celery_app import app
 
-    argv = ["worker", f"--concurrency={concurrency}", "--pool=prefork", f"--queues={args.queues}",
+    quiet = ["--quiet"] if args.log_json else []  # no banner: every line a shipper reads is JSON
+    argv = [*quiet, "worker", f"--concurrency={concurrency}", "--pool=prefork", f"--queues={args.queues}",
             f"--loglevel={args.loglevel}", "--task-events",
             f"--hostname={args.hostname or f'lipfarm-{os.getpid()}@{socket.gethostname()}'}"]
     app.worker_main(argv)
@@ -117,16 +123,17 @@ def cmd_reconcile(args, settings: Settings) -> int:
     from lipfarm.scheduler.tasks import celery_enqueue, connect_recovery
 
     enqueue = celery_enqueue()
+    say = functools.partial(_say, as_json=args.log_json)
     if args.loop:
         _refuse_evicting_redis(settings)
-        print(f"reconciling every {settings.reconcile_interval_s:g} s (Ctrl-C stops)", flush=True)
+        say(f"reconciling every {settings.reconcile_interval_s:g} s (Ctrl-C stops)")
         run_forever(functools.partial(connect_recovery, settings), settings, enqueue, rebuild_first=args.rebuild,
-                    on_pass=_print_report)
+                    on_pass=functools.partial(_print_report, say=say))
         return 0
     store, storage_at = connect_recovery(settings)
     _print_report(reconcile(store=store, storage=storage_at(settings.storage_url), settings=settings,
                             enqueue=enqueue, rebuild=args.rebuild, storage_at=storage_at),
-                  always=True)
+                  say=say, always=True)
     return 0
 
 
@@ -144,7 +151,17 @@ def _refuse_evicting_redis(settings: Settings) -> None:
         pass
 
 
-def _print_report(report, *, always: bool = False) -> None:
+def _print_report(report, *, say, always: bool = False) -> None:
+    """One line per pass that did something (every pass with ``always``), with the time it ended:
+    an operator reading the loop's output sees when each recovery happened."""
     done = {kind: items for kind, items in report.__dict__.items() if items}
     if done or always:
-        print(", ".join(f"{kind} {len(items)}" for kind, items in done.items()) or "nothing to recover", flush=True)
+        say(", ".join(f"{kind} {len(items)}" for kind, items in done.items()) or "nothing to recover",
+            counts={kind: len(items) for kind, items in done.items()})
+
+
+def _say(line: str, *, as_json: bool, **fields) -> None:
+    """A line of the reconciler's own, with its time: the local time with its UTC offset (ISO 8601,
+    milliseconds), or a JSON line like the log's."""
+    text = logs.json_line(line, **fields) if as_json else f"{datetime.now().astimezone().isoformat(timespec='milliseconds')} {line}"
+    print(text, flush=True)

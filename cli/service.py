@@ -58,8 +58,26 @@ def cmd_api(args, settings: Settings) -> int:
     # a route that reads no body answers at once; the connection, with a body declared and never
     # sent, is then closed once idle this long (bodies that are read have their own timeout: api.uploads)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", server_header=False,
-                timeout_graceful_shutdown=30, timeout_keep_alive=defaults.API_KEEP_ALIVE_S)
+                timeout_graceful_shutdown=30, timeout_keep_alive=defaults.API_KEEP_ALIVE_S,
+                log_config=_log_config(as_json=args.log_json))
     return 0
+
+
+def _log_config(*, as_json: bool) -> dict:
+    """uvicorn's logging, each line with its time first (an operator reads when, not only what), or
+    as JSON lines (``--log-json``)."""
+    import copy
+
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    for formatter in config["formatters"].values():
+        if as_json:
+            formatter.clear()
+            formatter["()"] = "lipfarm.cli.logs.JsonFormatter"
+        else:
+            formatter["fmt"] = "%(asctime)s " + formatter["fmt"]
+    return config
 
 
 def _refuse_evicting_redis(settings: Settings) -> None:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from lipfarm.common.errors import CancelledError, InputError, LipfarmError, ServiceError
@@ -44,23 +44,28 @@ PUBLISH_TAIL_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
 
 # --- Worker figures (one set per process; summed by the worker's main process) -------------------
 
-FRAMES_RENDERED = Counter("lipfarm_frames_rendered", "Frames rendered by chunk attempts that finished rendering")
+# Not prometheus_client's default registry: Flower serves that one on its /metrics, and every process
+# that imports the Celery app (Flower included) would export these series there, all zero (pulling
+# down a dashboard's averages). Workers serve their figures from the multiprocess files instead.
+WORKER_REGISTRY = CollectorRegistry()
+
+FRAMES_RENDERED = Counter("lipfarm_frames_rendered", "Frames rendered by chunk attempts that finished rendering", registry=WORKER_REGISTRY)
 CHUNK_SECONDS = Histogram("lipfarm_chunk_seconds", "Render seconds of a chunk attempt (features, UNet, "
-                          "compositing, encoding; not fetching or uploading)", buckets=CHUNK_BUCKETS)
+                          "compositing, encoding; not fetching or uploading)", buckets=CHUNK_BUCKETS, registry=WORKER_REGISTRY)
 # The last chunk's UNet throughput among the worker's live processes: one series per worker, which
 # is what a throughput panel wants (a sum would count idle processes' old chunks).
 INFERENCE_FPS = Gauge("lipfarm_inference_fps", "UNet frames per second of the last chunk rendered",
-                      multiprocess_mode="livemostrecent")
-CHUNK_ATTEMPTS = Counter("lipfarm_chunk_attempts", "Chunk attempts started (claims won)")
-CHUNK_FAILURES = Counter("lipfarm_chunk_failures", "Chunk attempts that failed, by reason class", ["reason"])
+                      multiprocess_mode="livemostrecent", registry=WORKER_REGISTRY)
+CHUNK_ATTEMPTS = Counter("lipfarm_chunk_attempts", "Chunk attempts started (claims won)", registry=WORKER_REGISTRY)
+CHUNK_FAILURES = Counter("lipfarm_chunk_failures", "Chunk attempts that failed, by reason class", ["reason"], registry=WORKER_REGISTRY)
 CHUNK_RETRIES = Counter("lipfarm_chunk_retries", "Failed chunk attempts whose chunk was queued for another "
-                        "attempt, by reason class", ["reason"])
+                        "attempt, by reason class", ["reason"], registry=WORKER_REGISTRY)
 FINALIZE_SECONDS = Histogram("lipfarm_finalize_seconds", "Seconds from a finalizer taking a job to its output "
-                             "being published", buckets=FINALIZE_BUCKETS)
+                             "being published", buckets=FINALIZE_BUCKETS, registry=WORKER_REGISTRY)
 # How far this host's clock is from Redis's (positive: ahead), measured by every recovery loop.
 CLOCK_DRIFT = Gauge("lipfarm_clock_drift_seconds", "This host's clock minus Redis's clock, in seconds",
-                    multiprocess_mode="livemostrecent")
-WEBHOOK_ATTEMPTS = Counter("lipfarm_webhook_attempts", "Webhook delivery attempts, by outcome", ["outcome"])
+                    multiprocess_mode="livemostrecent", registry=WORKER_REGISTRY)
+WEBHOOK_ATTEMPTS = Counter("lipfarm_webhook_attempts", "Webhook delivery attempts, by outcome", ["outcome"], registry=WORKER_REGISTRY)
 
 WORKER_METRICS = (FRAMES_RENDERED, CHUNK_SECONDS, INFERENCE_FPS, CHUNK_ATTEMPTS, CHUNK_FAILURES, CHUNK_RETRIES,
                   FINALIZE_SECONDS, WEBHOOK_ATTEMPTS)

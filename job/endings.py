@@ -17,7 +17,8 @@ from lipfarm.job import webhooks
 from lipfarm.common.errors import LipfarmError, NotFoundError
 from lipfarm.job.jobfiles import JobFiles
 from lipfarm.job.playlist import advance_playlist
-from lipfarm.common.state import StateStore
+from lipfarm.common.messages import EnqueueRender
+from lipfarm.common.state import JobRecord, Move, StateStore, Verdict
 from lipfarm.common.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -54,3 +55,13 @@ def close_jobs(store: StateStore, storage_at: Callable[[str], Storage]) -> list[
         if close_job(store, storage, job_id):
             closed.append(job_id)
     return closed
+
+
+def follow_move(store: StateStore, storage_at: Callable[[str], Storage], job: JobRecord, index: int, move: Move,
+                enqueue_render: EnqueueRender, label: str = "") -> None:
+    """What a chunk's move leads to: requeued, its next attempt is queued (after its retry delay);
+    failed, the job ended with it and its end is recorded (``close_job``). Other moves need nothing."""
+    if move.verdict == Verdict.REQUEUED:
+        enqueue_render(job.job_id, index, job.priority, label, move.delay_s)
+    elif move.verdict == Verdict.FAILED:
+        close_job(store, storage_at(job.storage_url), job.job_id)

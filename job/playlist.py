@@ -16,9 +16,9 @@ import math
 import secrets
 import tempfile
 from pathlib import Path
-from typing import Callable
 
 from lipfarm.common import defaults
+from lipfarm.common.messages import EnqueueRender
 from lipfarm.common.errors import NotFoundError
 from lipfarm.common.hls import media_playlist, parse_media_playlist
 from lipfarm.common.identity import worker_id
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 LOCK_S = 60.0  # a writer that dies holding the lock holds it this long at most
 
 
-def advance_playlist(store: StateStore, files: JobFiles, *, enqueue_render: Callable | None = None,
+def advance_playlist(store: StateStore, files: JobFiles, *, enqueue_render: EnqueueRender | None = None,
                      max_reopens: int = defaults.MAX_ATTEMPTS) -> None:
     """Bring the job's playlist up to date with its committed chunks (after a commit, or an end).
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from lipfarm.common.errors import NotFoundError
+from lipfarm.common.messages import EnqueueRender
 from lipfarm.common.fileio import file_sha256
 from lipfarm.job.jobfiles import JobFiles
 from lipfarm.common.state import StateStore, Verdict
@@ -44,7 +44,7 @@ def check_segment(storage, key: str, size: int, sha256: str, path: Path) -> str:
 
 
 def reopen(store: StateStore, files: JobFiles, bad: list[BadSegment], *,
-           enqueue_render: Callable[[str, int, str, str, float], None], max_reopens: int) -> bool:
+           enqueue_render: EnqueueRender, max_reopens: int) -> bool:
     """Send the chunks of ``bad`` segments back to render. Returns True if the job failed instead
     (its storage keeps losing a chunk's segment): the caller closes it (``common.endings``)."""
     job_id, now = files.job_id, store.now()

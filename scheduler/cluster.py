@@ -5,7 +5,8 @@ A ``lipfarm`` subcommand (a worker, the reconciler, the API) run as a child in i
 group with its output in a log file, so it can be waited for ("ready" in its log) and stopped as a
 whole (the group gets SIGTERM, then SIGKILL). Benchmarks and tests start farms with it.
 
-``LocalCluster`` starts Redis (if none answers), optionally SeaweedFS as S3, a planning/finalizing
+``LocalCluster`` starts a Redis of its own on a free port (or uses the one it is told to: ``--redis
+URL`` or ``LIPFARM_BROKER_URL``, never one that merely answers on the default port), optionally SeaweedFS as S3, a planning/finalizing
 worker, render workers, Flower and the API, each in a session of its own so it outlives the
 command, and records them in ``<home>/cluster/cluster.json`` for ``down`` and ``status``.
 """
@@ -110,7 +111,7 @@ class LipfarmProcess:
 
 CLUSTER_FILE_VERSION = 1
 S3_BUCKET = "lipfarm"
-STOP_WORKERS_S = 60.0  # a worker hands back the chunk in hand on SIGTERM (up to about 30 s)
+STOP_WORKERS_S = 60.0  # a worker hands back the chunk in hand on SIGTERM (2-3 s measured); a plan finishes
 STOP_SERVICES_S = 15.0
 READY_S = 120.0
 
@@ -157,6 +158,8 @@ class ClusterSpec:
     s3: bool = False  # a SeaweedFS S3 server instead of the configured storage
     api_port: int = defaults.API_PORT  # 0: a free port
     flower_port: int = 5555
+    redis: str = ""  # a Redis the user named (--redis, LIPFARM_BROKER_URL); "": start one of its own
+    redis_named_by: str = "--redis"  # what named it, for messages
 
 
 @dataclass
@@ -211,7 +214,7 @@ class LocalCluster:
         started: list[tuple[Daemon, subprocess.Popen]] = []
         cluster = Cluster(self.folder, [], {}, {"LIPFARM_HOME": str(self.settings.home)})
         try:
-            self._redis(cluster, started)
+            self._redis(cluster, started, spec)
             if spec.s3:
                 self._s3(cluster, started)
             else:
@@ -258,21 +261,25 @@ class LocalCluster:
         started.append((daemon, popen))
         return daemon, popen
 
-    def _redis(self, cluster: Cluster, started: list) -> None:
-        """The configured Redis if one answers there; else a redis-server of the cluster's own."""
-        url = self.settings.broker_url
-        if _redis_answers(url, self.settings):
-            for used in {url, self.settings.redis_url}:  # one that may evict keys is refused, naming the fix
-                connect_state(self.settings, used)
-            cluster.settings["LIPFARM_BROKER_URL"] = url
-            if self.settings.redis_url != url:
-                cluster.settings["LIPFARM_REDIS_URL"] = self.settings.redis_url
-            cluster.notes.append(f"redis: using the one answering at {mask_url(url)}")
+    def _redis(self, cluster: Cluster, started: list, spec: ClusterSpec) -> None:
+        """The Redis the user named, which must answer; else a redis-server of the cluster's own on a
+        free port. A Redis that merely answers at the default URL is never joined: it may be anyone's
+        (another farm's queues, another program's data)."""
+        if spec.redis:
+            if not _redis_answers(spec.redis, self.settings):
+                raise ServiceError(f"no Redis answers at {mask_url(spec.redis)} (named by {spec.redis_named_by}); "
+                                   f"start it, or leave {spec.redis_named_by} out for a Redis of the cluster's own")
+            connect_state(self.settings, spec.redis)  # one that may evict keys is refused, naming the fix
+            cluster.settings["LIPFARM_BROKER_URL"] = spec.redis
+            redis_url = self.settings.redis_url if spec.redis == self.settings.broker_url else spec.redis
+            if redis_url != spec.redis:
+                cluster.settings["LIPFARM_REDIS_URL"] = redis_url
+            cluster.notes.append(f"redis: using {mask_url(spec.redis)} (named by {spec.redis_named_by})")
             return
         server = shutil.which("redis-server")
         if server is None:
-            raise ServiceError(f"no Redis answers at {mask_url(url)} and redis-server is not installed "
-                               "(apt-get install redis-server), or point LIPFARM_BROKER_URL at one")
+            raise ServiceError("redis-server is not installed (apt-get install redis-server); or name a Redis "
+                               "to use with --redis URL")
         data = self.folder / "redis"
         data.mkdir(parents=True, exist_ok=True)
         port = free_ports(1)[0]
@@ -283,8 +290,8 @@ class LocalCluster:
         _wait_until(lambda: _redis_answers(url, self.settings), popen, daemon)
         cluster.settings.update({"LIPFARM_BROKER_URL": url, "LIPFARM_REDIS_URL": url})
         cluster.urls["redis"] = url
-        cluster.notes.append(f"redis: no Redis answered at {mask_url(self.settings.broker_url)}; started one "
-                             f"at {url} (data in {data})")
+        cluster.notes.append(f"redis: started one of the cluster's own at {url} (data in {data}); "
+                             "to use another, name it with --redis URL")
 
     def _s3(self, cluster: Cluster, started: list) -> None:
         """SeaweedFS's all-in-one S3 server (``weed mini``) on free loopback ports, with a bucket

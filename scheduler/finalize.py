@@ -11,6 +11,9 @@ again, the job back to rendering) and the finalizer steps down; the next complet
 a new one. Segments are fetched one at a time and deleted once copied, so the finalizer's disk use
 is one segment plus the output. The output is uploaded only after ``stitch`` has checked it, and is
 removed again if the job was cancelled meanwhile: a cancelled job never publishes anything.
+
+A worker shutting down (``common.shutdown``) hands the job back between segments: the lease is
+released with the reason and the finalizer queued again, so the next worker takes over at once.
 """
 
 from __future__ import annotations
@@ -20,9 +23,10 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
-from lipfarm.common import metrics
+from lipfarm.common import metrics, shutdown
+from lipfarm.common.messages import EnqueueJob, EnqueueRender
 from lipfarm.common.config import Settings
 from lipfarm.common.scratch import scratch_dir
 from lipfarm.job.endings import close_job
@@ -56,21 +60,38 @@ class Finalizer:
     store: StateStore
     settings: Settings
     process: WorkerProcess
-    enqueue_render: Callable[[str, int, str, str, float], None]
+    enqueue_render: EnqueueRender
+    enqueue_finalize: EnqueueJob | None = None  # to queue a handed-back job again
 
 
 def finalize_job(job_id: str, *, ctx: Finalizer, files: JobFiles) -> str:
-    """Finalize ``job_id``; returns what happened, for the task's result."""
+    """Finalize ``job_id``; returns what happened, for the task's result. A worker shutting down
+    takes nothing (``ShuttingDown``: the task puts the message back) and hands back what it holds."""
+    shutdown.check()
     claim = _take(ctx, job_id)
     if not claim.ok:
         return f"skipped: {claim.detail}"
     settings, store = ctx.settings, ctx.store
     beat = KeepAlive(lambda: store.beat_finalizer(job_id, claim.token, lease_s=settings.lease_s),
                      interval_s=settings.heartbeat_interval_s, name=f"{job_id}:finalize")
-    with beat:
-        while not beat.lost and hold_reached(settings, f"{job_id}.finalize"):
-            time.sleep(0.05)
-        return _finalize(ctx, files, claim)
+    with shutdown.Busy(), beat:
+        try:
+            while not beat.lost and hold_reached(settings, f"{job_id}.finalize"):
+                time.sleep(0.05)
+                shutdown.check()
+            return _finalize(ctx, files, claim)
+        except shutdown.ShuttingDown:
+            return _hand_back(ctx, job_id, claim)
+
+
+def _hand_back(ctx: Finalizer, job_id: str, claim: Claim) -> str:
+    """Give the finalize lease up and queue the finalizer again (the one message for the job)."""
+    reason = shutdown.reason(ctx.process.id)
+    if ctx.store.release_finalizer(job_id, claim.token, outcome="released",
+                                   reason=reason) == Verdict.OK and ctx.enqueue_finalize is not None:
+        ctx.enqueue_finalize(job_id, ctx.store.job(job_id).priority)
+    log.warning("job %s finalize attempt %s: %s", job_id, claim.attempt, reason)
+    return f"released: {reason}"
 
 
 def _take(ctx: Finalizer, job_id: str) -> Claim:
@@ -94,7 +115,10 @@ def _finalize(ctx: Finalizer, files: JobFiles, claim: Claim) -> str:
             output = _stitched(files, plan, chunks, temp)
             if store.job(job_id).state != JobState.FINALIZING:
                 return "stopped: job cancelled while finalizing"
+            shutdown.check()
             with_retries(lambda: files.storage.put_file(plan.output_key, output), f"upload of {plan.output_key}")
+    except shutdown.ShuttingDown:
+        raise
     except SegmentsFailedCheck as failed:
         return _reopen(ctx, files, claim, failed)
     except Exception as exc:
@@ -153,6 +177,7 @@ def _checked_segments(files: JobFiles, chunks: list[ChunkRecord], folder: Path) 
     rest are still checked (none is yielded), so one pass finds every chunk to render again."""
     bad: list[BadSegment] = []
     for chunk in chunks:
+        shutdown.check()
         path = folder / f"{chunk.index:05d}.mp4"
         problem = check_segment(files.storage, chunk.segment_key, chunk.segment_size, chunk.segment_sha256, path)
         if problem:

@@ -19,9 +19,9 @@ from __future__ import annotations
 import logging
 import tempfile
 from pathlib import Path
-from typing import Callable
 
 from lipfarm.common import defaults
+from lipfarm.common.messages import EnqueueRender, EnqueueSlots
 from lipfarm.common.audio import max_samples_16k, normalise_to_16k
 from lipfarm.job.endings import close_job
 from lipfarm.common.errors import LipfarmError
@@ -33,10 +33,6 @@ from lipfarm.scheduler.audiotrack import encode_audio_track
 
 log = logging.getLogger(__name__)
 
-# enqueue_render(job id, chunk index, priority, frames label, delay in s, first: at the front)
-EnqueueRender = Callable[..., None]
-# enqueue_slots(priority, count): render messages of a lane, bound to chunks by fair share
-EnqueueSlots = Callable[[str, int], None]
 
 
 def _decode_and_plan(files: JobFiles, *, max_audio_s: float) -> Plan:

@@ -34,10 +34,11 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 from lipfarm.common import defaults
+from lipfarm.common.messages import EnqueueJob, EnqueueRender
 
 from lipfarm.job import webhooks
 from lipfarm.common.config import Settings
-from lipfarm.job.endings import close_job, close_jobs
+from lipfarm.job.endings import close_jobs, follow_move
 from lipfarm.common.errors import LipfarmError
 from lipfarm.common.farm import farm_id
 from lipfarm.common.identity import is_dead_here, worker_id
@@ -53,9 +54,9 @@ log = logging.getLogger(__name__)
 class Enqueue:
     """How the reconciler queues work (Celery in a farm, a recorder in tests)."""
 
-    plan: Callable[[str, str], None]  # (job id, priority)
-    render: Callable[[str, int, str, str, float], None]  # (job id, chunk, priority, frames label, delay s)
-    finalize: Callable[[str, str], None]  # (job id, priority)
+    plan: EnqueueJob
+    render: EnqueueRender
+    finalize: EnqueueJob
     waiting_renders: Callable[[], int] = lambda: 0  # render messages waiting in the broker
     # (task name, job id) of plan and finalize messages in the broker, waiting or reserved
     pending: Callable[[], set[tuple[str, str]]] = lambda: set()
@@ -142,13 +143,10 @@ def _requeued(store: StateStore, storage_at, job_id: str, index: int, move, enqu
         from lipfarm.common import metrics  # here: a worker sets prometheus_client up before importing it
 
         metrics.attempt_failed(reason, retried=move.verdict == Verdict.REQUEUED)
-    if move.verdict == Verdict.REQUEUED:
-        job, chunk = store.job(job_id), store.chunk(job_id, index)
-        enqueue.render(job_id, index, job.priority, chunk.frames_label, move.delay_s)
-        kind.append(f"{job_id}:{index}")
-    elif move.verdict == Verdict.FAILED:
-        close_job(store, storage_at(store.job(job_id).storage_url), job_id)
-        report.failed.append(f"{job_id}:{index}")
+    if move.verdict in (Verdict.REQUEUED, Verdict.FAILED):
+        label = store.chunk(job_id, index).frames_label if move.verdict == Verdict.REQUEUED else ""
+        follow_move(store, storage_at, store.job(job_id), index, move, enqueue.render, label)
+        (kind if move.verdict == Verdict.REQUEUED else report.failed).append(f"{job_id}:{index}")
 
 
 def _dead_local_owners(store: StateStore, storage_at, settings: Settings, now: float, enqueue: Enqueue,

@@ -8,8 +8,9 @@ import logging
 import threading
 
 from celery import bootsteps
+from celery.exceptions import Reject
 
-from lipfarm.common import services
+from lipfarm.common import services, shutdown
 from lipfarm.common.celery_app import (TASK_FINALIZE, TASK_PLAN, TASK_WEBHOOK, app, enqueue_finalize, enqueue_plan,
                                enqueue_render, enqueue_slots, enqueue_webhook, pending_control_messages,
                                        waiting_renders)
@@ -42,8 +43,12 @@ def plan_job_task(job_id: str) -> str:
 @app.task(name=TASK_FINALIZE)
 def finalize_job_task(job_id: str) -> str:
     """Join job ``job_id``'s segments, mux its audio, check and publish output.mp4."""
-    finalizer = Finalizer(services.state_store(), services.settings(), this_process(), enqueue_render)
-    return finalize_job(job_id, ctx=finalizer, files=_job_files(job_id))
+    finalizer = Finalizer(services.state_store(), services.settings(), this_process(), enqueue_render,
+                          enqueue_finalize)
+    try:
+        return finalize_job(job_id, ctx=finalizer, files=_job_files(job_id))
+    except shutdown.ShuttingDown:  # not taken: the message goes back to the queue as it was
+        raise Reject("the worker is shutting down", requeue=True) from None
 
 
 @app.task(name=TASK_WEBHOOK, autoretry_for=(ServiceError,), retry_backoff=5, retry_backoff_max=300,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -25,9 +26,10 @@ from lipfarm.scheduler.cluster import LipfarmProcess, free_ports
 # The tests' Redis: one server (LIPFARM_TEST_REDIS, by default the machine's on 6379), and one database
 # per test module from this table, so modules running side by side never share keys.
 TEST_REDIS = os.environ.get("LIPFARM_TEST_REDIS", "redis://127.0.0.1:6379").rstrip("/")
-REDIS_DB = {"tenants": 1, "bench-load": 2, "scheduling": 3, "clock": 4, "bench-watch": 5, "webhooks": 6, "metrics": 7,
-            "progressive-broker": 8, "progressive": 9, "api": 10, "recovery-defaults": 11, "recovery": 12,
-            "state": 13, "farm": 14}
+REDIS_DB = {"tenants": 1, "bench-load": 2, "scheduling": 3, "flower": 4, "bench-watch": 5, "webhooks": 6,
+            "metrics": 7, "progressive-broker": 8, "progressive": 9, "api": 10, "recovery-defaults": 11,
+            "recovery": 12, "state": 13, "farm": 14, "cli": 15,
+            "clock": 13}  # shares the state tests' database, under a key prefix of its own
 TEST_REDIS_DB = REDIS_DB["state"]
 TEST_PREFIX = "lipfarm-test"
 S3_KEY, S3_SECRET = "lipfarmtestkey", "lipfarmtestsecret"
@@ -228,3 +230,33 @@ def until(condition, *, timeout_s: float = 120.0, what: str = "condition"):
             raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
         time.sleep(0.05)
     return result
+
+
+def broker_messages(db: int, queue: str, **match) -> list[dict]:
+    """The task messages for ``queue`` in the broker (waiting in any priority list, or delivered and
+    not yet acknowledged) whose keyword arguments include ``match``: how many messages a chunk has."""
+    client = redis_client(db)
+    lists = [queue] + [f"{queue}:{step}" for step in celery_app.PRIORITY_STEPS if step]
+    raw = [m for name in lists for m in client.lrange(name, 0, -1)]
+    raw += [json.dumps(json.loads(v)[0]) for v in client.hvals("unacked")
+            if queue in json.loads(v)[1:]]
+    found = []
+    for message in map(json.loads, raw):
+        _args, kwargs, _embed = json.loads(base64.b64decode(message["body"]))
+        if all(kwargs.get(k) == v for k, v in match.items()):
+            found.append(kwargs)
+    return found
+
+
+def stop_like_kubelet(process: LipfarmProcess, grace_s: float, *, group: bool = False) -> float:
+    """SIGTERM to the main process only (as the kubelet, or tini without -g, sends it; to the whole
+    group if ``group``), SIGKILL to the group after ``grace_s``; the seconds it took to exit
+    (AssertionError if it had to be killed)."""
+    started = time.monotonic()
+    (os.killpg if group else os.kill)(process.pid, signal.SIGTERM)
+    try:
+        process.process.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise AssertionError(f"lipfarm {process.args[0]} still running {grace_s} s after SIGTERM: killed") from None
+    return time.monotonic() - started

@@ -99,3 +99,26 @@ def short_avatar(settings, demo_avatar, frames: int):
     return write_avatar(AvatarStore(settings.avatars_dir).path(name), name=name,
                         frames=[demo_avatar.frame_path(i) for i in range(frames)], rects=demo_avatar.rects[:frames],
                         width=demo_avatar.width, height=demo_avatar.height, source={"layout": "test"}, replace=True)
+
+
+def long_silence_ogg(path, seconds: float, *, frame_ms: int = 60):
+    """An Opus/Ogg file of ``seconds`` of silence: a few megabytes for hours of audio, made in about
+    a second by encoding a little silence once and muxing its packets again and again (an Opus
+    packet of silence decodes to silence wherever it stands)."""
+    rate, frame = 48000, 48 * frame_ms
+    with av.open(str(path), "w", format="ogg") as out:
+        stream = out.add_stream("libopus", rate=rate, layout="mono")
+        stream.bit_rate = 6000
+        stream.codec_context.options = {"frame_duration": str(frame_ms)}
+        packets = []
+        for i in range(20):
+            block = av.AudioFrame.from_ndarray(np.zeros((1, frame), np.float32), format="flt", layout="mono")
+            block.sample_rate, block.pts, block.time_base = rate, i * frame, Fraction(1, rate)
+            packets += stream.encode(block)
+        steady = packets[5:10]
+        for i in range(int(seconds * 1000 / frame_ms)):
+            packet = av.Packet(bytes(steady[i % len(steady)]))
+            packet.pts = packet.dts = i * frame
+            packet.duration, packet.time_base, packet.stream = frame, Fraction(1, rate), stream
+            out.mux(packet)
+    return path

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import time
-from fractions import Fraction
 
 import av
 import librosa
@@ -16,6 +15,7 @@ from lipfarm.common.audio import (ArrayPcm, FilePcm, MIN_SAMPLES_16K, check_audi
                           normalise_to_16k, probe_audio)
 from lipfarm.common.errors import AudioError
 from tests.media import tone, write_audio
+from tests.media import long_silence_ogg
 
 
 @pytest.mark.parametrize("rate, channels, subtype, suffix", [
@@ -118,7 +118,6 @@ def test_audio_shorter_than_one_window(tmp_path):
 
 
 def test_video_without_audio(tmp_path):
-    import av
 
     path = tmp_path / "silent.mp4"
     with av.open(str(path), "w") as out:
@@ -136,29 +135,6 @@ def test_video_without_audio(tmp_path):
 
 
 # --- Length bound (LIPFARM_MAX_AUDIO_S) ---------------------------------------------------------------
-
-
-def long_silence_ogg(path, seconds: float, *, frame_ms: int = 60):
-    """An Opus/Ogg file of ``seconds`` of silence: a few megabytes for hours of audio, made in about
-    a second by encoding a little silence once and muxing its packets again and again (an Opus
-    packet of silence decodes to silence wherever it stands)."""
-    rate, frame = 48000, 48 * frame_ms
-    with av.open(str(path), "w", format="ogg") as out:
-        stream = out.add_stream("libopus", rate=rate, layout="mono")
-        stream.bit_rate = 6000
-        stream.codec_context.options = {"frame_duration": str(frame_ms)}
-        packets = []
-        for i in range(20):
-            block = av.AudioFrame.from_ndarray(np.zeros((1, frame), np.float32), format="flt", layout="mono")
-            block.sample_rate, block.pts, block.time_base = rate, i * frame, Fraction(1, rate)
-            packets += stream.encode(block)
-        steady = packets[5:10]
-        for i in range(int(seconds * 1000 / frame_ms)):
-            packet = av.Packet(bytes(steady[i % len(steady)]))
-            packet.pts = packet.dts = i * frame
-            packet.duration, packet.time_base, packet.stream = frame, Fraction(1, rate), stream
-            out.mux(packet)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import av
 import numpy as np
-import onnx
 import pytest
 import soundfile
-from onnx import TensorProto, helper
 
 from lipfarm.common.timeline import frame_count
 from lipfarm.common.audio import load_16k
 from lipfarm.cli import main
 from tests.media import tone, video_info
+from tests.onnx_models import nan_generator
 
 pytestmark = pytest.mark.slow
 
@@ -59,27 +58,11 @@ def test_text_renamed_wav_is_refused_in_one_line(capsys, demo, tmp_path):
     assert not out.exists()
 
 
-def _nan_generator(path, roi: int = 320):
-    """A generator of the contract's shapes whose output is 0 / 0: NaN everywhere."""
-    starts, ends, axes = (helper.make_tensor(n, TensorProto.INT64, [1], v)
-                          for n, v in (("s", [0]), ("e", [3]), ("a", [1])))
-    nodes = [helper.make_node("Slice", ["input", "s", "e", "a"], ["rgb"]),
-             helper.make_node("Sub", ["rgb", "rgb"], ["zero"]),
-             helper.make_node("Div", ["zero", "zero"], ["output"])]
-    graph = helper.make_graph(
-        nodes, "nan", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["B", 6, roi, roi]),
-                       helper.make_tensor_value_info("audio", TensorProto.FLOAT, ["B", 32, 16, 16])],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["B", 3, roi, roi])],
-        initializer=[starts, ends, axes])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
-    return path
-
-
 def test_a_generator_that_outputs_nan_is_refused_naming_it(capsys, demo, tmp_path):
     audio = tmp_path / "clip.wav"
     soundfile.write(audio, tone(1.2, 16000).T, 16000)
     out = tmp_path / "out.mp4"
-    code, err = _render(capsys, demo, audio, out, generator=_nan_generator(tmp_path / "nan.onnx"))
+    code, err = _render(capsys, demo, audio, out, generator=nan_generator(tmp_path / "nan.onnx"))
     assert code == 3, err
     assert "nan.onnx: output 'output': the generator's output holds NaN or infinite values" in err
     assert "frames 0-0" in err and not out.exists()

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
 from dataclasses import fields
+from datetime import datetime
 
 import pytest
 import soundfile
@@ -14,7 +17,7 @@ import soundfile
 from lipfarm.common.options import RenderOptions
 from lipfarm.cli import OPTION_HELP, build_parser, main
 from tests.media import tone
-from tests.test_models import tiny_model
+from tests.onnx_models import tiny_model
 
 
 def run_cli(capsys, *args) -> tuple[int, str, str]:
@@ -158,3 +161,88 @@ def test_console_script_exits_non_zero_without_a_traceback(tmp_path):
     assert result.returncode == 4
     assert result.stderr.strip().startswith("lipfarm: error: unknown avatar 'nobody'")
     assert "Traceback" not in result.stderr
+
+
+def _lipfarm_into_a_closed_pipe(tmp_path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """``lipfarm ARGS | head`` where head has already gone: stdout is a pipe whose reader is closed."""
+    lipfarm = shutil.which("lipfarm", path=str(__import__("pathlib").Path(sys.executable).parent))
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        return subprocess.run([lipfarm, *args], stdout=write, stderr=subprocess.PIPE, text=True, timeout=60,
+                              env={"LIPFARM_HOME": str(tmp_path), "PATH": "/usr/bin:/bin", **env})
+    finally:
+        os.close(write)
+
+
+@pytest.mark.parametrize("args", [["config"], ["jobs"], ["--help"]], ids=["config", "jobs", "help"])
+def test_output_piped_into_head_ends_quietly(tmp_path, args):
+    from tests.farm import REDIS_DB, redis_url
+
+    result = _lipfarm_into_a_closed_pipe(tmp_path, *args, LIPFARM_BROKER_URL=redis_url(REDIS_DB["cli"]),
+                                         LIPFARM_KEY_PREFIX="lipfarm-test-pipe")
+    assert result.stderr == "", result.stderr
+    assert result.returncode == 141  # as a process ended by SIGPIPE, like any other command in the pipe
+
+
+def test_reconcile_lines_carry_times(tmp_path):
+    from tests.farm import REDIS_DB, redis_url
+
+    lipfarm = shutil.which("lipfarm", path=str(__import__("pathlib").Path(sys.executable).parent))
+    result = subprocess.run([lipfarm, "reconcile"], capture_output=True, text=True, timeout=120,
+                            env={"LIPFARM_HOME": str(tmp_path), "PATH": "/usr/bin:/bin",
+                                 "LIPFARM_BROKER_URL": redis_url(REDIS_DB["cli"]), "LIPFARM_KEY_PREFIX": "lipfarm-test-pipe",
+                                 "LIPFARM_STORAGE_URL": str(tmp_path / "storage")})
+    assert result.returncode == 0, result.stderr
+    stamp, _, line = result.stdout.strip().partition(" ")
+    assert line and datetime.fromisoformat(stamp).tzinfo is not None, result.stdout
+
+
+def test_the_api_logs_with_times(tmp_path):
+    from lipfarm.scheduler.cluster import LipfarmProcess, free_ports
+    from tests.farm import REDIS_DB, redis_url
+
+    port = free_ports(1)[0]
+    env = {"LIPFARM_HOME": str(tmp_path), "LIPFARM_BROKER_URL": redis_url(REDIS_DB["cli"]),
+           "LIPFARM_KEY_PREFIX": "lipfarm-test-pipe", "LIPFARM_STORAGE_URL": str(tmp_path / "storage")}
+    api = LipfarmProcess(["api", "--host", "127.0.0.1", "--port", str(port)], env=env, log=tmp_path / "api.log",
+                         ready_text=b"Uvicorn running on").start()
+    try:
+        api.wait_ready(timeout_s=60)
+    finally:
+        api.stop(timeout_s=30)
+    line = next(line for line in api.log.read_text().splitlines() if "Uvicorn running on" in line)
+    assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ", line), line
+
+
+def _json_lines(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def test_log_json_gives_json_lines_with_times(tmp_path):
+    """``--log-json``: every line the reconciler and a worker write is one JSON object with its time."""
+    from lipfarm.scheduler.cluster import LipfarmProcess
+    from tests.farm import REDIS_DB, redis_url
+
+    env = {"LIPFARM_HOME": str(tmp_path), "LIPFARM_BROKER_URL": redis_url(REDIS_DB["cli"]),
+           "LIPFARM_KEY_PREFIX": "lipfarm-test-pipe", "LIPFARM_STORAGE_URL": str(tmp_path / "storage")}
+    lipfarm = shutil.which("lipfarm", path=str(__import__("pathlib").Path(sys.executable).parent))
+    result = subprocess.run([lipfarm, "--log-json", "reconcile"], capture_output=True, text=True, timeout=120,
+                            env={"PATH": "/usr/bin:/bin", **env})
+    assert result.returncode == 0, result.stderr
+    (line,) = _json_lines(result.stdout)
+    assert line["message"] == "nothing to recover" and datetime.fromisoformat(line["time"]).tzinfo is not None
+
+    worker = LipfarmProcess(["--log-json", "worker", "--queues", "jobs", "--hostname", f"json-{os.getpid()}@test"],
+                            env={**env, "LIPFARM_WORKER_RECONCILE": "0"}, log=tmp_path / "worker.log",
+                            ready_text=b" ready.").start()
+    try:
+        worker.wait_ready(timeout_s=90)
+    finally:
+        worker.stop(timeout_s=30)
+    # the JSON lines, without Python's warnings (running as root, in a container without a user)
+    lines = [line for line in worker.log.read_text().splitlines() if line.strip() and "Warning" not in line
+             and not line.startswith((" ", "absolutely", "Please", "User information"))]
+    entries = _json_lines("\n".join(line for line in lines if line != "worker: Warm shutdown (MainProcess)"))
+    assert any(e["message"].endswith(" ready.") for e in entries), lines
+    assert all(datetime.fromisoformat(e["time"]).tzinfo is not None and e["level"] for e in entries)

@@ -46,10 +46,10 @@ def cluster_home(tmp_path_factory, demo) -> Path:
 
 @pytest.fixture(scope="module")
 def cluster(cluster_home):
-    """``cluster up --workers 1 --s3``, with no Redis answering where the settings point (so it starts
-    its own); ``cluster down`` afterwards, and whatever its file names killed if that failed."""
+    """``cluster up --workers 1 --s3``, naming no Redis (so it starts its own); ``cluster down``
+    afterwards, and whatever its file names killed if that failed."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LIPFARM_")}
-    env.update({"LIPFARM_HOME": str(cluster_home), "LIPFARM_BROKER_URL": f"redis://127.0.0.1:{free_ports(1)[0]}/0"})
+    env.update({"LIPFARM_HOME": str(cluster_home)})
     up = lipfarm(env, "cluster", "up", "--workers", "1", "--s3", "--api-port", "0", "--flower-port", "0",
                  timeout_s=300)
     state = cluster_home / "cluster" / "cluster.json"
@@ -81,7 +81,7 @@ def test_a_cluster_renders_a_job_over_http_and_goes_away(cluster, cluster_home, 
     token, exports, urls = _printed(stdout)
     assert token.startswith("lf_")
     assert exports["LIPFARM_STORAGE_URL"].startswith("s3://") and exports["LIPFARM_S3_ENDPOINT_URL"].startswith(
-        "http://127.0.0.1:") and exports["LIPFARM_BROKER_URL"] != env["LIPFARM_BROKER_URL"]  # its own Redis
+        "http://127.0.0.1:") and exports["LIPFARM_BROKER_URL"] != "redis://127.0.0.1:6379/0"  # its own Redis
     assert {"redis", "s3", "api", "flower", "jobs-worker", "render-worker-1"} == {p["name"] for p in state["processes"]}
     assert all(url.startswith("http://127.0.0.1:") for url in urls.values())
     assert (cluster_home / "cluster" / "cluster.json").stat().st_mode & 0o077 == 0  # it holds the S3 secret
@@ -134,3 +134,49 @@ def _running(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+# --- Which Redis `up` uses ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("named_by", ["--redis", "LIPFARM_BROKER_URL"])
+def test_up_refuses_a_named_redis_that_does_not_answer(tmp_path, named_by):
+    """Told to use a Redis that is not there: one line naming what named it, nothing started."""
+    url = f"redis://127.0.0.1:{free_ports(1)[0]}/0"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LIPFARM_")}
+    env["LIPFARM_HOME"] = str(tmp_path)
+    args = ["cluster", "up", "--api-port", "0", "--flower-port", "0"]
+    if named_by == "--redis":
+        args += ["--redis", url]
+    else:
+        env["LIPFARM_BROKER_URL"] = url
+    up = lipfarm(env, *args, timeout_s=120)
+    assert up.returncode == 5, up.stdout + up.stderr
+    assert len(up.stderr.strip().splitlines()) == 1 and named_by in up.stderr and url in up.stderr, up.stderr
+    assert "Traceback" not in up.stderr
+    assert not (tmp_path / "cluster" / "cluster.json").exists()
+
+
+def test_up_never_joins_a_redis_only_because_it_answers_at_the_configured_url(tmp_path):
+    """A Redis answering where the (default) settings point is someone's: not named, not joined; the
+    cluster starts its own on a free port and says so."""
+    from lipfarm.scheduler.cluster import Cluster, ClusterSpec, LocalCluster, _stop
+    from tests.farm import REDIS_DB, redis_client, redis_url
+
+    answering = redis_url(REDIS_DB["cli"])
+    redis_client(REDIS_DB["cli"]).ping()
+    settings = load_settings({"LIPFARM_HOME": str(tmp_path), "LIPFARM_BROKER_URL": answering})
+    local, started = LocalCluster(settings), []
+    cluster = Cluster(local.folder, [], {}, {})
+    local.logs.mkdir(parents=True)
+    try:
+        local._redis(cluster, started, ClusterSpec())
+        own = cluster.settings["LIPFARM_BROKER_URL"]
+        assert own != answering and cluster.urls["redis"] == own
+        assert [d.name for d, _ in started] == ["redis"]
+        assert any(own in note and "--redis" in note for note in cluster.notes), cluster.notes
+        named = Cluster(local.folder, [], {}, {})
+        local._redis(named, started, ClusterSpec(redis=answering))  # named: used, nothing more started
+        assert named.settings["LIPFARM_BROKER_URL"] == answering and len(started) == 1
+    finally:
+        _stop([d for d, _ in started], popens=[p for _, p in started])

@@ -33,7 +33,7 @@ SCHEMAS = Path(__file__).resolve().parent / "schemas"
 KNOWN = {s.env for s in SETTINGS}
 
 K8S_VERSIONS = ("1.30", "1.34")   # oldest and a recent minor the manifests must both satisfy
-HANDBACK_S = 30                   # a worker hands back its chunk within this long after SIGTERM
+HANDBACK_S = 10                   # tests/test_recovery.py STOP_BOUND_S: SIGTERM to exit, hand-back done (2-3 s measured)
 GRACE_MARGIN = 2                  # workers get at least this many times the hand-back bound
 
 # Every lipfarm_* series the Grafana dashboard queries, with the labels it relies on. The code's
@@ -46,7 +46,7 @@ DASHBOARD_METRICS = {
     "lipfarm_chunk_failures_total": {"reason"},
     "lipfarm_chunk_retries_total": {"reason"},
     "lipfarm_jobs": {"state"},
-    "lipfarm_queue_length": {"queue", "priority"},
+    "lipfarm_queue_length": {"queue", "priority", "lane"},
     "lipfarm_finalize_seconds_bucket": {"le"},
     "lipfarm_time_to_first_chunk_seconds_bucket": {"le"},
     "lipfarm_publish_tail_seconds_bucket": {"le"},
@@ -452,7 +452,7 @@ def test_render_workers_scale_to_zero_on_every_priority_list_of_the_render_queue
     render = {doc["metadata"]["name"] for _w, doc, c in _lipfarm_containers()
               if (c.get("args") or [""])[0] == "worker" and "render" in _flag(c["args"], "--queues", "").split(",")}
     assert render
-    broker = urlsplit(next(doc["data"]["LIPFARM_BROKER_URL"] for _n, doc in _of_kind("ConfigMap")))
+    broker = urlsplit(_k8s_broker_url())
     scaled = {}
     for _name, doc in _of_kind("ScaledObject"):
         spec = doc["spec"]
@@ -470,11 +470,154 @@ def test_render_workers_scale_to_zero_on_every_priority_list_of_the_render_queue
             assert set(meta) <= REDIS_TRIGGER_KEYS, (target, set(meta) - REDIS_TRIGGER_KEYS)
             assert meta["address"] == f"{broker.hostname}:{broker.port or 6379}", (target, meta["address"])
             assert meta.get("databaseIndex", "0") == (broker.path.strip("/") or "0"), target
+            assert meta.get("username") == broker.username, (target, "KEDA logs in as the farm's Redis user")
         modifiers = spec.get("advanced", {}).get("scalingModifiers")
         if modifiers:   # the formula must use every trigger, each by its name
             names = {t.get("name") for t in triggers}
             assert None not in names and set(re.findall(r"[A-Za-z_]\w*", modifiers["formula"])) == names, target
     assert render <= set(scaled), ("render workers without a ScaledObject", render - set(scaled))
+
+
+# ---------------------------------------------------------------------------------------------
+# Secrets and network: Redis needs a password from a Secret, only the farm reaches it
+
+REDIS_SECRET = {"name": "lipfarm-redis", "key": "password"}
+REDIS_ACL = ["--user", "default", "off", "--user", "lipfarm", "on"]   # the passwordless user off, ours on
+# Parameters KEDA's redis scaler takes from a TriggerAuthentication (pkg/scalers/redis_scaler.go, v2.20.2).
+REDIS_AUTH_PARAMS = {"username", "password", "sentinelUsername", "sentinelPassword", "enableTLS", "unsafeSsl",
+                     "ca", "cert", "key", "keyPassword"}
+# TriggerAuthentication's spec.secretTargetRef, as KEDA's CRD (keda.sh_triggerauthentications.yaml, v2.20.2)
+# defines it: a list of {parameter, name, key}, all three required strings.
+TRIGGER_AUTH_SCHEMA = {
+    "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"], "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": "keda.sh/v1alpha1"}, "kind": {"const": "TriggerAuthentication"},
+        "metadata": {"type": "object", "required": ["name"]},
+        "spec": {"type": "object", "additionalProperties": False, "required": ["secretTargetRef"], "properties": {
+            "secretTargetRef": {"type": "array", "minItems": 1, "items": {
+                "type": "object", "required": ["parameter", "name", "key"], "additionalProperties": False,
+                "properties": {"parameter": {"type": "string"}, "name": {"type": "string"},
+                               "key": {"type": "string"}}}}}}}}
+
+
+def _env_list(container: dict) -> list[dict]:
+    return container.get("env") or []
+
+
+def _k8s_broker_url() -> str:
+    """The one LIPFARM_BROKER_URL every lipfarm container is given (in its own ``env``)."""
+    urls = {next((e["value"] for e in _env_list(c) if e["name"] == "LIPFARM_BROKER_URL"), None)
+            for _w, _d, c in _lipfarm_containers()}
+    assert len(urls) == 1 and None not in urls, urls
+    return urls.pop()
+
+
+def _redis_workload() -> dict:
+    return next(doc for _n, doc in _of_kind("StatefulSet") if doc["metadata"]["name"] == "redis")
+
+
+def test_kubernetes_redis_and_every_client_use_the_password_of_one_secret():
+    redis = _redis_workload()["spec"]["template"]["spec"]["containers"][0]
+    args = redis["args"]
+    assert " ".join(REDIS_ACL) in " ".join(args) and ">$(REDIS_PASSWORD)" in args, args
+    env = {e["name"]: e for e in _env_list(redis)}
+    for name in ("REDIS_PASSWORD", "REDISCLI_AUTH"):
+        assert env[name]["valueFrom"]["secretKeyRef"] == REDIS_SECRET, name
+    assert "--user lipfarm" in " ".join(redis["readinessProbe"]["exec"]["command"])   # the probe logs in too
+    assert not any("LIPFARM_BROKER_URL" in doc.get("data", {}) for _n, doc in _of_kind("ConfigMap"))
+    url = urlsplit(_k8s_broker_url())
+    assert (url.username, url.password) == ("lipfarm", "$(REDIS_PASSWORD)"), url
+    service = next(doc for _n, doc in _of_kind("Service") if doc["metadata"]["name"] == "redis")
+    assert url.hostname == f"redis.{service['metadata']['namespace']}.svc.cluster.local"
+    for where, _doc, container in _lipfarm_containers():
+        names = [e["name"] for e in _env_list(container)]
+        # Kubernetes expands $(VAR) only from variables defined before it in the same list
+        assert names.index("REDIS_PASSWORD") < names.index("LIPFARM_BROKER_URL"), where
+        password = next(e for e in _env_list(container) if e["name"] == "REDIS_PASSWORD")
+        assert password["valueFrom"]["secretKeyRef"] == REDIS_SECRET, where
+
+
+def test_keda_logs_in_to_redis_with_the_farms_secret():
+    auths = {doc["metadata"]["name"]: doc for _n, doc in _of_kind("TriggerAuthentication")}
+    assert auths
+    validator = jsonschema.Draft7Validator(TRIGGER_AUTH_SCHEMA)
+    for name, doc in auths.items():
+        errors = [f"{list(e.absolute_path)}: {e.message}" for e in validator.iter_errors(doc)]
+        assert not errors, (name, errors)
+        refs = {r["parameter"]: {"name": r["name"], "key": r["key"]} for r in doc["spec"]["secretTargetRef"]}
+        assert set(refs) <= REDIS_AUTH_PARAMS, (name, set(refs) - REDIS_AUTH_PARAMS)
+        assert refs["password"] == REDIS_SECRET, name
+    for _n, scaled in _of_kind("ScaledObject"):
+        for trigger in scaled["spec"]["triggers"]:
+            assert trigger.get("authenticationRef", {}).get("name") in auths, (scaled["metadata"]["name"], trigger)
+    broken = copy.deepcopy(next(iter(auths.values())))
+    broken["spec"]["secretTargetRef"][0].pop("key")
+    assert list(validator.iter_errors(broken))
+
+
+def test_only_the_farms_pods_reach_redis():
+    redis_labels = _redis_workload()["spec"]["template"]["metadata"]["labels"]
+    policies = [doc for _n, doc in _of_kind("NetworkPolicy")
+                if doc["spec"]["podSelector"].get("matchLabels", {}).items() <= redis_labels.items()
+                and doc["spec"]["podSelector"].get("matchLabels")]
+    assert len(policies) == 1, policies
+    spec = policies[0]["spec"]
+    assert spec["policyTypes"] == ["Ingress"] and len(spec["ingress"]) == 1
+    rule = spec["ingress"][0]
+    assert rule["ports"] == [{"port": "redis", "protocol": "TCP"}]
+    farm = {doc["spec"]["template"]["metadata"]["labels"]["app"] for _w, doc, _c in _lipfarm_containers()}
+    allowed, others = set(), []
+    for peer in rule["from"]:
+        if "namespaceSelector" in peer:
+            others.append(peer)
+            continue
+        (expression,) = peer["podSelector"]["matchExpressions"]
+        assert (expression["key"], expression["operator"]) == ("app", "In")
+        allowed |= set(expression["values"])
+    assert allowed == farm, (allowed ^ farm)
+    # the one other peer: KEDA's operator, which reads the render lists to scale the workers
+    assert others == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "keda"}},
+                       "podSelector": {"matchLabels": {"app": "keda-operator"}}}]
+
+
+def test_signing_secrets_come_from_secrets():
+    documented = (K8S / "config.yaml").read_text()
+    for where, _doc, container in _lipfarm_containers():
+        args = container.get("args") or [""]
+        signs = args[0] == "api" or (args[0] == "worker" and "jobs" in _flag(args, "--queues", "").split(","))
+        sources = [s.get("secretRef", {}).get("name") for s in container.get("envFrom", [])]
+        assert ("lipfarm-signing" in sources) == signs, where
+    assert re.search(r"lipfarm-signing:\s+LIPFARM_API_SECRET .*LIPFARM_WEBHOOK_SECRET", documented, re.S)
+    services = _compose()["services"]
+    for service, name in (("api", "LIPFARM_API_SECRET"), ("jobs-worker", "LIPFARM_WEBHOOK_SECRET")):
+        assert re.fullmatch(rf"\$\{{{name}:\?[^}}]+\}}", _compose_env(services[service])[name]), service
+
+
+def test_compose_redis_needs_the_password_and_stays_off_the_host():
+    services = _compose()["services"]
+    redis = services["redis"]
+    assert "ports" not in redis, "Redis must not be published on the host"
+    command = [str(a) for a in redis["command"]]
+    assert " ".join(REDIS_ACL) in " ".join(command)
+    assert any(re.fullmatch(r">\$\{LIPFARM_REDIS_PASSWORD:\?[^}]+\}", a) for a in command), command
+    assert "--user lipfarm" in " ".join(redis["healthcheck"]["test"])
+    for name, service in services.items():
+        url = _compose_env(service).get("LIPFARM_BROKER_URL")
+        if (service.get("image") or "").startswith("lipfarm"):
+            assert url and re.fullmatch(r"redis://lipfarm:\$\{LIPFARM_REDIS_PASSWORD:\?[^}]+\}@redis:6379/\d+", url), (
+                name, url)
+
+
+def test_the_queue_panel_sums_every_priority_and_lane():
+    """Each API replica exports the same farm-wide gauge: collapse replicas over every label the code
+    exports (max), then sum priorities and lanes: 3 waiting in two lanes show as 3, not 2."""
+    from lipfarm.common.metrics import exported_series
+
+    (expr,) = [t["expr"] for p in _panels(_dashboard()) for t in p.get("targets", [])
+               if "lipfarm_queue_length" in t["expr"]]
+    inner = re.fullmatch(r"sum by \(queue\) \(max by \(([^)]*)\) \(lipfarm_queue_length\)\)", expr)
+    assert inner, expr
+    assert {s.strip() for s in inner[1].split(",")} == exported_series()["lipfarm_queue_length"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -68,7 +68,7 @@ def test_mel_imports_neither_scipy_nor_librosa():
     import subprocess
     import sys
 
-    code = ("import sys\nfrom common.audio import ArrayPcm\nfrom common.mel import mel_spectrogram\n"
+    code = ("import sys\nfrom lipfarm.common.audio import ArrayPcm\nfrom lipfarm.common.mel import mel_spectrogram\n"
             "import numpy as np\nmel_spectrogram(ArrayPcm(np.zeros(16000, np.float32)), start=0, stop=81)\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('scipy', 'librosa', 'numba')))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,

@@ -60,7 +60,7 @@ def test_a_host_is_another_machine(tmp_path):
         assert len({host.host_ip, host.guest_ip, other.host_ip, other.guest_ip}) == 4
 
         # lipfarm names a worker <hostname>:<pid>: the guest's names another machine, with its own pid.
-        process = host.popen([sys.executable, "-c", "import os; from common.identity import worker_id; "
+        process = host.popen([sys.executable, "-c", "import os; from lipfarm.common.identity import worker_id; "
                               "print(worker_id(), os.getpid())"], stdout=subprocess.PIPE, text=True)
         out, _ = process.communicate(timeout=30)
         name, pid = out.split()
@@ -91,13 +91,14 @@ def test_cut_makes_connections_hang_until_restored(tmp_path):
         try:
             # Observed: the open connection's read times out after socket_timeout (the kernel's
             # socket.timeout underneath), not refused, not reset: the packets are simply lost...
+            # (the class and the timing are the facts; redis-py's wording differs between versions)
             result, cause, seconds = ping()
-            assert result == "redis.exceptions.TimeoutError: Timeout reading from socket"
+            assert result.startswith("redis.exceptions.TimeoutError:")
             assert cause == "TimeoutError" and 1.8 < seconds < 3
             # ...and reconnecting hangs too (no EHOSTUNREACH: the ARP entries are pinned).
             for _ in range(2):
                 result, cause, seconds = ping()
-                assert result == "redis.exceptions.TimeoutError: Timeout connecting to server"
+                assert result.startswith("redis.exceptions.TimeoutError:")
                 assert cause == "TimeoutError" and 1.8 < seconds < 3
             assert server.client().ping()  # the server itself is fine: only the link is down
             assert guest.poll() is None

@@ -20,7 +20,7 @@ from lipfarm.demo.speech import write_wav
 from tests.browser import chromium_page, collect_errors, screenshot
 from tests.farm import Holds, Workers, until
 from tests.test_api import api_env, bearer, flush_api_db, make_token, start_api
-from tests.test_bad_inputs import _nan_generator
+from tests.onnx_models import nan_generator
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,7 +71,7 @@ def jobs(farm, clip, demo, tmp_path_factory):
     to_cancel = _submit(client, clip)
     farm["holds"].hold(to_cancel, 0)
     encoder = _upload_model(client, demo.encoder)
-    generator = _upload_model(client, _nan_generator(tmp_path_factory.mktemp("nan") / "nan.onnx"))
+    generator = _upload_model(client, nan_generator(tmp_path_factory.mktemp("nan") / "nan.onnx"))
     failing = _submit(client, clip, encoder=encoder, generator=generator)
     farm["workers"].start()
     yield {"client": client, "held": held, "to_cancel": to_cancel, "failing": failing}

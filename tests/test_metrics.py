@@ -8,7 +8,10 @@ The job is caught mid-render with hold files (two chunks paused, three waiting i
 
 from __future__ import annotations
 
+import json
 import os
+import re
+from pathlib import Path
 
 import httpx
 import pytest
@@ -46,6 +49,30 @@ class Scrape:
         return sum(v for (n, ls), v in self.samples.items() if n == name and wanted <= ls)
 
 
+def queue_panel(*replicas: Scrape) -> dict[str, float]:
+    """The dashboard's queue panel (deploy/grafana-dashboard.json) evaluated on these scrapes, each as
+    one API replica would be scraped (Prometheus adds an ``instance`` label per target): its query,
+    ``sum by (queue) (max by (LABELS) (lipfarm_queue_length))``, read from the dashboard itself."""
+    dashboard = json.loads((Path(__file__).resolve().parents[1] / "deploy" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", []) if "lipfarm_queue_length" in t["expr"]]
+    (expr,) = exprs
+    form = re.fullmatch(r"sum by \(queue\) \(max by \(([^)]*)\) \(lipfarm_queue_length\)\)", expr)
+    assert form, expr
+    kept = [label.strip() for label in form[1].split(",")]
+    maxed: dict[tuple, float] = {}
+    for instance, replica in enumerate(replicas):
+        for (name, labels), value in replica.samples.items():
+            if name == "lipfarm_queue_length":
+                labels = dict(labels, instance=str(instance))
+                key = tuple(labels.get(k, "") for k in kept)
+                maxed[key] = max(maxed.get(key, value), value)
+    shown: dict[str, float] = {}
+    for key, value in maxed.items():
+        queue = key[kept.index("queue")]
+        shown[queue] = shown.get(queue, 0.0) + value
+    return shown
+
+
 def scrape(url: str) -> Scrape:
     response = httpx.get(url, timeout=30)
     assert response.status_code == 200, response.text
@@ -55,6 +82,16 @@ def scrape(url: str) -> Scrape:
 
 # ---------------------------------------------------------------------------------------------
 # What is recorded where (no services)
+
+def test_the_queue_panel_adds_up_the_lanes_of_a_priority():
+    """3 waiting in two lanes of one priority (a fast start's front, and its own) show as 3, scraped
+    from one API replica or two (the figure the former ``max by (queue, priority)`` showed as 2)."""
+    text = "".join(f'lipfarm_queue_length{{queue="render",priority="normal",lane="{lane}"}} {n}\n'
+                   for lane, n in (("front", 2), ("normal", 1), ("late", 0)))
+    text = "# TYPE lipfarm_queue_length gauge\n" + text
+    assert queue_panel(Scrape(text)) == {"render": 3}
+    assert queue_panel(Scrape(text), Scrape(text)) == {"render": 3}
+
 
 def test_failures_are_sorted_into_bounded_reasons():
     cases = [(CancelledError("job cancelled"), False, "cancelled"),
@@ -131,6 +168,7 @@ def test_a_running_job_moves_the_figures_and_they_agree_with_its_status(farm, ho
                    what="three render messages waiting")
     assert during.value("lipfarm_jobs", state="rendering") == api0.value("lipfarm_jobs", state="rendering") + 1
     assert during.sum("lipfarm_queue_length", queue="render", priority="normal") == 3
+    assert queue_panel(during, during)["render"] == 3  # the dashboard shows 3, with two API replicas scraped
     assert during.value("lipfarm_frames_committed_total") == api0.value("lipfarm_frames_committed_total")
     busy = scrape(worker_url)
     assert busy.value("lipfarm_chunk_attempts_total") - worker0.value("lipfarm_chunk_attempts_total") == 2

@@ -16,18 +16,7 @@ from lipfarm.common.errors import InputError, ModelError
 from lipfarm.common.fp16 import to_float16
 from lipfarm.common.models import inspect_encoder, inspect_generator, load_model
 from lipfarm.common.runtime import BoundRunner, open_runner, resolve_backend
-
-
-def tiny_model(path, inputs: dict, outputs: dict, *, elem=TensorProto.FLOAT):
-    """A structurally valid model declaring the given input/output shapes (for contract checks)."""
-    first = next(iter(inputs))
-    nodes = [helper.make_node("Identity", [first], [name]) for name in outputs]
-    graph = helper.make_graph(
-        nodes, "tiny",
-        [helper.make_tensor_value_info(n, elem, s) for n, s in inputs.items()],
-        [helper.make_tensor_value_info(n, elem, s) for n, s in outputs.items()])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
-    return path
+from tests.onnx_models import tiny_model
 
 
 def test_demo_models_fit_the_contract(demo):

@@ -38,7 +38,7 @@ from lipfarm.cli import main
 from lipfarm.scheduler.cluster import LipfarmProcess
 from lipfarm.scheduler.submit import submit_job
 from tests.farm import farm_env, free_ports, until
-from tests.test_audio import long_silence_ogg
+from tests.media import long_silence_ogg
 
 trustme = pytest.importorskip("trustme", reason="trustme (test-only) makes the TLS certificates")
 

@@ -384,3 +384,38 @@ def test_reconcile_drops_token_names_whose_token_was_lost(store, tmp_path):
                        enqueue=Recorder())
     assert report.repaired == ["token lost: lost"]
     assert [t.name for t in tokens.list()] == ["kept"] and store.redis.hkeys(store.keys.api_token_names()) == ["kept"]
+
+
+def _counted_by_hand(store) -> dict[str, int]:
+    counts = {state.value: 0 for state in JobState}
+    for job_id in store.redis.zrange(store.keys.jobs(), 0, -1):
+        state = store.redis.hget(store.keys.job(job_id), "state")
+        if state:
+            counts[state] += 1
+    return counts
+
+
+def test_job_counts_are_kept_as_jobs_move_and_equal_a_recount(store, tmp_path):
+    """/metrics reads these: the ended are counted as they end, resume and leave Redis."""
+    from lipfarm.job.endings import close_job
+    from lipfarm.job.jobfiles import JobFiles
+
+    storage = LocalStorage(tmp_path)
+    assert store.job_counts() == _counted_by_hand(store)  # the first scrape counts once
+    jobs = [make_job(store, f"c{i}", chunks=1) for i in range(6)]
+    store.cancel(jobs[0], now=T0 + 1)
+    store.finish(jobs[1], JobState.FAILED, now=T0 + 1, reason="broken")
+    done = claim(store, jobs[2], 0)
+    store.commit(jobs[2], 0, done.token, frames=25, segment=SEG, now=T0 + 2)
+    final = store.take_finalizer(jobs[2], worker="f", now=T0 + 3, lease_s=LEASE)
+    assert store.finish_done(jobs[2], final.token, output_location="x", now=T0 + 4) == Verdict.OK
+    store.cancel(jobs[3], now=T0 + 1)
+    assert store.resume(jobs[3], now=T0 + 5).verdict == Verdict.OK  # back to rendering: uncounted as ended
+    assert store.job_counts() == _counted_by_hand(store)
+    assert close_job(store, storage, jobs[0])
+    assert store.forget_ended(ended_before=T0 + 100) == [jobs[0]]  # recorded, then forgotten
+    assert store.job_counts() == _counted_by_hand(store)
+    store.recall_ended_from(lambda job_id: JobFiles(storage, job_id).ended())
+    store.job(jobs[0])  # asked for: back from storage, counted again
+    counts = store.job_counts()
+    assert counts == _counted_by_hand(store) and counts["cancelled"] == 1 and counts["done"] == 1

@@ -27,10 +27,11 @@ from enum import Enum
 from pathlib import Path
 from typing import Callable
 
-from lipfarm.common import defaults, metrics
+from lipfarm.common import defaults, metrics, shutdown
+from lipfarm.common.messages import EnqueueJob, EnqueueRender
 from lipfarm.common.scratch import scratch_dir
 from lipfarm.common.config import Settings
-from lipfarm.job.endings import close_job
+from lipfarm.job.endings import follow_move
 from lipfarm.common.errors import (AvatarError, CancelledError, InputError, LipfarmError, ModelError, NotFoundError,
                            ServiceError)
 from lipfarm.common.fileio import file_sha256
@@ -41,7 +42,7 @@ from lipfarm.job.holds import hold_reached
 from lipfarm.job.keepalive import KeepAlive
 from lipfarm.common.plan import Plan
 from lipfarm.common.retry import with_retries
-from lipfarm.common.state import Claim, Segment, StateStore, Verdict
+from lipfarm.common.state import Claim, JobState, Segment, StateStore, Verdict
 from lipfarm.common.storage import Storage
 from lipfarm.job.playlist import advance_playlist
 from lipfarm.common.storage.layout import audio_piece_key, hls_segment_key, segment_key
@@ -53,7 +54,6 @@ from lipfarm.worker.templates import TemplateCache
 log = logging.getLogger(__name__)
 
 # enqueue_render(job id, chunk, priority, frames label, delay in s)
-EnqueueRender = Callable[[str, int, str, str, float], None]
 
 
 @dataclass
@@ -67,7 +67,7 @@ class FarmContext:
     templates: TemplateCache
     process: WorkerProcess
     enqueue_render: EnqueueRender
-    enqueue_finalize: Callable[[str, str], None]
+    enqueue_finalize: EnqueueJob
 
 
 class Outcome(str, Enum):
@@ -79,7 +79,9 @@ class Outcome(str, Enum):
     REQUEUED = "requeued"  # failed, and queued again for another attempt
     FAILED = "failed"  # failed, and so did its job
     STOPPED = "stopped"  # the job was cancelled or the chunk reassigned
+    CANCELLED = "cancelled"  # stopped because its job was cancelled (the attempt log says "stopped")
     STALE = "stale"  # this attempt had lost the chunk by the time it reported
+    RELEASED = "released"  # the worker is shutting down: handed back and queued again, uncharged
     UNREPORTED = "unreported"  # Redis stayed out of reach; the lease will run out and the chunk go back
 
 
@@ -121,10 +123,13 @@ class Heartbeat(KeepAlive):
         self.frames_done = frames_done
 
     def should_stop(self) -> bool:
-        """A cheap Redis read, so a cancel stops the render at the next batch."""
+        """A cheap Redis read, so a cancel stops the render at the next batch; a worker shutting
+        down raises ``ShuttingDown`` here (also while held), so the chunk is handed back at once."""
+        shutdown.check()
         self._check_ownership()
         while not self.lost and hold_reached(self.ctx.settings, f"{self.job_id}.{self.index}", self.frames_done):
             time.sleep(0.05)
+            shutdown.check()
             self._check_ownership()
         return self.lost
 
@@ -175,7 +180,16 @@ def run_attempt(ctx: FarmContext, job_id: str, index: int, *,
                 report: Callable[[int, int], None] | None = None, lane: str = "",
                 on_bound: Callable[[str, int], None] | None = None) -> AttemptResult:
     """Claim chunk ``index`` of ``job_id`` (or, given a ``lane``, the chunk fair share binds the
-    lane's slot to: ``on_bound`` hears which), render it, upload its segment and commit it."""
+    lane's slot to: ``on_bound`` hears which), render it, upload its segment and commit it. A worker
+    that is shutting down claims nothing (``ShuttingDown``: the task puts its message back) and
+    hands back a chunk it holds (``Outcome.RELEASED``)."""
+    shutdown.check()
+    with shutdown.Busy():
+        return _attempt(ctx, job_id, index, report, lane, on_bound)
+
+
+def _attempt(ctx: FarmContext, job_id: str, index: int, report: Callable[[int, int], None] | None,
+             lane: str, on_bound: Callable[[str, int], None] | None) -> AttemptResult:
     if lane:
         claim = ctx.store.claim_next(lane, worker=ctx.process.id, worker_started=ctx.process.started,
                                      lease_s=ctx.settings.lease_s, max_attempts=ctx.settings.max_attempts)
@@ -195,9 +209,10 @@ def run_attempt(ctx: FarmContext, job_id: str, index: int, *,
         storage = ctx.storage_at(job.storage_url)
         plan = _plan(storage, job_id)
         segment, times, lease_until = _render_and_upload(ctx, storage, plan, index, claim, report)
+    except shutdown.ShuttingDown:
+        return _hand_back(ctx, job, index, plan, claim, shutdown.reason(ctx.process.id))
     except (KeyboardInterrupt, SystemExit):
-        if ctx.store.release(job_id, index, claim.token, reason="worker shut down") == Verdict.RELEASED:
-            ctx.enqueue_render(job_id, index, job.priority, plan.chunks[index].frames_label if plan else "", 0.0)
+        _hand_back(ctx, job, index, plan, claim, f"worker {ctx.process.id} interrupted: handed back")
         raise
     except Exception as exc:
         failure = Failure(str(exc), retryable=True) if isinstance(exc, CancelledError) else classify(
@@ -209,6 +224,16 @@ def run_attempt(ctx: FarmContext, job_id: str, index: int, *,
     metrics.chunk_rendered(plan.chunks[index].frames, times.extra["render_s"], times.unet_s)
     return _commit(ctx, JobFiles(storage, job_id), plan, index, claim, job.priority, segment, times,
                    lease_until=lease_until)
+
+
+def _hand_back(ctx: FarmContext, job, index: int, plan: Plan | None, claim: Claim, reason: str) -> AttemptResult:
+    """Give the chunk back uncharged and queue it again (the one message for it from now on)."""
+    verdict = ctx.store.release(job.job_id, index, claim.token, reason=reason)
+    if verdict != Verdict.RELEASED:  # cancelled or taken meanwhile: nothing to queue
+        return AttemptResult(Outcome.STOPPED if verdict == Verdict.STOPPED else Outcome.STALE, reason)
+    ctx.enqueue_render(job.job_id, index, job.priority, plan.chunks[index].frames_label if plan else "", 0.0)
+    log.warning("chunk %s:%s attempt %s: %s", job.job_id, index, claim.attempt, reason)
+    return AttemptResult(Outcome.RELEASED, reason)
 
 
 def _claim(ctx: FarmContext, job_id: str, index: int) -> Claim:
@@ -228,10 +253,7 @@ def _claim(ctx: FarmContext, job_id: str, index: int) -> Claim:
         job = ctx.store.job(job_id)
         if move.verdict in (Verdict.REQUEUED, Verdict.FAILED):
             metrics.attempt_failed("crash", retried=move.verdict == Verdict.REQUEUED)
-        if move.verdict == Verdict.REQUEUED:
-            ctx.enqueue_render(job_id, index, job.priority, "", move.delay_s)
-        elif move.verdict == Verdict.FAILED:
-            close_job(ctx.store, ctx.storage_at(job.storage_url), job_id)
+        follow_move(ctx.store, ctx.storage_at, job, index, move, ctx.enqueue_render)
         return Claim(move.verdict if move.verdict == Verdict.FAILED else Verdict.SKIP, "its worker died: requeued")
     return claim
 
@@ -283,6 +305,7 @@ def _wait_for_piece(storage: Storage, key: str, path: Path, beat: Heartbeat) -> 
     chunk that finished before the planner reached it waits (its lease kept alive meanwhile)."""
     deadline = time.monotonic() + defaults.AUDIO_PIECE_WAIT_S
     while not beat.lost:
+        shutdown.check()
         try:
             storage.get_file(key, path)
             return True
@@ -324,13 +347,20 @@ def _failed(ctx: FarmContext, job, index: int, label: str, claim: Claim, failure
     if move is None:
         return AttemptResult(Outcome.UNREPORTED, failure.reason)
     log.warning("chunk %s:%s attempt %s: %s (%s)", job_id, index, claim.attempt, failure.reason, move.verdict.value)
-    if move.verdict == Verdict.REQUEUED:
-        ctx.enqueue_render(job_id, index, job.priority, label, move.delay_s)
-    elif move.verdict == Verdict.FAILED:
-        close_job(ctx.store, ctx.storage_at(job.storage_url), job_id)
+    follow_move(ctx.store, ctx.storage_at, job, index, move, ctx.enqueue_render, label)
     outcome = {Verdict.REQUEUED: Outcome.REQUEUED, Verdict.FAILED: Outcome.FAILED,
                Verdict.STOPPED: Outcome.STOPPED}.get(move.verdict, Outcome.STALE)
+    if outcome in (Outcome.STOPPED, Outcome.STALE) and _job_cancelled(ctx, job_id):
+        return AttemptResult(Outcome.CANCELLED, f"job {job_id} was cancelled: render stopped")
     return AttemptResult(outcome, failure.reason)
+
+
+def _job_cancelled(ctx: FarmContext, job_id: str) -> bool:
+    """Whether the job was cancelled (what an attempt that lost its chunk is told, for the task's state)."""
+    try:
+        return ctx.store.job(job_id).state == JobState.CANCELLED
+    except LipfarmError:
+        return False
 
 
 def _commit(ctx: FarmContext, files: JobFiles, plan: Plan, index: int, claim: Claim, priority: str,

@@ -12,7 +12,8 @@ from lipfarm.common.state.keys import Keys
 from lipfarm.common.state.records import (CHUNK_MOVES, DEFAULT_TENANT, JOB_MOVES, AttemptRecord, ChunkRecord,
                                           ChunkState, JobRecord, JobState, JobStatus, RunningChunk, Verdict,
                                           WebhookRecord)
-from lipfarm.common.state.store import Claim, Damage, Lease, Move, Resumed, Segment, Stall, StalledJob, StateStore
+from lipfarm.common.state.recovery import Damage, Lease, Stall, StalledJob
+from lipfarm.common.state.store import Claim, Move, Resumed, Segment, StateStore
 from lipfarm.common.state.tenants import Taken, Tenant, TenantStore
 from lipfarm.common.state.tokens import ApiToken, IdempotencyClaim, TokenStore
 

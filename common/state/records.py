@@ -345,3 +345,8 @@ class WebhookRecord:
         data = asdict(self)
         data["log"] = list(self.log)
         return data
+
+
+def redis_text(value) -> str:
+    """A value as a script argument or hash field: floats in full (``repr``), the rest as text."""
+    return repr(value) if isinstance(value, float) else str(value)

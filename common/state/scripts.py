@@ -111,6 +111,7 @@ local function end_job(state, reason)
   local js = redis.call('HGET', job, 'state')
   if js == 'done' or js == 'failed' or js == 'cancelled' then return false end
   redis.call('HSET', job, 'state', state, 'reason', reason, 'updated_at', now, 'finished_at', now)
+  redis.call('HINCRBY', KEYS[8], 'jobs_' .. state, 1)  -- ended jobs counted as they end, for /metrics
   redis.call('SREM', active, job_id)
   redis.call('SADD', unrecorded, job_id)
   if redis.call('ZSCORE', final_leases, job_id) then
@@ -402,6 +403,7 @@ FINISH_DONE = PRELUDE + """
 local js = redis.call('HGET', job, 'state')
 if js ~= 'finalizing' then return {'refused', 'job is ' .. tostring(js)} end
 if redis.call('HGET', job, 'finalizer_token') ~= ARGV[5] then return {'stale'} end
+redis.call('HINCRBY', KEYS[8], 'jobs_done', 1)
 redis.call('HSET', job, 'state', 'done', 'output_location', ARGV[6], 'updated_at', now, 'finished_at', now,
            'reason', '')
 redis.call('ZREM', final_leases, job_id)
@@ -429,6 +431,7 @@ RESUME = PRELUDE + """
 local js = redis.call('HGET', job, 'state')
 if not js then return {'missing'} end
 if js ~= 'failed' and js ~= 'cancelled' then return {'refused', js} end
+redis.call('HINCRBY', KEYS[8], 'jobs_' .. js, -1)
 redis.call('HSET', job, 'reason', '', 'updated_at', now)
 redis.call('HDEL', job, 'finished_at', 'finalize_enqueued_at')
 redis.call('SADD', active, job_id)
@@ -585,5 +588,6 @@ redis.call('DEL', ARGV[4] .. 'finalize', KEYS[1], KEYS[5], KEYS[6], KEYS[8], KEY
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('SREM', KEYS[3], ARGV[1])
 redis.call('ZREM', KEYS[7], ARGV[1])
+redis.call('HINCRBY', KEYS[10], 'jobs_' .. state, -1)
 return 1
 """

@@ -26,12 +26,10 @@ store), asking for a job that left Redis restores it from its ``ended.json``.
 
 from __future__ import annotations
 
-import functools
 import json
 import secrets
 import time
 from dataclasses import dataclass, field, replace
-from enum import Enum
 from typing import Callable
 
 import redis
@@ -40,9 +38,13 @@ from lipfarm.common.errors import NotFoundError, ServiceError
 from lipfarm.common.retry import retry_delay_s
 from lipfarm.common.state import scripts
 from lipfarm.common.state.connection import mask_url, redis_failure, redis_tls_options, url_without_tls_params
+from lipfarm.common.state.figures import FarmFigures
+from lipfarm.common.state.guard import guarded
 from lipfarm.common.state.keys import Keys
+from lipfarm.common.state.recovery import RecoveryVerbs
+from lipfarm.common.state.webhook_state import WebhookVerbs
 from lipfarm.common.state.records import (JOB_MOVES, AttemptRecord, ChunkRecord, ChunkState, JobRecord, JobState,
-                                  JobStatus, Verdict, WebhookRecord)
+                                  JobStatus, Verdict, WebhookRecord, redis_text)
 
 SCRIPTS = ("claim", "claim_next", "offer", "beat", "commit", "requeue", "fail", "release", "reopen", "take_finalize",
            "beat_finalize", "finish_done", "release_finalize", "job_move", "resume",
@@ -101,65 +103,14 @@ class Segment:
     hls_sha256: str = ""
 
 
-@dataclass(frozen=True)
-class Lease:
-    """A running attempt (of a chunk, or a job's finalizer) and who holds it."""
-
-    job_id: str
-    index: int | None  # None: the finalizer
-    worker: str
-    worker_started: str
-    token: str
-
-
-class Damage(str, Enum):
-    """State that Redis lost part of (a failover, a key deleted by hand): the recovery pass repairs it."""
-
-    RECORD_LOST = "record lost"  # listed among the jobs, its record gone
-    NOT_ACTIVE = "not active"  # unfinished, but missing from the active set the recovery pass reads
-    CHUNKS_LOST = "chunks lost"  # rendering or finalizing with some chunk records gone
-
-
-class Stall(str, Enum):
-    """Why a job is not moving on its own."""
-
-    FINALIZER_NOT_QUEUED = "finalizer not queued"  # all chunks committed, the finalize message lost
-    FINALIZER_DIED = "finalizer died"  # finalizing, and nobody holds its finalize lease
-    PLAN_LOST = "plan lost"  # queued or planning for too long: the plan message or its planner lost
-
-
-@dataclass(frozen=True)
-class StalledJob:
-    job: JobRecord
-    stall: Stall
-
-
 def _retry_schedule(max_attempts: int, *, worker_lost: bool) -> str:
     """The retry rule as the requeueing scripts take it: the delay after each count of attempts spent."""
     return ",".join(repr(retry_delay_s(spent, worker_lost=worker_lost)) for spent in range(max_attempts + 1))
 
 
-def _text(value) -> str:
-    return repr(value) if isinstance(value, float) else str(value)
 
 
-def _guarded(method):
-    """Redis errors out of ``method`` become one ``ServiceError`` naming the server."""
-
-    @functools.wraps(method)
-    def guarded(self, *args, **kwargs):
-        try:
-            return method(self, *args, **kwargs)
-        except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, redis.ReadOnlyError) as exc:
-            raise ServiceError(f"cannot reach Redis at {self.where} ({exc.__class__.__name__}: {exc})") from None
-        except (redis.OutOfMemoryError, redis.exceptions.ExecAbortError) as exc:  # full, and it evicts nothing
-            raise ServiceError(f"Redis at {self.where} refused a write: {' '.join(str(exc).split())[:200]} "
-                               "(raise its maxmemory or free memory)") from None
-
-    return guarded
-
-
-class StateStore:
+class StateStore(RecoveryVerbs, FarmFigures, WebhookVerbs):
     """Job and chunk records in Redis (see the module docstring)."""
 
     def __init__(self, client: redis.Redis, keys: Keys, *, where: str = "") -> None:
@@ -192,7 +143,7 @@ class StateStore:
 
     # --- calling the scripts ----------------------------------------------------------------------
 
-    @_guarded
+    @guarded
     def now(self) -> float:
         """Redis's clock, in Unix seconds. Every lease, retry delay, stall and retention time is
         measured on it, so a host whose clock is off neither fails nor delays anyone's work."""
@@ -232,7 +183,7 @@ class StateStore:
 
     # --- chunk moves ------------------------------------------------------------------------------
 
-    @_guarded
+    @guarded
     def claim(self, job_id: str, index: int, *, worker: str, now: float | None = None, lease_s: float,
               max_attempts: int, worker_started: str = "") -> Claim:
         """Claim a chunk: a new attempt, or a SKIP naming the attempt that holds it."""
@@ -241,7 +192,7 @@ class StateStore:
         return self._claim(self._call("claim", job_id, index, now, worker, token, repr(now + lease_s),
                                       max_attempts, worker_started), token)
 
-    @_guarded
+    @guarded
     def offer(self, job_id: str, indexes: list[int], *, now: float | None = None) -> int:
         """Offer a rendering job's chunks in its priority's lane; the caller sends one slot message
         (``claim_next``) per chunk offered. Returns how many were (0 if the job is not rendering)."""
@@ -249,7 +200,7 @@ class StateStore:
             return 0
         return int(self._call("offer", job_id, None, now, *indexes)[0])
 
-    @_guarded
+    @guarded
     def claim_next(self, priority: str, *, worker: str, now: float | None = None, lease_s: float,
                    max_attempts: int, worker_started: str = "") -> Claim:
         """Bind a slot of ``priority``'s lane to the chunk fair share picks, and claim it: the
@@ -263,7 +214,7 @@ class StateStore:
         claim = self._claim(result[:-2], token)
         return replace(claim, job_id=result[-2], index=int(result[-1]))
 
-    @_guarded
+    @guarded
     def set_tenant_weight(self, tenant: str, weight: float) -> None:
         """A tenant's weight in the fair share of workers (each busy tenant gets weight / sum of
         the busy tenants' weights); takes effect at the next claim."""
@@ -271,19 +222,19 @@ class StateStore:
             raise ValueError(f"a tenant's weight must be above 0, not {weight}")
         self.redis.hset(self.keys.tenant_weights(), tenant, repr(float(weight)))
 
-    @_guarded
+    @guarded
     def beat(self, job_id: str, index: int, token: str, *, now: float | None = None, lease_s: float,
              frames_done: int, peak_rss: int = 0) -> Verdict:
         now = self._at(now)
         return Verdict(self._call("beat", job_id, index, now, token, repr(now + lease_s), frames_done, peak_rss)[0])
 
-    @_guarded
+    @guarded
     def commit(self, job_id: str, index: int, token: str, *, frames: int, segment: Segment, now: float | None = None) -> Verdict:
         now = self._at(now)
         return Verdict(self._call("commit", job_id, index, now, token, frames, segment.key, segment.size,
                                   segment.sha256, segment.hls_key, segment.hls_size, segment.hls_sha256)[0])
 
-    @_guarded
+    @guarded
     def requeue(self, job_id: str, index: int, *, now: float | None = None, reason: str, max_attempts: int,
                 dead_token: str = "") -> Move:
         """Requeue an attempt whose lease expired, or (``dead_token``) whose process is known dead."""
@@ -291,19 +242,19 @@ class StateStore:
         return self._move(self._call("requeue", job_id, index, now, reason, max_attempts, dead_token,
                                      _retry_schedule(max_attempts, worker_lost=True)))
 
-    @_guarded
+    @guarded
     def fail(self, job_id: str, index: int, token: str, *, reason: str, retryable: bool, now: float | None = None,
              max_attempts: int) -> Move:
         now = self._at(now)
         return self._move(self._call("fail", job_id, index, now, token, reason, int(retryable), max_attempts,
                                      _retry_schedule(max_attempts, worker_lost=False)))
 
-    @_guarded
+    @guarded
     def release(self, job_id: str, index: int, token: str, *, reason: str, now: float | None = None) -> Verdict:
         now = self._at(now)
         return Verdict(self._call("release", job_id, index, now, token, reason)[0])
 
-    @_guarded
+    @guarded
     def reopen(self, job_id: str, index: int, *, reason: str, now: float | None = None, max_reopens: int) -> Verdict:
         """A committed chunk whose segment failed its check goes back to the queue (see the script)."""
         now = self._at(now)
@@ -315,7 +266,7 @@ class StateStore:
                     int(result[2]) if len(result) > 2 and result[2] else 0,
                     float(result[3]) if len(result) > 3 else 0.0)
 
-    @_guarded
+    @guarded
     def is_current(self, job_id: str, index: int, token: str) -> bool:
         """Whether ``token`` still owns a running chunk of a rendering job (a cheap read)."""
         with self.redis.pipeline(transaction=False) as pipe:
@@ -326,7 +277,7 @@ class StateStore:
 
     # --- the finalizer ----------------------------------------------------------------------------
 
-    @_guarded
+    @guarded
     def take_finalizer(self, job_id: str, *, worker: str, now: float | None = None, lease_s: float,
                        worker_started: str = "", take_over: str = "") -> Claim:
         """Become the job's one finalizer (a lease with a token, renewed by ``beat_finalizer``)."""
@@ -335,36 +286,36 @@ class StateStore:
         return self._claim(self._call("take_finalize", job_id, None, now, worker, token, repr(now + lease_s),
                                       worker_started, take_over), token)
 
-    @_guarded
+    @guarded
     def beat_finalizer(self, job_id: str, token: str, *, now: float | None = None, lease_s: float) -> Verdict:
         now = self._at(now)
         return Verdict(self._call("beat_finalize", job_id, None, now, token, repr(now + lease_s))[0])
 
-    @_guarded
+    @guarded
     def finish_done(self, job_id: str, token: str, *, output_location: str, now: float | None = None) -> Verdict:
         """The finalizer publishes: the job is done (refused if it was cancelled meanwhile)."""
         now = self._at(now)
         return Verdict(self._call("finish_done", job_id, None, now, token, output_location)[0])
 
-    @_guarded
+    @guarded
     def release_finalizer(self, job_id: str, token: str, *, outcome: str, reason: str, now: float | None = None) -> Verdict:
         """Give up the finalize lease: ``outcome`` is 'reopened' (chunks to render again) or 'released'."""
         now = self._at(now)
         return Verdict(self._call("release_finalize", job_id, None, now, token, outcome, reason)[0])
 
-    @_guarded
+    @guarded
     def expire_finalizer(self, job_id: str, token: str) -> None:
         """The finalizer holding ``token`` is known dead: let the next finalizer take over at once."""
         if self.redis.hget(self.keys.job(job_id), "finalizer_token") == token:
             self.redis.zadd(self.keys.finalize_leases(), {job_id: 0}, xx=True)
 
-    @_guarded
+    @guarded
     def finalize_attempts(self, job_id: str) -> list[AttemptRecord]:
         return self._attempt_log(self.keys.attempts(job_id, "finalize"))
 
     # --- job moves --------------------------------------------------------------------------------
 
-    @_guarded
+    @guarded
     def create_job(self, record: JobRecord) -> None:
         with self.redis.pipeline() as pipe:
             pipe.hset(self.keys.job(record.job_id), mapping=record.to_hash())
@@ -373,7 +324,7 @@ class StateStore:
                 pipe.sadd(self.keys.active(), record.job_id)
             pipe.execute()
 
-    @_guarded
+    @guarded
     def withdraw(self, job_id: str) -> None:
         """Remove a job whose submission failed before it was queued (deletes free memory: allowed
         even in a full Redis, outside MULTI, which a full Redis refuses whole)."""
@@ -388,18 +339,18 @@ class StateStore:
         """Move a job along ``JOB_MOVES``; False if its current state does not allow the move."""
         now = self._at(now)
         allowed = ",".join(s.value for s, targets in JOB_MOVES.items() if to in targets)
-        extra = [_text(x) for pair in (fields or {}).items() for x in pair]
+        extra = [redis_text(x) for pair in (fields or {}).items() for x in pair]
         result = self._call("job_move", job_id, None, now, to.value, allowed, reason, *extra)
         if result[0] == "missing":
             raise NotFoundError(f"unknown job '{job_id}'")
         return result[0] == Verdict.OK
 
-    @_guarded
+    @guarded
     def start_planning(self, job_id: str, *, now: float | None = None) -> bool:
         now = self._at(now)
         return self._job_move(job_id, JobState.PLANNING, now=now)
 
-    @_guarded
+    @guarded
     def start_rendering(self, job_id: str, frame_ranges: list[tuple[int, int]], *, output_key: str,
                         now: float | None = None) -> bool:
         """Create the planned chunks (existing ones are kept: planning may run twice) and move to
@@ -408,7 +359,7 @@ class StateStore:
         self._add_chunks(job_id, frame_ranges, now=now)
         return self._job_move(job_id, JobState.RENDERING, now=now, fields={"output_key": output_key})
 
-    @_guarded
+    @guarded
     def finish(self, job_id: str, state: JobState, *, now: float | None = None, reason: str) -> bool:
         """End a job that has not ended as failed, with the reason (its chunks stop with it)."""
         now = self._at(now)
@@ -416,7 +367,7 @@ class StateStore:
             raise ValueError(f"finish() ends a job as failed, not {state.value}: see finish_done and cancel")
         return self._job_move(job_id, state, now=now, reason=reason)
 
-    @_guarded
+    @guarded
     def resume(self, job_id: str, *, now: float | None = None) -> Resumed:
         """Resume a failed or cancelled job (see the script); REFUSED names the state it is in."""
         now = self._at(now)
@@ -429,7 +380,7 @@ class StateStore:
             return Resumed(Verdict.REFUSED, detail=result[1])
         return Resumed(Verdict.OK, queued=[int(i) for i in result[1:]])
 
-    @_guarded
+    @guarded
     def cancel(self, job_id: str, *, now: float | None = None, reason: str = "cancelled by user") -> bool:
         """Cancel a job that has not ended; its chunks stop with it. False if it had ended."""
         now = self._at(now)
@@ -450,39 +401,39 @@ class StateStore:
             pipe.hsetnx(self.keys.job(job_id), "frames_committed", 0)
             pipe.execute()
 
-    @_guarded
+    @guarded
     def touch(self, job_id: str, *, now: float | None = None) -> None:
         """Record that a recovery pass acted on a job (its ``updated_at``): the next pass waits out
         its grace again before taking the job for stalled."""
         now = self._at(now)
         self.redis.hset(self.keys.job(job_id), "updated_at", repr(now))
 
-    @_guarded
+    @guarded
     def mark_finalizer_enqueued(self, job_id: str, *, now: float | None = None) -> None:
         now = self._at(now)
         self.redis.hset(self.keys.job(job_id), "finalize_enqueued_at", repr(now))
 
     # --- the HLS playlist ---------------------------------------------------------------------------
 
-    @_guarded
+    @guarded
     def mark_playlist_dirty(self, job_id: str) -> None:
         self.redis.set(self.keys.playlist_dirty(job_id), "1", ex=3600)
 
-    @_guarded
+    @guarded
     def take_playlist_dirty(self, job_id: str) -> bool:
         """Whether the playlist was marked behind since the last take (and clear the mark)."""
         return self.redis.getdel(self.keys.playlist_dirty(job_id)) is not None
 
-    @_guarded
+    @guarded
     def take_playlist_lock(self, job_id: str, owner: str, *, ttl_s: float) -> bool:
         return bool(self.redis.set(self.keys.playlist_lock(job_id), owner, nx=True, px=int(ttl_s * 1000)))
 
-    @_guarded
+    @guarded
     def release_playlist_lock(self, job_id: str, owner: str) -> None:
         if self.redis.get(self.keys.playlist_lock(job_id)) == owner:
             self.redis.delete(self.keys.playlist_lock(job_id))
 
-    @_guarded
+    @guarded
     def set_playlist(self, job_id: str, *, chunks: int, frames: int, frames_total: int, now: float | None = None) -> None:
         """The playlist now lists ``chunks`` chunks (``frames`` frames); the first and the half-way
         moments are kept, for time-to-first-frame figures."""
@@ -498,16 +449,16 @@ class StateStore:
 
     # --- recording ends in storage -----------------------------------------------------------------
 
-    @_guarded
+    @guarded
     def unrecorded_job_ids(self) -> list[str]:
         """Jobs that ended in Redis and whose end storage has not recorded yet (the outbox)."""
         return sorted(self.redis.smembers(self.keys.unrecorded()))
 
-    @_guarded
+    @guarded
     def mark_recorded(self, job_id: str) -> None:
         self.redis.srem(self.keys.unrecorded(), job_id)
 
-    @_guarded
+    @guarded
     def snapshot(self, job_id: str) -> dict:
         """Everything about an ended job, to record in storage: its record, chunks and attempt logs."""
         job = self.job(job_id)
@@ -518,14 +469,17 @@ class StateStore:
                 "attempts": [[json.loads(e) for e in log] for log in logs],
                 "finalize_attempts": [json.loads(e) for e in final]}
 
-    @_guarded
+    @guarded
     def restore_snapshot(self, snapshot: dict) -> None:
         """Recreate an ended job exactly as ``snapshot`` recorded it (a rebuild after Redis lost it)."""
         record = JobRecord.from_hash(snapshot["job"])
         job_id = record.job_id
+        before = self.redis.hget(self.keys.job(job_id), "state")
         with self.redis.pipeline() as pipe:
             pipe.hset(self.keys.job(job_id), mapping=snapshot["job"])
             pipe.zadd(self.keys.jobs(), {job_id: record.created_at})
+            if record.state.terminal and before is None:  # counted as it comes back (forget uncounts it)
+                pipe.hincrby(self.keys.metrics_totals(), f"jobs_{record.state.value}", 1)
             for index, chunk in enumerate(snapshot["chunks"]):
                 if chunk:
                     pipe.hset(self.keys.chunk(job_id, index), mapping=chunk)
@@ -537,212 +491,13 @@ class StateStore:
                            *[json.dumps(e) for e in snapshot["finalize_attempts"]])
             pipe.execute()
 
-    # --- recovery ---------------------------------------------------------------------------------
-
-    @_guarded
-    def farm_id(self) -> str | None:
-        """The farm id kept in this Redis (None: never made, or Redis lost its data)."""
-        return self.redis.get(self.keys.farm_id())
-
-    @_guarded
-    def claim_farm_id(self, candidate: str) -> str:
-        """Keep ``candidate`` as the farm id unless one is kept already; returns the one kept."""
-        self.redis.set(self.keys.farm_id(), candidate, nx=True)
-        return self.redis.get(self.keys.farm_id())
-
-    @_guarded
-    def generation(self) -> str | None:
-        """The marker the last rebuild left; None means Redis lost its data since (or never had it)."""
-        return self.redis.get(self.keys.generation())
-
-    @_guarded
-    def set_generation(self, *, now: float | None = None) -> None:
-        now = self._at(now)
-        self.redis.set(self.keys.generation(), repr(now))
-
-    @_guarded
-    def take_rebuild_lock(self, owner: str, *, ttl_s: float) -> bool:
-        """One rebuild from storage at a time: two would restore the same job over each other."""
-        return bool(self.redis.set(self.keys.rebuild_lock(), owner, nx=True, ex=max(1, int(ttl_s))))
-
-    @_guarded
-    def release_rebuild_lock(self, owner: str) -> None:
-        if self.redis.get(self.keys.rebuild_lock()) == owner:
-            self.redis.delete(self.keys.rebuild_lock())
-
-    @_guarded
-    def take_repair_turn(self, owner: str, *, interval_s: float) -> bool:
-        """Whether ``owner`` looks for partly lost state now (once per ``interval_s`` across the farm)."""
-        return bool(self.redis.set(self.keys.repair_turn(), owner, nx=True, px=max(1, int(interval_s * 1000))))
-
-    @_guarded
-    def damaged_jobs(self) -> list[tuple[str, Damage]]:
-        """Jobs whose state Redis lost part of, in three pipelined reads whatever their number: a
-        listed job without its record, an unfinished job missing from the active set, a rendering or
-        finalizing job with chunk records missing."""
-        ids = self.redis.zrange(self.keys.jobs(), 0, -1)
-        with self.redis.pipeline(transaction=False) as pipe:
-            for job_id in ids:
-                pipe.hmget(self.keys.job(job_id), "state", "chunks_total")
-            records = pipe.execute()
-        active = self.redis.smembers(self.keys.active())
-        damaged, counted = [], []
-        for job_id, (state, total) in zip(ids, records):
-            if state is None:
-                damaged.append((job_id, Damage.RECORD_LOST))
-                continue
-            if state not in ("done", "failed", "cancelled") and job_id not in active:
-                damaged.append((job_id, Damage.NOT_ACTIVE))
-            if state in ("rendering", "finalizing") and int(total or 0):
-                counted.append((job_id, int(total)))
-        with self.redis.pipeline(transaction=False) as pipe:
-            for job_id, total in counted:
-                pipe.exists(*[self.keys.chunk(job_id, i) for i in range(total)])
-            present = pipe.execute()
-        damaged += [(job_id, Damage.CHUNKS_LOST) for (job_id, total), n in zip(counted, present) if n < total]
-        return damaged
-
-    @_guarded
-    def reactivate(self, job_id: str) -> None:
-        """Put an unfinished job back in the active set (the recovery pass reads only that set)."""
-        self.redis.sadd(self.keys.active(), job_id)
-
-    @_guarded
-    def purge(self, job_id: str) -> None:
-        """Remove what is left of a job whose state is partly lost, before it is restored from storage
-        as a rebuild would: every key of its own, and its entries in the farm-wide sets."""
-        keys = self.keys
-        own = [keys.job(job_id), keys.sched_waiting(job_id), keys.webhook(job_id), keys.webhook_attempts(job_id),
-               keys.playlist_lock(job_id), keys.playlist_dirty(job_id), keys.attempts(job_id, "finalize")]
-        own += list(self.redis.scan_iter(f"{keys.chunk(job_id, '')}*")) + list(
-            self.redis.scan_iter(f"{keys.attempts(job_id, '')}*"))
-        leases = [m for m in self.redis.zrange(keys.leases(), 0, -1) if m.startswith(f"{job_id}:")]
-        with self.redis.pipeline() as pipe:
-            pipe.delete(*own)
-            if leases:
-                pipe.zrem(keys.leases(), *leases)
-            pipe.zrem(keys.finalize_leases(), job_id)
-            pipe.zrem(keys.jobs(), job_id)
-            pipe.srem(keys.active(), job_id)
-            pipe.srem(keys.unrecorded(), job_id)
-            pipe.zrem(keys.webhooks_due(), job_id)
-            pipe.execute()
-
-    @_guarded
-    def take_reconcile_turn(self, owner: str, *, interval_s: float) -> bool:
-        """Whether ``owner`` runs this interval's recovery pass: the first to ask in each interval does."""
-        return bool(self.redis.set(self.keys.reconcile_turn(), owner, nx=True, px=max(1, int(interval_s * 1000))))
-
-    @_guarded
-    def leases(self) -> list[Lease]:
-        """Every running attempt, of chunks and of finalizers, with who holds it."""
-        found = []
-        with self.redis.pipeline(transaction=False) as pipe:
-            members = self.redis.zrange(self.keys.leases(), 0, -1)
-            finalizing = self.redis.zrange(self.keys.finalize_leases(), 0, -1)
-            parsed = [Keys.parse_lease_member(m) for m in members]
-            for job_id, index in parsed:
-                pipe.hmget(self.keys.chunk(job_id, index), "worker", "worker_started", "token")
-            for job_id in finalizing:
-                pipe.hmget(self.keys.job(job_id), "finalizer", "finalizer_started", "finalizer_token")
-            owners = pipe.execute()
-        for (job_id, index), (worker, started, token) in zip(parsed + [(j, None) for j in finalizing], owners):
-            if worker and token:
-                found.append(Lease(job_id, index, worker, started or "", token))
-        return found
-
-    @_guarded
-    def expired_leases(self, now: float | None = None) -> list[tuple[str, int]]:
-        now = self._at(now)
-        members = self.redis.zrangebyscore(self.keys.leases(), "-inf", repr(now))
-        return [Keys.parse_lease_member(m) for m in members]
-
-    @_guarded
-    def expired_finalizers(self, now: float | None = None) -> list[str]:
-        now = self._at(now)
-        return list(self.redis.zrangebyscore(self.keys.finalize_leases(), "-inf", repr(now)))
-
-    @_guarded
-    def stalled_jobs(self, *, now: float | None = None, grace_s: float) -> list[StalledJob]:
-        """Active jobs that will not move on by themselves (see ``Stall``), ``grace_s`` after their
-        last change, so a message on its way is not taken for a lost one."""
-        now = self._at(now)
-        found = []
-        for job_id in self.active_job_ids():
-            try:
-                job = self.job(job_id)
-            except NotFoundError:
-                continue
-            stall = self._stall(job, now=now, grace_s=grace_s)
-            if stall is not None:
-                found.append(StalledJob(job, stall))
-        return found
-
-    def _stall(self, job: JobRecord, *, now: float | None = None, grace_s: float) -> Stall | None:
-        if job.state == JobState.RENDERING:
-            complete = job.chunks_total > 0 and job.chunks_committed == job.chunks_total
-            enqueued = job.finalize_enqueued_at
-            if complete and (not enqueued or now - enqueued > grace_s):
-                return Stall.FINALIZER_NOT_QUEUED
-        elif job.state == JobState.FINALIZING:
-            held = self.redis.zscore(self.keys.finalize_leases(), job.job_id)
-            if held is None and now - job.updated_at > grace_s:
-                return Stall.FINALIZER_DIED
-        elif job.state in (JobState.QUEUED, JobState.PLANNING) and now - job.updated_at > grace_s:
-            return Stall.PLAN_LOST
-        return None
-
-    @_guarded
-    def waiting_chunks(self, *, now: float | None = None, grace_s: float) -> list[tuple[JobRecord, ChunkRecord]]:
-        """Queued chunks of rendering jobs, queued more than ``grace_s`` ago: if no render message
-        is waiting in the broker, theirs was lost (``grace_s`` must exceed the longest retry delay)."""
-        now = self._at(now)
-        found = []
-        for job_id in self.active_job_ids():
-            try:
-                job = self.job(job_id)
-            except NotFoundError:  # its record was lost: the repair step restores it from storage
-                continue
-            if job.state != JobState.RENDERING:
-                continue
-            for chunk in self.chunks(job_id, job.chunks_total):
-                if chunk.state == ChunkState.QUEUED and now - (chunk.updated_at or now) > grace_s:
-                    found.append((job, chunk))
-        return found
-
-    @_guarded
-    def restore_job(self, record: JobRecord, frame_ranges: list[tuple[int, int]], *,
-                    committed: dict[int, dict], now: float | None = None) -> None:
-        """Recreate an unfinished job lost from Redis from what storage records: ``record`` (queued),
-        its planned chunks with those in ``committed`` (index -> commit marker fields: frames,
-        attempt, worker, committed_at, segment) marked committed, moved to rendering."""
-        now = self._at(now)
-        self.create_job(record)
-        if not frame_ranges:
-            return
-        self._add_chunks(record.job_id, frame_ranges, now=now)
-        with self.redis.pipeline() as pipe:
-            for index, marker in committed.items():
-                pipe.hset(self.keys.chunk(record.job_id, index), mapping={
-                    "state": ChunkState.COMMITTED.value, "frames_done": marker["frames"],
-                    "attempt": marker["attempt"], "worker": marker["worker"],
-                    "committed_at": repr(marker["committed_at"]), "segment_key": marker["segment_key"],
-                    "segment_size": marker["segment_size"], "segment_sha256": marker["segment_sha256"],
-                    "hls_key": marker.get("hls_key", ""), "hls_size": marker.get("hls_size", 0),
-                    "hls_sha256": marker.get("hls_sha256", ""), "reason": "restored from its commit marker"})
-            pipe.hset(self.keys.job(record.job_id), mapping={
-                "chunks_committed": len(committed), "frames_committed": sum(m["frames"] for m in committed.values())})
-            pipe.execute()
-        self._job_move(record.job_id, JobState.PLANNING, now=now)
-        self._job_move(record.job_id, JobState.RENDERING, now=now, fields={"output_key": record.output_key})
-
     # --- reads ------------------------------------------------------------------------------------
 
-    @_guarded
+    @guarded
     def exists(self, job_id: str) -> bool:
         return bool(self.redis.exists(self.keys.job(job_id)))
 
-    @_guarded
+    @guarded
     def job(self, job_id: str) -> JobRecord:
         record = self.redis.hgetall(self.keys.job(job_id))
         if not record and self._recall is not None and (snapshot := self._recall(job_id)) is not None:
@@ -752,7 +507,7 @@ class StateStore:
             raise NotFoundError(f"unknown job '{job_id}'")
         return JobRecord.from_hash(record)
 
-    @_guarded
+    @guarded
     def forget_ended(self, *, ended_before: float, limit: int = 500, batch: int = 500) -> list[str]:
         """Remove from Redis ended jobs that ended before ``ended_before``, whose end is recorded in
         storage and whose webhook event is not pending: at most ``limit``, oldest first. Storage
@@ -778,7 +533,7 @@ class StateStore:
         return bool(self._scripts["forget"](
             keys=[keys.job(job_id), keys.jobs(), keys.active(), keys.unrecorded(), keys.webhook(job_id),
                   keys.webhook_attempts(job_id), keys.webhooks_due(), keys.playlist_lock(job_id),
-                  keys.playlist_dirty(job_id)],
+                  keys.playlist_dirty(job_id), keys.metrics_totals()],
             args=[job_id, repr(ended_before), keys.chunk(job_id, ""), keys.attempts(job_id, "")]))
 
     def _raw_chunks(self, job_id: str, count: int) -> list[dict]:
@@ -787,7 +542,7 @@ class StateStore:
                 pipe.hgetall(self.keys.chunk(job_id, index))
             return pipe.execute()
 
-    @_guarded
+    @guarded
     def chunks(self, job_id: str, count: int | None = None) -> list[ChunkRecord]:
         """The job's chunk records, in order (the first ``count``, or all it has)."""
         count = self.job(job_id).chunks_total if count is None else count
@@ -796,7 +551,7 @@ class StateStore:
         return [ChunkRecord.from_hash(i, c, lease_until=deadline)
                 for i, (c, deadline) in enumerate(zip(raw, deadlines)) if c]
 
-    @_guarded
+    @guarded
     def chunk(self, job_id: str, index: int) -> ChunkRecord:
         data = self.redis.hgetall(self.keys.chunk(job_id, index))
         if not data:
@@ -804,7 +559,7 @@ class StateStore:
         return ChunkRecord.from_hash(index, data, lease_until=self.redis.zscore(self.keys.leases(),
                                                                                   f"{job_id}:{index}"))
 
-    @_guarded
+    @guarded
     def attempts(self, job_id: str, index: int) -> list[AttemptRecord]:
         """Every attempt at a chunk, in order: who ran it, when it started and ended, how."""
         return self._attempt_log(self.keys.attempts(job_id, index))
@@ -812,15 +567,15 @@ class StateStore:
     def _attempt_log(self, key: str) -> list[AttemptRecord]:
         return AttemptRecord.from_log(json.loads(e) for e in self.redis.lrange(key, 0, -1))
 
-    @_guarded
+    @guarded
     def job_ids(self, limit: int = 20) -> list[str]:
         return list(self.redis.zrevrange(self.keys.jobs(), 0, limit - 1))
 
-    @_guarded
+    @guarded
     def active_job_ids(self) -> list[str]:
         return sorted(self.redis.smembers(self.keys.active()))
 
-    @_guarded
+    @guarded
     def status(self, job_id: str, *, now: float | None = None) -> JobStatus:
         now = self._at(now)
         job = self.job(job_id)
@@ -829,7 +584,7 @@ class StateStore:
         status.webhook = webhook.to_dict() if webhook else None
         return status
 
-    @_guarded
+    @guarded
     def statuses(self, job_ids: list[str], *, now: float | None = None) -> list[JobStatus]:
         """The status of each of ``job_ids`` still in Redis, in order, in two round trips whatever
         their number (the job lists of the CLI and the API). Jobs that left Redis are left out."""
@@ -857,110 +612,3 @@ class StateStore:
             status.webhook = WebhookRecord.from_hash(hook, [json.loads(e) for e in log]).to_dict() if hook else None
             statuses.append(status)
         return statuses
-
-    # --- farm-wide figures, for the API's /metrics (common.metrics names and buckets them) ---------
-    # Figures of the farm as a whole are kept here rather than in a process's memory: a job's first
-    # commit and its publication happen in whichever worker gets there, and workers come and go
-    # (scaled to zero), so these survive them and the API exports one series for the farm.
-
-    @_guarded
-    def observe(self, name: str, value: float, *, buckets: tuple[float, ...]) -> None:
-        """Add ``value`` to histogram ``name``."""
-        self._scripts["observe"](keys=[self.keys.metrics_histogram(name)],
-                                 args=[repr(float(value)), *[repr(float(b)) for b in buckets]])
-
-    @_guarded
-    def first_commit(self, job_id: str, *, now: float | None = None, histogram: str, buckets: tuple[float, ...]) -> float | None:
-        """Mark the job's first commit, once; the first caller also observes the seconds since the
-        job was submitted into ``histogram`` and gets them back (later callers get None)."""
-        now = self._at(now)
-        delay = self._scripts["first_commit"](keys=[self.keys.job(job_id), self.keys.metrics_histogram(histogram)],
-                                              args=[repr(now), *[repr(float(b)) for b in buckets]])
-        return None if delay is None else float(delay)
-
-    @_guarded
-    def histogram(self, name: str) -> dict[str, float]:
-        """Histogram ``name`` as kept: per-bucket counts by bound ('+Inf' past the last), 'count', 'sum'."""
-        return {field: float(value) for field, value in self.redis.hgetall(self.keys.metrics_histogram(name)).items()}
-
-    @_guarded
-    def totals(self) -> dict[str, int]:
-        """Farm-wide counters the commit script keeps: frames_committed, chunks_committed."""
-        return {field: int(value) for field, value in self.redis.hgetall(self.keys.metrics_totals()).items()}
-
-    @_guarded
-    def job_counts(self, *, batch: int = 1000) -> dict[str, int]:
-        """Jobs by state, every job counted (one pipelined read per ``batch`` jobs: O(jobs) per call)."""
-        counts = {state.value: 0 for state in JobState}
-        total = self.redis.zcard(self.keys.jobs())
-        for start in range(0, total, batch):
-            ids = self.redis.zrange(self.keys.jobs(), start, start + batch - 1)
-            with self.redis.pipeline(transaction=False) as pipe:
-                for job_id in ids:
-                    pipe.hget(self.keys.job(job_id), "state")
-                for state in pipe.execute():
-                    if state in counts:
-                        counts[state] += 1
-        return counts
-
-    # --- webhooks (common.webhooks): one event per job end, each attempt recorded --------------------
-
-    def _webhook_call(self, name: str, job_id: str, *args) -> object:
-        return self._scripts[name](keys=[self.keys.webhook(job_id), self.keys.webhook_attempts(job_id),
-                                         self.keys.webhooks_due()],
-                                   args=[_text(a) for a in (*args, job_id)])
-
-    @_guarded
-    def open_webhook(self, job_id: str, *, event_id: str, event_type: str, url: str, now: float | None = None) -> bool:
-        """Record the job's webhook event (replacing an earlier event of the job, e.g. before a resume);
-        True if this very event was queued for delivery already."""
-        now = self._at(now)
-        return bool(self._webhook_call("webhook_open", job_id, event_id, event_type, url, now))
-
-    @_guarded
-    def mark_webhook_queued(self, job_id: str, event_id: str, *, now: float | None = None) -> None:
-        now = self._at(now)
-        key = self.keys.webhook(job_id)
-        if self.redis.hget(key, "event_id") == event_id:
-            self.redis.hsetnx(key, "queued_at", repr(now))
-
-    @_guarded
-    def begin_webhook_attempt(self, job_id: str, event_id: str, attempt: int, *, now: float | None = None,
-                              stale_s: float) -> tuple[str, str]:
-        """May attempt ``attempt`` of the event go now? ('ok', ''), ('skip', why) if it was made, the
-        event delivered, given up or superseded, or ('busy', why) while another sender is at it."""
-        now = self._at(now)
-        verdict, detail = self._webhook_call("webhook_begin", job_id, event_id, attempt, now, stale_s)
-        return str(verdict), str(detail)
-
-    @_guarded
-    def end_webhook_attempt(self, job_id: str, event_id: str, attempt: int, *, now: float | None = None, outcome: str,
-                            status: int, error: str, duration_s: float, next_at: float | None) -> None:
-        """Record how an attempt went: ``outcome`` delivered, retry (at ``next_at``) or failed (given up)."""
-        now = self._at(now)
-        self._webhook_call("webhook_end", job_id, event_id, attempt, now, outcome, status, error[:500],
-                           round(duration_s, 3), "" if next_at is None else next_at)
-
-    @_guarded
-    def overdue_webhooks(self, *, now: float | None = None, grace_s: float) -> list[tuple[str, str, int]]:
-        """Pending webhook events whose next attempt should have begun more than ``grace_s`` ago:
-        (job id, event id, the attempt to make). Their delivery message was lost (or a sender died)."""
-        now = self._at(now)
-        overdue = []
-        for job_id in self.redis.zrangebyscore(self.keys.webhooks_due(), "-inf", now - grace_s):
-            record = self.webhook(job_id)
-            if record is None or record.state != "pending":  # its record is gone: nothing to send
-                self.redis.zrem(self.keys.webhooks_due(), job_id)
-                continue
-            overdue.append((job_id, record.event_id, record.attempts + 1))
-        return overdue
-
-    @_guarded
-    def webhook(self, job_id: str) -> WebhookRecord | None:
-        """The job's webhook event and its delivery, or None if it has none (no URL, or not ended)."""
-        data = self.redis.hgetall(self.keys.webhook(job_id))
-        if not data:
-            return None
-        log = [json.loads(e) for e in self.redis.lrange(self.keys.webhook_attempts(job_id), 0, -1)]
-        return WebhookRecord.from_hash(data, log)
-

@@ -25,7 +25,8 @@ import redis
 from lipfarm.common.errors import InputError
 from lipfarm.common.state.keys import Keys
 from lipfarm.common.state.records import DEFAULT_TENANT
-from lipfarm.common.state.store import StateStore, _guarded
+from lipfarm.common.state.guard import guarded
+from lipfarm.common.state.store import StateStore
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")  # short and plain: it is a metrics label too
 
@@ -79,7 +80,7 @@ class TenantStore:
     def of(cls, store: StateStore) -> "TenantStore":
         return cls(store.redis, store.keys, where=store.where)
 
-    @_guarded
+    @guarded
     def set(self, name: str, *, max_queued: int | None = None, rps: float | None = None,
             weight: float | None = None) -> Tenant:
         """Change what is given (the rest is kept); returns the tenant as it is now."""
@@ -98,7 +99,7 @@ class TenantStore:
             pipe.execute()
         return tenant
 
-    @_guarded
+    @guarded
     def get(self, name: str) -> Tenant:
         """The tenant's limits (none, weight 1, for a tenant never set)."""
         return self._parse(name, self.redis.hget(self.keys.tenants(), name))
@@ -110,7 +111,7 @@ class TenantStore:
         data = json.loads(raw)
         return Tenant(name, int(data.get("max_queued", 0)), float(data.get("rps", 0)), float(data.get("weight", 1)))
 
-    @_guarded
+    @guarded
     def list(self) -> list[Tenant]:
         """Every tenant that was set, and ``default``, by name."""
         found = {name: self._parse(name, raw) for name, raw in self.redis.hgetall(self.keys.tenants()).items()}
@@ -121,7 +122,7 @@ class TenantStore:
         """Each set tenant's weight (a tenant not listed weighs 1): what the scheduler shares workers by."""
         return {tenant.name: tenant.weight for tenant in self.list()}
 
-    @_guarded
+    @guarded
     def take(self, tenant: Tenant, *, now: float) -> Taken:
         """One request of ``tenant`` against its ``rps`` bucket (always allowed without a limit)."""
         if tenant.rps <= 0:
@@ -132,7 +133,7 @@ class TenantStore:
         wait = 0 if taken else max(1, math.ceil((1 - left) / tenant.rps))
         return Taken(bool(taken), int(left), wait)
 
-    @_guarded
+    @guarded
     def unfinished_jobs(self, tenant: str) -> int:
         """Jobs of ``tenant`` that have not ended (queued, planning, rendering, finalizing)."""
         job_ids = list(self.redis.smembers(self.keys.active()))

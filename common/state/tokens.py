@@ -31,7 +31,8 @@ from lipfarm.common.errors import InputError, NotFoundError
 from lipfarm.common.state.keys import Keys
 from lipfarm.common.state.records import DEFAULT_TENANT
 from lipfarm.common.state.tenants import check_tenant_name
-from lipfarm.common.state.store import StateStore, _guarded
+from lipfarm.common.state.guard import guarded
+from lipfarm.common.state.store import StateStore
 
 TOKEN_PREFIX = "lf_"
 _NAME_MAX = 64
@@ -99,7 +100,7 @@ class TokenStore:
 
     # --- tokens -------------------------------------------------------------------------------------
 
-    @_guarded
+    @guarded
     def create(self, *, name: str | None, read_only: bool, now: float, tenant: str = DEFAULT_TENANT,
                admin: bool = False) -> tuple[ApiToken, str]:
         """A new token of ``tenant``: its record and its value (shown once, never stored)."""
@@ -115,7 +116,7 @@ class TokenStore:
             "tenant": token.tenant, "admin": int(admin)})
         return token, value
 
-    @_guarded
+    @guarded
     def find(self, value: str) -> ApiToken | None:
         """The token whose value is ``value``, or None."""
         if not value.startswith(TOKEN_PREFIX):
@@ -129,7 +130,7 @@ class TokenStore:
         return ApiToken(data["id"], data["name"], data.get("read_only") == "1", float(data["created_at"]),
                         data.get("tenant") or DEFAULT_TENANT, data.get("admin") == "1")
 
-    @_guarded
+    @guarded
     def list(self) -> list[ApiToken]:
         """Every token, oldest first."""
         digests = self.redis.hgetall(self.keys.api_token_names())
@@ -139,7 +140,7 @@ class TokenStore:
             records = [self._record(data) for data in pipe.execute()]
         return sorted((r for r in records if r is not None), key=lambda r: (r.created_at, r.name))
 
-    @_guarded
+    @guarded
     def forget_lost(self) -> list[str]:
         """Names whose token record Redis lost (the name list kept, the token gone): removed, so the
         list says what works. Their holders get 401 and need a new token; the names are returned."""
@@ -153,7 +154,7 @@ class TokenStore:
             self.redis.hdel(self.keys.api_token_names(), *lost)
         return lost
 
-    @_guarded
+    @guarded
     def revoke(self, name: str) -> ApiToken:
         """Remove the token named ``name``; requests carrying it are refused from now on."""
         digest = self.redis.hget(self.keys.api_token_names(), name)
@@ -169,7 +170,7 @@ class TokenStore:
 
     # --- the signing secret -------------------------------------------------------------------------
 
-    @_guarded
+    @guarded
     def signing_secret(self) -> str:
         """The secret every API process signs URLs with: made by the first to ask, read by the rest."""
         self.redis.set(self.keys.api_secret(), secrets.token_hex(32), nx=True)
@@ -180,7 +181,7 @@ class TokenStore:
     def _idempotency_key(self, scope: str, key: str) -> str:
         return self.keys.idempotency(scope, token_digest(check_idempotency_key(key)))
 
-    @_guarded
+    @guarded
     def claim(self, scope: str, key: str, *, fingerprint: str, job_id: str, pending_s: float) -> IdempotencyClaim:
         """Claim ``key`` for a submission of ``job_id``, or learn what an earlier request did with it."""
         where = self._idempotency_key(scope, key)
@@ -194,13 +195,13 @@ class TokenStore:
                 return IdempotencyClaim(False, earlier["fingerprint"], earlier["job_id"], earlier["done"])
         raise RuntimeError(f"idempotency key {where} kept changing")  # pragma: no cover
 
-    @_guarded
+    @guarded
     def complete(self, scope: str, key: str, *, fingerprint: str, job_id: str, ttl_s: float) -> None:
         """The claimed submission queued its job: the key answers with it for ``ttl_s``."""
         record = json.dumps({"fingerprint": fingerprint, "job_id": job_id, "done": True})
         self.redis.set(self._idempotency_key(scope, key), record, ex=max(1, int(ttl_s)))
 
-    @_guarded
+    @guarded
     def release(self, scope: str, key: str, *, job_id: str) -> None:
         """The claimed submission was refused: free the key (if it is still this claim's)."""
         where = self._idempotency_key(scope, key)
