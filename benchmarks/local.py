@@ -22,6 +22,16 @@ For each backend/precision asked for, on the demo (10 s of speech, 249 frames, 1
   are done;
 - ``cold_start_first_run_s``: the same span for that first run, with the runtime cache empty (it
   builds and stores each session): a new machine's, or a new model's, first render;
+- ``fixed_cost_s``: what a ``lipfarm render`` process costs beside inference. The real command is
+  run in a fresh process on the first second of the demo speech (``FIXED_COST_CLIP_S``), the
+  runtime cache warm (filled by the cold starts above), ``repeat`` times; each run's whole-process
+  wall time (launch to exit, timed from outside) minus the inference seconds the render reports
+  (``--stats-json``: encoder and UNet calls) is that run's fixed cost: interpreter start, imports,
+  model checks, sessions, avatar frames, audio, planning, the x264 and mux work a short clip
+  needs, and the per-frame loss of its few frames. The median is reported, with every run
+  (``fixed_cost_runs_s``) and the median whole-process time (``fixed_cost_process_s``);
+- ``render_process``: the same command on the whole demo speech, once: whole-process seconds,
+  inference seconds and the process's peak resident memory (``peak_rss_mb``, VmHWM);
 - ``efficiency = end_to_end_fps / inference_fps``, and seconds per stage;
 - for precisions other than fp32, ``psnr_vs_fp32_db``: PSNR of the generated 320x320 regions
   against fp32's, over every frame.
@@ -230,10 +240,15 @@ def cold_start_once(config: BenchConfig, *, avatar_name: str, demo: DemoAssets, 
             "cache": result["cache"]}
 
 
+def runtime_cache_of(out_dir: Path) -> Path:
+    """The runtime cache of one configuration's runs (empty until its first cold start)."""
+    return out_dir / "runtime-cache"
+
+
 def measure_cold_start(config: BenchConfig, *, avatar_name: str, demo: DemoAssets, settings: Settings,
                        out_dir: Path, runs: int) -> dict:
     """``cold_start_first_run_s`` (an empty runtime cache), then ``runs`` cold starts with it filled."""
-    cache = Path(tempfile.mkdtemp(prefix="runtime-cache-", dir=out_dir))
+    cache = runtime_cache_of(out_dir)
     once = functools.partial(cold_start_once, config, avatar_name=avatar_name, demo=demo, settings=settings,
                              runtime_cache=cache, out=out_dir / "cold-start.mp4")
     first = once()
@@ -245,6 +260,51 @@ def measure_cold_start(config: BenchConfig, *, avatar_name: str, demo: DemoAsset
             "cold_start_runtime_cache": [first["cache"]] + [r["cache"] for r in warm]}
 
 
+FIXED_COST_CLIP_S = 1.0
+
+
+def render_process(config: BenchConfig, *, avatar_name: str, demo: DemoAssets, audio: Path, settings: Settings,
+                   runtime_cache: Path, out_dir: Path) -> dict:
+    """One ``lipfarm render`` in a fresh process, timed from outside, with the figures it writes."""
+    env = _settings_env(settings)
+    env["LIPFARM_INFERENCE_THREADS"] = str(config.threads)
+    env[CACHE_DIR_ENV] = str(runtime_cache)
+    stats = out_dir / "render-stats.json"
+    stats.unlink(missing_ok=True)
+    options = config.options
+    command = [str(Path(sys.executable).parent / "lipfarm"), "render", "--avatar", avatar_name, "--audio", str(audio),
+               "--out", str(out_dir / "render-process.mp4"), "--encoder", str(demo.encoder),
+               "--generator", str(demo.generator), "--precision", options.precision, "--backend", options.backend,
+               "--batch-frames", str(options.batch_frames), "--quiet", "--stats-json", str(stats)]
+    started = time.perf_counter()
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    wall = time.perf_counter() - started
+    if done.returncode != 0 or not stats.is_file():
+        raise RuntimeError(f"lipfarm render failed (exit {done.returncode}): {done.stderr[-2000:]}")
+    figures = json.loads(stats.read_text())
+    return {"process_s": wall, "inference_s": figures["inference_s"], "frames": figures["frames"],
+            "fixed_s": wall - figures["inference_s"], "peak_rss_mb": figures["peak_rss_bytes"] / 2**20,
+            "inference": f"{figures['backend']}/{figures['precision']}"}
+
+
+def measure_fixed_cost(config: BenchConfig, *, avatar_name: str, demo: DemoAssets, settings: Settings,
+                       runtime_cache: Path, out_dir: Path, runs: int) -> dict:
+    """``fixed_cost_s`` and ``render_process`` (module docstring)."""
+    from lipfarm.demo.speech import write_wav
+
+    clip = out_dir / "fixed-cost-clip.wav"
+    write_wav(clip, load_16k(demo.audio)[:int(FIXED_COST_CLIP_S * defaults.SAMPLE_RATE_HZ)])
+    once = functools.partial(render_process, config, avatar_name=avatar_name, demo=demo, settings=settings,
+                             runtime_cache=runtime_cache, out_dir=out_dir)
+    short = [once(audio=clip) for _ in range(max(1, runs))]
+    whole = once(audio=demo.audio)
+    return {"fixed_cost_s": round(statistics.median(r["fixed_s"] for r in short), 3),
+            "fixed_cost_runs_s": [round(r["fixed_s"], 3) for r in short],
+            "fixed_cost_process_s": round(statistics.median(r["process_s"] for r in short), 3),
+            "fixed_cost_clip_frames": short[0]["frames"],
+            "render_process": {k: round(v, 3) if isinstance(v, float) else v for k, v in whole.items()}}
+
+
 def bench_config(config: BenchConfig, *, avatar, demo, pcm, settings, repeat: int,
                  reference: InferenceRun | None, out_dir: Path) -> tuple[dict, InferenceRun]:
     """All figures of one backend/precision."""
@@ -252,6 +312,8 @@ def bench_config(config: BenchConfig, *, avatar, demo, pcm, settings, repeat: in
     out_dir.mkdir(exist_ok=True)
     cold = measure_cold_start(config, avatar_name=demo.avatar_name, demo=demo, settings=settings, out_dir=out_dir,
                               runs=repeat)
+    fixed = measure_fixed_cost(config, avatar_name=demo.avatar_name, demo=demo, settings=settings,
+                               runtime_cache=runtime_cache_of(out_dir), out_dir=out_dir, runs=repeat)
     templates = process_templates(settings.template_cache_frames)  # shared with render_local
     first = measure_inference(avatar, demo, pcm, config, templates, keep_outputs=True)
     _end_to_end(avatar, demo, config, settings, out_dir)  # warms the render path
@@ -282,6 +344,7 @@ def bench_config(config: BenchConfig, *, avatar, demo, pcm, settings, repeat: in
                                "for_compositing": round(stages.blocked_s, 3)},
         "inference_only_s": round(best_inf.encoder_s + best_inf.unet_s, 3),
         **cold,
+        **fixed,
     }
     frames = best_e2e.frames
     figures["non_inference_ms_per_frame"] = {

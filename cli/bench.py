@@ -13,7 +13,7 @@ def add_commands(commands) -> None:
     bench.add_argument("--json", required=True, help="where to write the figures")
     bench.add_argument("--precisions", default="fp32",
                        help="comma-separated runs: fp32,bf16,fp16, or backend:precision (openvino:fp32); "
-                            "empty: no local runs (only --farm, --watch, --memory, --recovery or --load)")
+                            "empty: no local runs (only --farm, --watch, --memory, --recovery, --load or --vs-port)")
     bench.add_argument("--backend", help="backend for all runs (default: the setting, auto)")
     bench.add_argument("--threads", type=int, default=0, help="inference threads (default: all cores)")
     bench.add_argument("--batch-frames", type=int, default=defaults.UNET_BATCH_FRAMES,
@@ -44,6 +44,13 @@ def add_commands(commands) -> None:
     bench.add_argument("--load-workers", type=int, default=200, help="simulated workers for --load")
     bench.add_argument("--load-chunks", default="50-500", help="chunks per job for --load, MIN-MAX")
     bench.add_argument("--load-claims", type=int, default=20000, help="claims (each with a commit) to simulate")
+    bench.add_argument("--vs-port", metavar="DIR",
+                       help="also run the earlier Python port from its checkout in DIR (github.com/cvoalex/"
+                            "digital-clone, with its models) against lipfarm render: same frames and models, "
+                            "whole processes, pairs in turn; prints the ratios (see benchmarks/vs_port.py)")
+    bench.add_argument("--vs-port-frames", type=int, default=250, help="frames of the --vs-port renders")
+    bench.add_argument("--vs-port-python", help="Python that runs the port (needs onnxruntime, Pillow, "
+                                                "librosa; default: this one)")
     bench.set_defaults(func=cmd_bench)
 
 
@@ -61,6 +68,10 @@ def cmd_bench(args, settings: Settings) -> int:
         extra = f", PSNR vs fp32 {run['psnr_vs_fp32_db']} dB" if "psnr_vs_fp32_db" in run else ""
         print(f"{run['backend']}/{run['precision']}: inference {run['inference_fps']:.2f} frames/s, "
               f"end to end {run['end_to_end_fps']:.2f} frames/s, efficiency {run['efficiency']:.3f}{extra}")
+        whole = run["render_process"]
+        print(f"  lipfarm render: fixed cost {run['fixed_cost_s']:.2f} s (a {run['fixed_cost_clip_frames']}-frame "
+              f"clip, whole process minus inference); {whole['frames']} frames: whole process "
+              f"{whole['process_s']:.2f} s, peak RSS {whole['peak_rss_mb']:.0f} MiB")
     if args.farm:
         report["farm"] = _farm(args, settings)
     if args.farm or args.watch:
@@ -77,6 +88,12 @@ def cmd_bench(args, settings: Settings) -> int:
         print(f"recovery: {report['recovery']}")
     if args.load:
         report["load"] = _load(args, settings)
+    if args.vs_port:
+        from lipfarm.benchmarks.vs_port import print_vs_port, run_vs_port
+
+        report["vs_port"] = run_vs_port(settings, Path(args.vs_port), frames=args.vs_port_frames,
+                                        rounds=args.repeat, threads=threads, python=args.vs_port_python)
+        print_vs_port(report["vs_port"])
     write_report(report, Path(args.json))
     print(f"wrote {args.json}")
     if args.chart:

@@ -59,12 +59,27 @@ def cmd_worker(args, settings: Settings) -> int:
         logs.json_for_celery()
     from lipfarm.common.celery_app import app
 
+    _print_inference_line(settings)
     quiet = ["--quiet"] if args.log_json else []  # no banner: every line a shipper reads is JSON
     argv = [*quiet, "worker", f"--concurrency={concurrency}", "--pool=prefork", f"--queues={args.queues}",
             f"--loglevel={args.loglevel}", "--task-events",
             f"--hostname={args.hostname or f'lipfarm-{os.getpid()}@{socket.gethostname()}'}"]
     app.worker_main(argv)
     return 0
+
+
+def _print_inference_line(settings: Settings) -> None:
+    """What this worker runs inference on: the default precision and backend and, for ``auto``, the
+    choices already measured on this machine (each new model's is logged when first measured)."""
+    from lipfarm.common.autoselect import cached_choices
+    from lipfarm.common.runtime import machine_fingerprint
+
+    choices = cached_choices()
+    print(f"lipfarm worker: inference on {machine_fingerprint()['cpu']}; jobs' default precision "
+          f"{settings.precision}, backend {settings.backend}; precision auto: "
+          f"{len(choices)} model(s) measured here, PSNR bound {settings.auto_min_psnr_db:g} dB", flush=True)
+    for line in choices:
+        print(f"  auto: {line}", flush=True)
 
 
 def _metrics_in_every_process(port: int, address: str) -> None:

@@ -49,9 +49,12 @@ SETTINGS = (
             "S3 access key; if unset, boto3's chain (AWS_ACCESS_KEY_ID, ~/.aws, roles)."),
     Setting("s3_secret_key", "LIPFARM_S3_SECRET_ACCESS_KEY", "", str, "S3 secret key (see above)."),
     Setting("precision", "LIPFARM_PRECISION", defaults.PRECISION, str,
-            "Default precision of new renders and jobs: fp32, bf16 (OpenVINO) or fp16 (CUDA)."),
+            "Default precision of new renders and jobs: fp32, bf16 (OpenVINO), fp16 (CUDA) or auto."),
     Setting("backend", "LIPFARM_BACKEND", defaults.BACKEND, str,
             "Default inference backend: auto, cpu, openvino or cuda."),
+    Setting("auto_min_psnr_db", "LIPFARM_AUTO_MIN_PSNR_DB", defaults.AUTO_MIN_PSNR_DB, float,
+            "`--precision auto`: the lowest PSNR (dB, against fp32 on the job's model) a faster precision may "
+            "have to be chosen; inf: output identical to fp32 only."),
     Setting("inference_threads", "LIPFARM_INFERENCE_THREADS", 0, int,
             "Inference threads per render process; 0 = the process's share of the CPU cores."),
     Setting("worker_concurrency", "LIPFARM_WORKER_CONCURRENCY", defaults.WORKER_CONCURRENCY, int,
@@ -129,8 +132,8 @@ SETTINGS = (
             "Unset: the system's temporary folder."),
     Setting("farm_id", "LIPFARM_FARM_ID", "", str,
             "This farm's id, stamped in every job it submits; a rebuild from storage adopts only its own farm's "
-            "jobs. Unset: one made once and kept in Redis (or, if Redis lost it, the storage's first farm's). Set "
-            "it where farms share a storage."),
+            "jobs. Unset: derived from the Redis URL and key prefix (the same after Redis loses its data); set it "
+            "where hosts reach one Redis by different names."),
     Setting("allow_evicting_redis", "LIPFARM_ALLOW_EVICTING_REDIS", 0, int,
             "1: accept a Redis whose `maxmemory-policy` is not `noeviction` (it may drop some of lipfarm's keys "
             "and strand jobs); 0: every role refuses one at start (exit 5) and `/v1/health` answers 503."),
@@ -150,6 +153,7 @@ class Settings:
     s3_secret_key: str
     precision: str
     backend: str
+    auto_min_psnr_db: float
     inference_threads: int
     worker_concurrency: int
     cache_dir: Path

@@ -54,6 +54,9 @@ AAC_MIN_RATE_HZ = 32_000
 AAC_LOW_RATE_TARGET_HZ = 48_000
 PRECISION = "fp32"
 BACKEND = "auto"
+# --precision auto keeps candidates whose outputs are within this PSNR of fp32's on the job's own
+# model (inf: bit-identical only). 40 dB on the 0..255 scale is an RMS error of 2.55 levels.
+AUTO_MIN_PSNR_DB = 40.0
 
 # --- Jobs --------------------------------------------------------------------------------------------
 PRIORITIES = ("high", "normal", "low")  # queue order: every high chunk before any normal one

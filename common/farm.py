@@ -4,36 +4,29 @@ Farms may share a storage (a bucket, a folder): each stamps its id in every ``jo
 and a rebuild from storage adopts only jobs stamped with its own id (or with none: jobs from before
 farm ids), so two farms never render, nor publish, each other's jobs.
 
-The id is kept in Redis (made once, with SET NX, by whichever process asks first). It is
-``LIPFARM_FARM_ID`` where that is set (a Redis that keeps another id is refused: two farms on one
-Redis and prefix are one farm). Unset, it is made once; a Redis that lost it (the reason a rebuild
-runs) takes the id of the storage's first farm (``farm.json`` at the storage's root), so the farm
-that owns the storage finds its jobs again. Farms that share a storage should set the id: a second
-farm whose Redis lost its data cannot otherwise tell itself from the first.
+The id is kept in Redis (made once, with SET NX, by whichever process asks first), so every host
+of a farm uses the same one while Redis keeps it. It is ``LIPFARM_FARM_ID`` where that is set (a
+Redis that keeps another id is refused: two ids on one Redis and prefix are a misconfiguration);
+unset, it is derived from the Redis URL (password left out) and the key prefix, so a Redis that lost
+its data (the reason a rebuild runs) gets the same id again, and two farms, which cannot share both
+a Redis and a prefix, get different ones. Hosts that reach one Redis by different names derive
+different ids: set ``LIPFARM_FARM_ID`` there.
 """
 
 from __future__ import annotations
 
-import json
-import secrets
+import hashlib
 
 from lipfarm.common.config import Settings
-from lipfarm.common.errors import InputError, NotFoundError, ServiceError
+from lipfarm.common.errors import InputError, ServiceError
 from lipfarm.common.state import StateStore
-from lipfarm.common.storage import Storage
-from lipfarm.common.storage.layout import FARM_KEY
+from lipfarm.common.state.connection import mask_url, url_without_tls_params
 
 
-def new_farm_id() -> str:
-    return f"farm-{secrets.token_hex(6)}"
-
-
-def storage_farm(storage: Storage) -> str | None:
-    """The id of the first farm that used ``storage`` (None: no farm has yet, or it is unreadable)."""
-    try:
-        return str(json.loads(storage.get_bytes(FARM_KEY))["farm_id"]) or None
-    except (NotFoundError, ValueError, KeyError, TypeError):
-        return None
+def derived_farm_id(settings: Settings) -> str:
+    """The id of a farm that sets none: the same wherever the same Redis and prefix are configured."""
+    where = f"{mask_url(url_without_tls_params(settings.redis_url))}|{settings.key_prefix}"
+    return f"farm-{hashlib.sha256(where.encode()).hexdigest()[:12]}"
 
 
 def check_farm_id(store: StateStore, settings: Settings) -> str | None:
@@ -49,11 +42,8 @@ def check_farm_id(store: StateStore, settings: Settings) -> str | None:
     return kept
 
 
-def farm_id(store: StateStore, settings: Settings, storage: Storage | None = None) -> str:
+def farm_id(store: StateStore, settings: Settings) -> str:
     """This farm's id (see the module docstring); ``ServiceError`` if Redis keeps another than the
-    configured one. With ``storage``, the storage records it as its first farm if none is recorded."""
-    configured, kept = settings.farm_id.strip(), check_farm_id(store, settings)
-    farm = kept or store.claim_farm_id(configured or (storage and storage_farm(storage)) or new_farm_id())
-    if storage is not None and storage_farm(storage) is None:
-        storage.put_bytes(FARM_KEY, json.dumps({"farm_id": farm}).encode())
-    return farm
+    configured one."""
+    kept = check_farm_id(store, settings)
+    return kept or store.claim_farm_id(settings.farm_id.strip() or derived_farm_id(settings))

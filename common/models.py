@@ -16,10 +16,13 @@ any operator outside the standard ONNX domains and the model's own functions (``
 registers, so such a model could not run anyway). Every refusal names the file and the tensor or node.
 
 Checking a model reads and hashes the whole file and parses its graph (a third of a second for the
-demo models), and one render asks at several places (the command, the plan, each chunk), so
-``inspect_encoder`` and ``inspect_generator`` keep their answers per process, keyed by the file's
-identity (real path, device, inode, size, mtime_ns, ctime_ns): a file replaced or rewritten is
-checked again. A file changed (mtime or ctime) less than ``SETTLE_S`` ago is checked every time,
+demo models, and importing onnx most of a second more), and one render asks at several places (the
+command, the plan, each chunk), so ``inspect_encoder`` and ``inspect_generator`` keep their answers
+per process, keyed by the file's identity (real path, device, inode, size, mtime_ns, ctime_ns): a
+file replaced or rewritten is checked again. The answers are also kept on disk, in the runtime cache
+(``<cache>/runtime/models/``), by that identity and by the SHA-256 of the file's bytes: a later
+process gets an unchanged file's verdict without reading it, and a copy of checked bytes without
+parsing them (nor importing onnx). A file changed (mtime or ctime) less than ``SETTLE_S`` ago is checked every time,
 since a second change within the file system's timestamp granularity could leave its stat unchanged.
 """
 
@@ -33,12 +36,13 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, TypeVar
-
-import onnx
+from typing import TYPE_CHECKING, Callable, TypeVar
 
 from lipfarm.common import defaults
 from lipfarm.common.errors import ModelError
+
+if TYPE_CHECKING:  # onnx is imported where a model is parsed: a checked model's verdict needs none of it
+    import onnx
 
 ENCODER_INPUT = (1, defaults.N_MELS, defaults.WINDOW_MEL_FRAMES)
 GENERATOR_AUDIO_INPUT = defaults.AUDIO_INPUT_SHAPE
@@ -94,6 +98,8 @@ def _read_model_file(path: str | Path) -> bytes:
 
 def _parse_model(path: str | Path, data: bytes) -> onnx.ModelProto:
     """``onnx.load(path, load_external_data=False)`` of the file's bytes, checked."""
+    import onnx
+
     path = Path(path)
     fmt = onnx.serialization.registry.get_format_from_file_extension(path.suffix) or "protobuf"
     try:
@@ -106,21 +112,6 @@ def _parse_model(path: str | Path, data: bytes) -> onnx.ModelProto:
     return model
 
 
-def _load_and_hash(path: str | Path) -> tuple[onnx.ModelProto, str]:
-    """``load_model(path)`` and the file's SHA-256, from one read of it: the hash is computed in a
-    second thread while the graph is parsed (hashlib lets go of the GIL on large buffers)."""
-    data = _read_model_file(path)
-    digest: list[str] = []
-    hasher = threading.Thread(target=lambda: digest.append(hashlib.sha256(data).hexdigest()),
-                              name="lipfarm-model-sha256", daemon=True)
-    hasher.start()
-    try:
-        model = _parse_model(path, data)
-    finally:
-        hasher.join()
-    return model, digest[0]
-
-
 def check_self_contained(model: onnx.ModelProto, path: str | Path) -> None:
     """Refuse tensors stored outside ``model`` and operators it does not carry (module docstring)."""
     local_functions = {(f.domain, f.name) for f in model.functions}
@@ -130,6 +121,8 @@ def check_self_contained(model: onnx.ModelProto, path: str | Path) -> None:
 
 
 def _check_tensor(tensor: onnx.TensorProto, path, where: str) -> None:
+    import onnx
+
     if tensor.data_location == onnx.TensorProto.EXTERNAL or len(tensor.external_data):
         location = {entry.key: entry.value for entry in tensor.external_data}.get("location", "?")
         raise ModelError(f"references external data '{location}'", path=path, field=where,
@@ -194,6 +187,8 @@ def _check_shape(path, what: str, dims, expected: tuple[int, ...]) -> bool:
 
 
 def _check_float(path, what: str, value: onnx.ValueInfoProto) -> None:
+    import onnx
+
     if value.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
         found = onnx.TensorProto.DataType.Name(value.type.tensor_type.elem_type)
         raise ModelError("must be float32", path=path, field=what, expected="FLOAT", found=found)
@@ -233,19 +228,51 @@ def _checked_once(kind: str, path: str | Path, inspect: Callable[[str | Path], _
         if spec is not None:
             _specs[key] = _specs.pop(key)  # most recently used last
     if spec is None:
-        spec = inspect(path)
-        if file_identity(path) == identity:  # unchanged while it was read: the answer is its content's
-            with _specs_lock:
-                _specs[key] = spec
-                while len(_specs) > _CACHE_ENTRIES:
-                    del _specs[next(iter(_specs))]
+        spec = _kept_for_file(kind, identity)
+        if spec is None:
+            spec = inspect(path)
+            if file_identity(path) != identity:  # changed while it was read: the answer may not be its content's
+                return spec
+            _keep_for_file(kind, identity, spec)
+        with _specs_lock:
+            _specs[key] = spec
+            while len(_specs) > _CACHE_ENTRIES:
+                del _specs[next(iter(_specs))]
     return spec if spec.path == str(path) else dataclasses.replace(spec, path=str(path))
+
+
+def _file_parts(kind: str, identity: tuple) -> dict:
+    return {"format": INSPECT_FORMAT, "kind": kind, "file": list(identity)}
+
+
+def _kept_for_file(kind: str, identity: tuple) -> EncoderSpec | GeneratorSpec | None:
+    """The verdict the runtime cache keeps for this version of the file (the same identity the
+    process's own cache trusts): a later process neither reads nor hashes an unchanged model."""
+    cache = _verdicts()
+    found = None if cache is None else cache.load("models", _file_parts(kind, identity))
+    if found is None:
+        return None
+    try:
+        return _SPEC_CLASSES[kind](path=identity[0], **found[0]["spec"])
+    except (KeyError, TypeError):  # a record of another shape: check the model again
+        cache.drop("models", _file_parts(kind, identity))
+        return None
+
+
+def _keep_for_file(kind: str, identity: tuple, spec) -> None:
+    cache = _verdicts()
+    if cache is not None:
+        kept = {k: v for k, v in dataclasses.asdict(spec).items() if k != "path"}
+        cache.store("models", _file_parts(kind, identity), {"spec": kept})
 
 
 def forget_checked_models() -> None:
     """Drop every cached check (for tests, and for callers that must re-read models)."""
     with _specs_lock:
         _specs.clear()
+
+
+_SPEC_CLASSES = {"encoder": EncoderSpec, "generator": GeneratorSpec}
 
 
 def inspect_encoder(path: str | Path) -> EncoderSpec:
@@ -258,8 +285,54 @@ def inspect_generator(path: str | Path) -> GeneratorSpec:
     return _checked_once("generator", path, _inspect_generator)
 
 
+# --- A model's verdict is kept on disk, by content: checked once per machine ------------------------
+
+INSPECT_FORMAT = 1  # bump when the checks change: verdicts kept by earlier versions are then not used
+
+
+def _verdicts():
+    """The runtime cache, where verdicts are kept (None: caching is off)."""
+    from lipfarm.common.runtimecache import RuntimeCache, default_cache_dir
+
+    root = default_cache_dir()
+    return None if root is None else RuntimeCache(root)
+
+
+def _read_and_hash(path: str | Path) -> tuple[bytes, str]:
+    data = _read_model_file(path)
+    return data, hashlib.sha256(data).hexdigest()
+
+
+def _inspect_kept(kind: str, path: str | Path, cls: type[_Spec],
+                  from_model: Callable[[str | Path, "onnx.ModelProto", str], _Spec]) -> _Spec:
+    """``from_model`` of the parsed file, or the verdict the runtime cache keeps for these exact bytes
+    (their SHA-256): a model checked once on this machine is not parsed again, and a render whose
+    sessions come from the runtime cache never imports onnx. Refusals are not kept."""
+    data, sha256 = _read_and_hash(path)
+    cache, parts = _verdicts(), {"format": INSPECT_FORMAT, "kind": kind, "model_sha256": sha256}
+    if cache is not None:
+        found = cache.load("models", parts)
+        if found is not None:
+            try:
+                return cls(path=str(path), sha256=sha256, **found[0]["spec"])
+            except TypeError:  # a record of another shape: check the model again
+                cache.drop("models", parts)
+    spec = from_model(path, _parse_model(path, data), sha256)
+    if cache is not None:
+        kept = {k: v for k, v in dataclasses.asdict(spec).items() if k not in ("path", "sha256")}
+        cache.store("models", parts, {"spec": kept})
+    return spec
+
+
 def _inspect_encoder(path: str | Path) -> EncoderSpec:
-    model, sha256 = _load_and_hash(path)
+    return _inspect_kept("encoder", path, EncoderSpec, _encoder_from)
+
+
+def _inspect_generator(path: str | Path) -> GeneratorSpec:
+    return _inspect_kept("generator", path, GeneratorSpec, _generator_from)
+
+
+def _encoder_from(path: str | Path, model: onnx.ModelProto, sha256: str) -> EncoderSpec:
     inputs, outputs = _graph_inputs(model), list(model.graph.output)
     if len(inputs) != 1 or len(outputs) != 1:
         raise ModelError("an audio encoder has one input and one output", path=path,
@@ -293,9 +366,8 @@ def _split_generator_inputs(path, inputs) -> tuple[onnx.ValueInfoProto, onnx.Val
     return visual[0], audio[0]
 
 
-def _inspect_generator(path: str | Path) -> GeneratorSpec:
+def _generator_from(path: str | Path, model: onnx.ModelProto, sha256: str) -> GeneratorSpec:
     """The ROI size comes from the visual input."""
-    model, sha256 = _load_and_hash(path)
     visual, audio = _split_generator_inputs(path, _graph_inputs(model))
     outputs = list(model.graph.output)
     if len(outputs) != 1:
@@ -321,6 +393,8 @@ def free_batch(model: onnx.ModelProto) -> onnx.ModelProto:
 
     Intermediate shape annotations are dropped so that ONNX Runtime re-infers them.
     """
+    import onnx
+
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     weights = {init.name for init in copy.graph.initializer}

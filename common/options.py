@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, fields
 
 from lipfarm.common import defaults
 from lipfarm.common.errors import InputError
-from lipfarm.common.runtime import BACKENDS, PRECISIONS
+from lipfarm.common.runtime import BACKENDS, PRECISION_CHOICES
 from lipfarm.common.syncmode import check_sync_mode
 
 X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow")
@@ -23,7 +23,8 @@ OPTION_HELP = {
     "gop_frames": "keyframe interval in frames; chunks start on keyframes",
     "batch_frames": (f"UNet batch size in frames; 0 picks by backend ({defaults.UNET_BATCH_FRAMES_CPU} on CPUs, "
                      f"{defaults.UNET_BATCH_FRAMES_GPU} on GPUs)"),
-    "precision": "inference precision: fp32 (exact), bf16 (OpenVINO CPU), fp16 (CUDA)",
+    "precision": ("inference precision: fp32 (exact), bf16 (OpenVINO CPU), fp16 (CUDA), or auto (the fastest "
+                  "measured here within LIPFARM_AUTO_MIN_PSNR_DB of fp32)"),
     "backend": "inference backend: auto, cpu, openvino, cuda",
     "video_qp": "H.264 constant quantiser, 0 (lossless) to 51; lower is better quality",
     "x264_preset": "x264 speed preset",
@@ -67,7 +68,7 @@ class RenderOptions:
         _at_least("x264_threads", self.x264_threads, 1)
         if not 0 <= self.video_qp <= 51:
             raise InputError("out of range", field="video_qp", expected="0..51", found=self.video_qp)
-        _one_of("precision", self.precision, PRECISIONS)
+        _one_of("precision", self.precision, PRECISION_CHOICES)
         _one_of("backend", self.backend, BACKENDS)
         _one_of("x264_preset", self.x264_preset, X264_PRESETS)
         check_sync_mode(self.sync_mode)

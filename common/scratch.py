@@ -2,7 +2,7 @@
 
 Every temporary folder a farm process makes (a finalizer's work folder holding a whole output, a
 chunk's frames and segment, an API request's partial upload) lives under that process's own root,
-``<temp>/lipfarm-proc.<host>.<boot id>.<pid>.<start ticks>``; ``<temp>`` is ``LIPFARM_TEMP_DIR``, or
+``<temp>/lipfarm-proc.<host>.<boot id>.<pid namespace>.<pid>.<start ticks>``; ``<temp>`` is ``LIPFARM_TEMP_DIR``, or
 the system's temporary folder. A process that ends normally removes its folders as it goes; one
 killed with -9 leaves its root behind, and the next process of any role to start on that host
 (``sweep``, called at every role's start) removes each root whose owner is dead: its pid gone, a
@@ -29,7 +29,7 @@ from lipfarm.common.identity import process_started
 log = logging.getLogger(__name__)
 
 ROOT_PREFIX = "lipfarm-proc."
-_ROOT = re.compile(r"^lipfarm-proc\.(?P<host>.+)\.(?P<boot>[0-9a-f]{8})\.(?P<pid>\d+)\.(?P<started>\d*)$")
+_ROOT = re.compile(r"^lipfarm-proc\.(?P<host>.+)\.(?P<boot>[0-9a-f]{8})\.(?P<ns>\d+)\.(?P<pid>\d+)\.(?P<started>\d*)$")
 
 
 def temp_base(configured: str | Path = "") -> Path:
@@ -46,13 +46,23 @@ def boot_id() -> str:
         return "00000000"
 
 
+@functools.cache
+def pid_namespace() -> str:
+    """This process's pid namespace (containers sharing a host name and a temporary folder may each
+    have their own: a pid of another namespace says nothing here)."""
+    try:
+        return re.sub(r"\D", "", os.readlink("/proc/self/ns/pid")) or "0"
+    except OSError:
+        return "0"
+
+
 def _host() -> str:
     return socket.gethostname().replace("/", "_")
 
 
 def root_name(pid: int | None = None) -> str:
     pid = os.getpid() if pid is None else pid
-    return f"{ROOT_PREFIX}{_host()}.{boot_id()}.{pid}.{process_started(pid)}"
+    return f"{ROOT_PREFIX}{_host()}.{boot_id()}.{pid_namespace()}.{pid}.{process_started(pid)}"
 
 
 def process_root(base: str | Path = "") -> Path:
@@ -90,6 +100,8 @@ def owner_dead(name: str) -> bool:
     match = _ROOT.match(name)
     if match is None or match["host"] != _host():
         return False
+    if match["ns"] != pid_namespace():  # another container's: its pids are not ours to look up
+        return match["boot"] != boot_id()
     if match["boot"] != boot_id():
         return True
     return _dead(int(match["pid"]), match["started"])

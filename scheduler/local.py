@@ -154,7 +154,7 @@ def _render_in_process(plan: Plan, storage: LocalStorage, *, threads: int, templ
         times = render_chunk_local(plan, chunk.index, storage, threads=threads, template_frames=template_frames,
                                    progress=lambda done, i=chunk.index: progress.update(i, done))
         total.add(times)
-        total.backend = times.backend
+        total.backend, total.precision, total.choice = times.backend, times.precision, times.choice
     return total
 
 
@@ -173,7 +173,7 @@ def _render_in_pool(plan: Plan, storage: LocalStorage, *, workers: int, threads:
                 for future in finished:
                     times = future.result()  # re-raises a chunk's error here
                     total.add(times)
-                    total.backend = times.backend
+                    total.backend, total.precision, total.choice = times.backend, times.precision, times.choice
         except BaseException:
             for future in pending:
                 future.cancel()

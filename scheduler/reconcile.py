@@ -252,7 +252,7 @@ def _lost_webhook_messages(store: StateStore, settings: Settings, now: float, en
 
 def _rebuild(store: StateStore, storage: Storage, settings: Settings, now: float, enqueue: Enqueue,
              report: ReconcileReport) -> None:
-    farm = farm_id(store, settings, storage)
+    farm = farm_id(store, settings)
     for job_id in submitted_job_ids(storage.list("jobs/")):
         if store.exists(job_id):
             continue

@@ -92,7 +92,7 @@ def submit_job(settings: Settings, *, avatar: str, audio: Path, encoder: Path, g
     storage.check()
 
     files = JobFiles(storage, job_id or new_job_id())
-    farm = farm_id(store, settings, storage)
+    farm = farm_id(store, settings)
     avatar_ref = _upload_once(storage, inputs)  # by content, shared by jobs: kept whatever follows
     try:  # all or nothing: a job Redis or the broker refused leaves nothing for a rebuild to find and render
         submission = Submission(files.job_id, inputs.avatar.name, avatar_ref,

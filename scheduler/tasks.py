@@ -10,7 +10,7 @@ import threading
 from celery import bootsteps
 from celery.exceptions import Reject
 
-from lipfarm.common import services, shutdown
+from lipfarm.common import scratch, services, shutdown
 from lipfarm.common.celery_app import (TASK_FINALIZE, TASK_PLAN, TASK_WEBHOOK, app, enqueue_finalize, enqueue_plan,
                                enqueue_render, enqueue_slots, enqueue_webhook, pending_control_messages,
                                        waiting_renders)
@@ -86,7 +86,8 @@ class Recovery(bootsteps.StartStopStep):
         if not settings.worker_reconcile:
             return
         owner = f"{worker.hostname}:{this_process().pid}"
-        turn = functools.partial(_take_turn, owner=owner, interval_s=settings.reconcile_interval_s)
+        turn = functools.partial(_take_turn, owner=owner, interval_s=settings.reconcile_interval_s,
+                                 temp_dir=settings.temp_dir)
         self.thread = threading.Thread(
             target=run_forever, args=(functools.partial(connect_recovery, settings), settings, celery_enqueue()),
             kwargs={"stop": self.stop_event, "turn": turn}, name="lipfarm-recovery", daemon=True)
@@ -98,7 +99,11 @@ class Recovery(bootsteps.StartStopStep):
             self.thread.join(timeout=10)
 
 
-def _take_turn(store: StateStore, *, owner: str, interval_s: float) -> bool:
+def _take_turn(store: StateStore, *, owner: str, interval_s: float, temp_dir: str = "") -> bool:
+    """Whether this worker runs this interval's pass. Every worker, turn or not, sweeps its host's
+    temporary folders of dead processes each interval (a render process killed while its worker
+    lives leaves one that no start would find soon)."""
+    scratch.sweep(temp_dir)
     return store.take_reconcile_turn(owner, interval_s=0.9 * interval_s)
 
 

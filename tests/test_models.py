@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 
@@ -508,20 +509,22 @@ def test_open_runner_finds_the_runtime_cache_in_the_settings(demo, home, monkeyp
 
 
 @pytest.fixture
-def counted_checks(monkeypatch):
-    """Checks cached from the first second (no settling), and a list of the files actually read."""
+def counted_checks(monkeypatch, tmp_path):
+    """Checks cached from the first second (no settling), and a list of the files actually read
+    (with an empty runtime cache: no verdicts kept by earlier tests)."""
     from lipfarm.common import models
 
+    monkeypatch.setenv("LIPFARM_RUNTIME_CACHE_DIR", str(tmp_path / "runtime-cache"))
     models.forget_checked_models()
     monkeypatch.setattr(models, "SETTLE_S", 0.0)
     read = []
-    real = models._load_and_hash
+    real = models._read_and_hash
 
     def counting(path):
         read.append(str(path))
         return real(path)
 
-    monkeypatch.setattr(models, "_load_and_hash", counting)
+    monkeypatch.setattr(models, "_read_and_hash", counting)
     yield read
     models.forget_checked_models()
 
@@ -588,8 +591,59 @@ def test_a_model_file_changed_just_now_is_checked_every_time(tmp_path, monkeypat
 
 def test_model_hash_and_parse_come_from_one_read(demo, tmp_path):
     from lipfarm.common.fileio import file_sha256
-    from lipfarm.common.models import _load_and_hash, load_model
+    from lipfarm.common.models import _read_and_hash, load_model
 
-    model, digest = _load_and_hash(demo.generator)
+    data, digest = _read_and_hash(demo.generator)
     assert digest == file_sha256(demo.generator)
-    assert model == load_model(demo.generator) == onnx.load(str(demo.generator), load_external_data=False)
+    assert load_model(demo.generator) == onnx.load(str(demo.generator), load_external_data=False)
+    assert load_model(demo.generator).SerializeToString() == onnx.load_model_from_string(data).SerializeToString()
+
+
+def test_a_verdict_is_kept_in_the_runtime_cache_by_content(demo, tmp_path, monkeypatch):
+    """A model checked once on this machine is not parsed again in another process (no onnx import);
+    a refusal is not kept, and a copy of the same bytes elsewhere gets the same verdict."""
+    import shutil
+
+    from lipfarm.common import models
+
+    monkeypatch.setenv("LIPFARM_RUNTIME_CACHE_DIR", str(tmp_path / "cache"))
+    models.forget_checked_models()
+    first = inspect_generator(demo.generator)
+    kept = sorted((tmp_path / "cache" / "models").glob("*.json"))  # by content, and by file once settled
+    assert kept
+    models.forget_checked_models()  # as a new process would
+
+    def no_parse(path, data):
+        raise AssertionError("parsed again")
+
+    monkeypatch.setattr(models, "_parse_model", no_parse)
+    copy = tmp_path / "copy.onnx"
+    shutil.copyfile(demo.generator, copy)
+    assert inspect_generator(copy) == dataclasses.replace(first, path=str(copy))
+    monkeypatch.undo()
+    monkeypatch.setenv("LIPFARM_RUNTIME_CACHE_DIR", str(tmp_path / "cache"))
+    kept = sorted((tmp_path / "cache" / "models").glob("*.json"))
+    with pytest.raises(ModelError, match="two inputs"):
+        inspect_generator(demo.encoder)
+    assert sorted((tmp_path / "cache" / "models").glob("*.json")) == kept
+
+
+def test_an_unchanged_file_is_not_even_read_by_a_later_process(demo, tmp_path, monkeypatch):
+    from lipfarm.common import models
+
+    monkeypatch.setenv("LIPFARM_RUNTIME_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(models, "SETTLE_S", 0.0)
+    models.forget_checked_models()
+    first = inspect_encoder(demo.encoder)
+    models.forget_checked_models()  # as a new process would
+
+    def no_read(path):
+        raise AssertionError("read again")
+
+    monkeypatch.setattr(models, "_read_and_hash", no_read)
+    assert inspect_encoder(demo.encoder) == first
+    os.utime(demo.encoder)  # touched: its identity changes (ctime), so it is read again
+    models.forget_checked_models()
+    with pytest.raises(AssertionError, match="read again"):
+        inspect_encoder(demo.encoder)
+    models.forget_checked_models()

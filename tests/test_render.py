@@ -157,9 +157,10 @@ def test_a_render_checks_each_model_once(settings, demo, demo_avatar, short_audi
 
     models.forget_checked_models()
     monkeypatch.setattr(models, "SETTLE_S", 0.0)  # the demo models may have been written a moment ago
+    monkeypatch.setenv("LIPFARM_RUNTIME_CACHE_DIR", str(tmp_path / "runtime-cache"))  # no verdicts kept yet
     read = []
-    real = models._load_and_hash
-    monkeypatch.setattr(models, "_load_and_hash", lambda path: read.append(str(path)) or real(path))
+    real = models._read_and_hash
+    monkeypatch.setattr(models, "_read_and_hash", lambda path: read.append(str(path)) or real(path))
     render_local(avatar=demo_avatar, audio=short_audio, out=tmp_path / "once.mp4", encoder=demo.encoder,
                  generator=demo.generator, options=RenderOptions(chunk_frames=25), settings=settings,
                  show_progress=False)

@@ -1,4 +1,4 @@
-"""A farm beside services it does not own (docs/farm.md): a Redis that may evict keys, a Redis that
+"""A farm beside services it does not own (docs/shared-services.md): a Redis that may evict keys, a Redis that
 is full, a disk that fills at publication, processes killed with -9, two farms on one storage.
 
 Every case is real: redis-server processes of the tests' own on free ports, ``lipfarm`` commands as
@@ -440,3 +440,47 @@ def test_two_farms_on_one_storage_each_rebuild_only_their_own_jobs(tmp_path, hom
 
     clash = lipfarm({**env_a, "LIPFARM_FARM_ID": "farm-b"}, "reconcile")  # two ids for one Redis: refused
     assert clash.returncode == 5 and "farm" in one_line(clash.stderr)
+
+
+def test_whose_temporary_folders_are_swept(tmp_path):
+    """Dead here (gone, a zombie, an earlier boot) are swept; alive, or another host's, stay."""
+    import socket
+
+    from lipfarm.common import scratch
+
+    child = subprocess.Popen(["true"])
+    until(lambda: Path(f"/proc/{child.pid}/stat").read_text().split(")")[1].split()[0] == "Z", what="a zombie")
+    zombie = scratch.root_name(child.pid)
+    alive = scratch.root_name()
+    host, boot = socket.gethostname(), scratch.boot_id()
+    earlier_boot = alive.replace(f".{boot}.", ".ffffffff." if boot != "ffffffff" else ".00000000.", 1)
+    other_host = alive.replace(f".{host}.", f".{host}-elsewhere.", 1)
+    for name in (zombie, alive, earlier_boot, other_host):
+        (tmp_path / name / "lipfarm-chunk-x").mkdir(parents=True)
+    removed = {p.name for p in scratch.sweep(tmp_path)}
+    child.wait()
+    assert removed == {zombie, earlier_boot}
+    assert (tmp_path / alive).is_dir() and (tmp_path / other_host).is_dir()
+
+
+def test_a_killed_render_process_leaves_nothing_while_its_worker_lives(tmp_path, home, redis_server, demo,
+                                                                      short_clip):
+    """No start follows (the worker forks a new render process lazily): the recovery loop of every
+    worker sweeps its host each interval."""
+    server = redis_server("--maxmemory-policy", "noeviction")
+    temp = tmp_path / "temp"
+    env = farm_env(home, server, tmp_path / "storage", LIPFARM_TEMP_DIR=str(temp))
+    farm = Farm(env, tmp_path / "farm").start()
+    try:
+        job_id = _submit_held(farm, demo, short_clip)
+        until(lambda: any(name.startswith("lipfarm-chunk-") for names in _roots(temp).values() for name in names),
+              timeout_s=300, what="the chunk's work folder")
+        (dead_root,) = [root for root, names in _roots(temp).items() if any(n.startswith("lipfarm-chunk-") for n in names)]
+        pid = int(dead_root.name.split(".")[-2])
+        assert pid in farm.render.children()
+        os.kill(pid, 9)
+        until(lambda: not dead_root.exists(), timeout_s=30, what="the dead render process's folder swept")
+        (farm.holds / f"{job_id}.0.hold").unlink()
+        until(lambda: farm.state(job_id) == "done", timeout_s=300, what="the job")
+    finally:
+        farm.stop()

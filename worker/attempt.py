@@ -376,6 +376,7 @@ def _commit(ctx: FarmContext, files: JobFiles, plan: Plan, index: int, claim: Cl
         metrics.chunk_committed(ctx.store, plan.job_id)
         timing = {**{k: round(v, 4) for k, v in times.extra.items()},
                   "commit_s": round(time.perf_counter() - before, 4), "peak_rss": peak_rss_bytes(),
+                  "inference": f"{times.backend}/{times.precision}", "inference_choice": times.choice,
                   "stages": {k: round(getattr(times, k), 4) for k in
                              ("mel_s", "encoder_s", "unet_s", "prepare_s", "composite_s", "encode_s")}}
         marker = CommitMarker(plan.job_id, index, chunk.frames, claim.attempt, ctx.process.id, segment.key,

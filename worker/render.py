@@ -16,6 +16,7 @@ the whole chunk's, and that block is computed while the prepare thread makes the
 
 from __future__ import annotations
 
+import functools
 import os
 import queue
 import threading
@@ -34,7 +35,8 @@ from lipfarm.common.errors import CancelledError, InputError, ModelError
 from lipfarm.common.features import AudioFeatures
 from lipfarm.common.models import EncoderSpec, GeneratorSpec
 from lipfarm.common.options import RenderOptions
-from lipfarm.common.runtime import open_runner, resolve_backend, run_encoder
+from lipfarm.common.autoselect import choose_runtime
+from lipfarm.common.runtime import open_runner, run_encoder
 from lipfarm.common.syncmode import template_indices
 from lipfarm.worker.compose import generated_to_crop, paste_into_region
 from lipfarm.worker.encode import SegmentWriter
@@ -75,6 +77,8 @@ class StageTimes:
     blocked_s: float = 0.0  # inference waiting for the composite stage to take its outputs
     wall_s: float = 0.0
     backend: str = ""
+    precision: str = ""
+    choice: str = ""  # why this backend and precision (common.autoselect)
     extra: dict = field(default_factory=dict)
 
     def add(self, other: "StageTimes") -> None:
@@ -104,9 +108,12 @@ def render_chunk(work: ChunkWork, *, threads: int, templates: TemplateCache,
     started = time.perf_counter()
     cv2.setNumThreads(1)  # OpenCV's own pool would fight inference for the same cores
     options = work.options
-    backend = resolve_backend(options.backend, options.precision)
-    runner_args = dict(backend=backend, precision=options.precision, threads=threads)
-    times = StageTimes(frames=work.stop_frame - work.start_frame, backend=backend)
+    choice = choose_runtime(options, work.generator, threads=threads,  # "auto": measured once per machine
+                            sample=functools.partial(_sample_inputs, work, templates, threads))
+    backend = choice.backend
+    runner_args = dict(backend=backend, precision=choice.precision, threads=threads)
+    times = StageTimes(frames=work.stop_frame - work.start_frame, backend=backend, precision=choice.precision,
+                       choice=choice.reason)
 
     def timed_encoder(windows: np.ndarray) -> np.ndarray:
         t = time.perf_counter()
@@ -133,6 +140,22 @@ def render_chunk(work: ChunkWork, *, threads: int, templates: TemplateCache,
         progress, should_stop)
     times.wall_s = time.perf_counter() - started
     return times
+
+
+def _sample_inputs(work: ChunkWork, templates: TemplateCache, threads: int, frames: int) -> dict[str, np.ndarray]:
+    """The generator's inputs for the chunk's first ``frames`` frames (audio through the exact fp32
+    encoder): what ``--precision auto`` measures candidates on, the job's own frames and speech."""
+    spec = work.generator
+    frames = min(frames, work.stop_frame - work.start_frame)
+    exact = open_runner(work.encoder, backend="cpu", precision="fp32", threads=threads)
+    audio = AudioFeatures(work.pcm, run_encoder(exact, work.encoder))(work.start_frame, work.start_frame + frames)
+    indices = template_indices(work.options.sync_mode, work.start_frame, work.start_frame + frames,
+                               work.avatar.frame_count, work.frame_count)
+    visual = np.empty((frames, 6, spec.roi_px, spec.roi_px), np.float32)
+    for j in range(frames):
+        template = templates.get(work.avatar, int(indices[j]), crop_side=crop_side(spec.roi_px))
+        fill_visual_input(template.crop, roi_px=spec.roi_px, out=visual[j])
+    return {spec.visual_input: visual, spec.audio_input: audio}
 
 
 class _Opening:

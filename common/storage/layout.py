@@ -41,10 +41,6 @@ def checked_part(value: str, what: str) -> str:
     return value
 
 
-# The id of the farm that first used this storage (``common.farm``): who a farm whose Redis lost its id is.
-FARM_KEY = "farm.json"
-
-
 def avatar_key(content_hash: str) -> str:
     return f"avatars/{checked_part(content_hash, 'avatar hash')}/avatar.tar"
 
