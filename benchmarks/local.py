@@ -60,7 +60,7 @@ import numpy as np
 
 from lipfarm.common import defaults
 from lipfarm.common.audio import ArrayPcm, load_16k
-from lipfarm.common.avatar import Avatar, AvatarStore, pingpong_indices
+from lipfarm.common.avatar import Avatar, AvatarStore
 from lipfarm.common.config import SETTINGS, Settings
 from lipfarm.demo.assets import DemoAssets, ensure_demo_assets
 from lipfarm.common.features import audio_inputs
@@ -69,6 +69,7 @@ from lipfarm.common.models import inspect_encoder, inspect_generator
 from lipfarm.common.options import RenderOptions
 from lipfarm.common.runtime import CACHE_DIR_ENV, cpu_has_native_bf16, open_runner, resolve_backend, run_encoder
 from lipfarm.common.sysinfo import cpu_model, usable_cores
+from lipfarm.common.syncmode import template_indices
 from lipfarm.scheduler.local import render_local
 from lipfarm.worker.roi import crop_side, fill_visual_input
 from lipfarm.worker.templates import TemplateCache, process_templates
@@ -127,7 +128,8 @@ def measure_inference(avatar: Avatar, demo: DemoAssets, pcm: ArrayPcm, config: B
 
     audio = audio_inputs(pcm, timed, start=0, stop=total)
     roi, side = gen_spec.roi_px, crop_side(gen_spec.roi_px)
-    indices = pingpong_indices(0, total, avatar.frame_count)
+    # the bench's options keep the default sync mode, bounce, whose output has the audio's L + 2 frames
+    indices = template_indices(config.options.sync_mode, 0, total, avatar.frame_count, total)
     size = config.options.unet_batch(backend)
     batch = np.empty((size, 6, roi, roi), np.float32)
     kept = np.empty((total, roi, roi, 3), np.uint8) if keep_outputs else None

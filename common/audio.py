@@ -248,3 +248,14 @@ class StoragePcm:
 
     def read(self, start: int, stop: int) -> np.ndarray:
         return zero_padded(self.n_samples, start, stop, self._read_inside)
+
+
+class SilencePadded:
+    """A ``PcmSource`` followed by silence up to ``n_samples``: the audio as a sync mode that pads it
+    plans it (``common.syncmode``), with nothing written. Its source already reads zeros past its end."""
+
+    def __init__(self, source: PcmSource, n_samples: int) -> None:
+        self.source, self.n_samples = source, n_samples
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        return self.source.read(start, stop)

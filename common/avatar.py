@@ -95,18 +95,6 @@ def rect_from_landmarks(landmarks: np.ndarray) -> tuple[int, int, int, int]:
     return x1, y1, x2, y1 + (x2 - x1)
 
 
-def pingpong_indices(start: int, stop: int, n_templates: int) -> np.ndarray:
-    """Template frame of output frames ``[start, stop)``: 1, 2, .., N-1, N-2, .., 1, 0, 1, 2, ...
-
-    Period ``2 (N - 1)``; long audio bounces over the template and never runs out of frames.
-    """
-    if n_templates < 2:
-        raise ValueError("a ping-pong walk needs at least 2 template frames")
-    period = 2 * (n_templates - 1)
-    phase = (np.arange(start, stop) + 1) % period
-    return np.where(phase <= n_templates - 1, phase, period - phase)
-
-
 def check_rect(rect: Sequence[int], width: int, height: int, *, path, field: str) -> tuple[int, ...]:
     """Validate a crop rect against the frame size; returns it as a tuple of 4 ints."""
     if len(rect) != 4 or not all(isinstance(v, (int, np.integer)) for v in rect):

@@ -46,6 +46,8 @@ VIDEO_QP = 20  # constant quantiser: each GOP is a pure function of its frames (
 X264_PRESET = "superfast"  # within ~8% of veryfast's size here for a third less CPU
 X264_THREADS = 1  # part of the bitstream, so fixed per job (not a worker setting)
 AUDIO_BITRATE_BPS = 128_000
+# How the video fits the avatar's template (common/syncmode.py): back and forth, as before sync modes.
+SYNC_MODE = "bounce"
 # Audio below 32 kHz is encoded to AAC at 48 kHz: an AAC frame (1024 samples) must end within a
 # video frame of the video's end, which at 16 kHz (64 ms) it would not.
 AAC_MIN_RATE_HZ = 32_000

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, fields
 from lipfarm.common import defaults
 from lipfarm.common.errors import InputError
 from lipfarm.common.runtime import BACKENDS, PRECISION_CHOICES
+from lipfarm.common.syncmode import check_sync_mode
 
 X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow")
 
@@ -30,6 +31,8 @@ OPTION_HELP = {
     "x264_threads": "x264 threads per chunk encode (part of the bitstream: fixed per job)",
     "audio_bitrate_bps": "AAC bitrate of the output's audio",
     "fast_start": "cut the first chunks short (1 s, 2 s, 4 s) so the job is watchable within seconds",
+    "sync_mode": ("how the video fits the template: bounce (back and forth), loop, cut_off (end at the "
+                  "template's last frame), silence (pad the audio to the whole template), remap (stretch it)"),
 }
 
 @dataclass(frozen=True)
@@ -46,6 +49,7 @@ class RenderOptions:
     x264_threads: int = defaults.X264_THREADS
     audio_bitrate_bps: int = defaults.AUDIO_BITRATE_BPS
     fast_start: bool = defaults.FAST_START
+    sync_mode: str = defaults.SYNC_MODE  # absent from plans made before sync modes: they read as bounce
 
     def __post_init__(self) -> None:
         for spec in fields(self):
@@ -67,6 +71,7 @@ class RenderOptions:
         _one_of("precision", self.precision, PRECISION_CHOICES)
         _one_of("backend", self.backend, BACKENDS)
         _one_of("x264_preset", self.x264_preset, X264_PRESETS)
+        check_sync_mode(self.sync_mode)
         if not 16_000 <= self.audio_bitrate_bps <= 512_000:
             raise InputError("out of range", field="audio_bitrate_bps", expected="16000..512000",
                              found=self.audio_bitrate_bps)

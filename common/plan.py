@@ -4,8 +4,9 @@
   job is submitted: the avatar and models by content hash, the uploaded audio's key, the options,
   the priority.
 - ``plan_job(submission, audio)`` turns it into a ``Plan`` once the audio's length is known: the
-  frame count (``L + 2``, docs/contract.md) and the chunks, each a frame range. It does no I/O, reads no clock and draws no random numbers, so planning twice
-  gives the same plan.
+  frame count (``L + 2``, docs/contract.md, or as the job's sync mode fits it to the avatar's
+  template, ``common.syncmode``) and the chunks, each a frame range. It does no I/O, reads no clock
+  and draws no random numbers, so planning twice gives the same plan.
 - The plan is written to storage as ``jobs/<id>/plan.json``: the source of truth that workers
   render from and the reconciler rebuilds queue state from.
 
@@ -16,13 +17,14 @@ from __future__ import annotations
 
 import itertools
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from lipfarm.common import defaults
 from lipfarm.common.errors import InputError
 from lipfarm.common.timeline import frame_count
 from lipfarm.common.options import RenderOptions
 from lipfarm.common.storage.layout import output_key
+from lipfarm.common.syncmode import LENGTH_MODES, audio_fit_samples, output_frames
 
 PLAN_VERSION = 3  # 2: segments named per attempt; 3: the audio encoded once, at plan time
 SUBMISSION_VERSION = 1
@@ -41,7 +43,8 @@ class AssetRef:
 class AudioRef:
     """The job's audio: the original file, the 16 kHz float32 PCM (features), and the AAC track
     encoded once at plan time (muxed by stream copy into the output and, cut per chunk, into its
-    HLS segment), with the original's duration the output's audio is checked against."""
+    HLS segment), with the duration the output's audio is checked against: the original's, or the
+    length the sync mode cut or padded it to."""
 
     input_key: str
     pcm_key: str
@@ -50,6 +53,15 @@ class AudioRef:
     duration_s: float = 0.0
     input_path: str | None = None
     pcm_path: str | None = None
+    # Where the job's sync mode changes the audio's length (cut_off, silence: ``common.syncmode``):
+    # the output's audio in 16 kHz samples, the input cut or padded with silence to it; 0: as given.
+    fit_samples: int = 0
+
+    @property
+    def timeline_samples(self) -> int:
+        """The 16 kHz samples the features run over: the input's, followed by the silence a sync mode
+        pads it with. (A cut_off plan renders a prefix of the whole input's frames, so it uses them all.)"""
+        return max(self.n_samples, self.fit_samples)
 
 
 @dataclass(frozen=True)
@@ -86,6 +98,7 @@ class Submission:
     farm_id: str = ""  # the farm that took it (``common.farm``): a rebuild adopts only its own; "" before farm ids
     tenant: str = "default"  # whose job (kept here too, so a rebuild from storage keeps it)
     api_url: str = ""  # the API's public base URL as the submitting request reached it ("" from the CLI)
+    template_frames: int = 0  # the avatar's frame count, which sync modes plan with; 0 before them
     version: int = SUBMISSION_VERSION
 
     def to_json(self) -> str:
@@ -144,6 +157,21 @@ class Plan:
             raise InputError(f"malformed plan ({exc})", path=source) from None
 
 
+def _fitted(audio: AudioRef, mode: str, n_template: int) -> tuple[AudioRef, int]:
+    """The audio as ``mode`` fits it to a template of ``n_template`` frames (``common.syncmode``),
+    and the output's frame count."""
+    audio_frames = frame_count(audio.n_samples)
+    if mode not in LENGTH_MODES:
+        return audio, audio_frames
+    if n_template < 2:
+        raise InputError("the avatar's frame count is needed to plan this sync mode", field="sync_mode",
+                         found=mode)
+    fit = audio_fit_samples(mode, audio.n_samples, n_template)
+    if fit:
+        audio = replace(audio, fit_samples=fit, duration_s=fit / defaults.SAMPLE_RATE_HZ)
+    return audio, output_frames(mode, audio_frames, n_template)
+
+
 def _versioned(text: str, source: str, expected: int, what: str) -> dict:
     try:
         data = json.loads(text)
@@ -183,7 +211,7 @@ def plan_job(submission: Submission, audio: AudioRef) -> Plan:
     play is ready a few seconds after a worker takes it. Any chunking gives the same frames.
     """
     job_id, options = submission.job_id, submission.options
-    total = frame_count(audio.n_samples)
+    audio, total = _fitted(audio, options.sync_mode, submission.template_frames)
     first = fast_start_frames(options) if options.fast_start else ()
     chunks = tuple(Chunk(i, start, stop) for i, (start, stop) in
                    enumerate(chunk_ranges(total, options.chunk_frames, first_frames=first)))

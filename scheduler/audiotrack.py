@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import av
+import numpy as np
 
 from lipfarm.common import defaults
 from lipfarm.common.audio import probe_audio
@@ -47,7 +48,8 @@ class AudioPiece:
 
 @dataclass(frozen=True)
 class AudioTrack:
-    """What ``encode_audio_track`` wrote. ``duration_s`` is the input's, from its decoded samples."""
+    """What ``encode_audio_track`` wrote. ``duration_s`` is the track's, from the samples it encoded:
+    the input's, or the length a sync mode fitted it to."""
 
     m4a: Path
     sample_rate: int
@@ -59,13 +61,17 @@ class AudioTrack:
 
 def encode_audio_track(source: Path, out_m4a: Path, *, bitrate_bps: int,
                        chunk_spans: list[tuple[int, int]], pieces_dir: Path,
-                       on_piece: Callable[[AudioPiece], None] | None = None) -> AudioTrack:
+                       on_piece: Callable[[AudioPiece], None] | None = None,
+                       fit_samples: int = 0) -> AudioTrack:
     """Encode ``source``'s audio to AAC once: ``out_m4a``, and one piece per chunk in ``pieces_dir``.
 
     ``chunk_spans`` are the chunks' ``(start_frame, stop_frame)`` in order, contiguous from frame 0;
     with none, only the M4A is written. ``on_piece`` sees each piece as soon as it is complete (the
     encoder runs front to back, so the first chunks' pieces are ready at once: a planner uploads them
-    while the rest is encoded). Raises ``AudioError`` for audio that cannot be read or encoded.
+    while the rest is encoded). ``fit_samples`` (the plan's ``AudioRef.fit_samples``, 16 kHz
+    samples; 0: the input's own length) is the track's length where the job's sync mode changes it:
+    the input is cut there, or followed by silence up to it. Raises ``AudioError`` for audio that
+    cannot be read or encoded.
     """
     source, out_m4a, pieces_dir = Path(source), Path(out_m4a), Path(pieces_dir)
     spans = _checked_spans(chunk_spans)
@@ -75,7 +81,9 @@ def encode_audio_track(source: Path, out_m4a: Path, *, bitrate_bps: int,
         rate = aac_rate(info.sample_rate_hz)
         stream = out.add_stream("aac", rate=rate, layout=layout)
         stream.bit_rate = bitrate_bps
-        encoder = _Encoder(source, stream)
+        # the fitted length at the track's rate, rounded to the nearest sample
+        target = (fit_samples * rate + defaults.SAMPLE_RATE_HZ // 2) // defaults.SAMPLE_RATE_HZ if fit_samples else None
+        encoder = _Encoder(source, stream, target)
         pieces = _PieceWriter(pieces_dir, spans, rate, 1 if layout == "mono" else 2, on_piece)
         for packet in encoder.packets():
             pieces.add(_piece_packet(packet, rate), stream.codec_context.extradata)
@@ -104,26 +112,34 @@ def _checked_spans(chunk_spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 
 class _Encoder:
-    """Decodes the source and yields its AAC packets; counts the input's samples as it goes."""
+    """Decodes the source and yields its AAC packets; counts the samples it encodes as it goes.
+    With a ``target`` (samples at the track's rate), the input is cut there or padded with silence."""
 
-    def __init__(self, source: Path, stream) -> None:
-        self.source, self.stream = source, stream
+    def __init__(self, source: Path, stream, target: int | None = None) -> None:
+        self.source, self.stream, self.target = source, stream, target
         self.samples = 0
 
     def packets(self) -> Iterator[av.Packet]:
         stream = self.stream
         # The encoder takes frames of exactly frame_size samples (1024), the last one shorter.
-        resampler = av.AudioResampler(format="fltp", layout=stream.layout, rate=stream.rate,
-                                      frame_size=stream.codec_context.frame_size or 1024)
+        frame_size = stream.codec_context.frame_size or 1024
+        resampler = av.AudioResampler(format="fltp", layout=stream.layout, rate=stream.rate, frame_size=frame_size)
+        frames = self._resampled(resampler)
+        if self.target is not None:
+            frames = _fitted(frames, self.target, frame_size, stream.layout.name, stream.rate)
+        for frame in frames:
+            yield from self._encode([frame])
+        yield from self._encode([None])
+
+    def _resampled(self, resampler) -> Iterator[av.AudioFrame]:
         with av.open(str(self.source)) as container:
             try:
                 for frame in container.decode(audio=0):
-                    frame.pts = None  # the resampler restamps; the count below is the clock
-                    yield from self._encode(resampler.resample(frame))
+                    frame.pts = None  # the resampler restamps; the count in _encode is the clock
+                    yield from resampler.resample(frame)
             except av.FFmpegError as exc:
                 raise AudioError(f"cannot decode audio ({exc})", path=self.source) from None
-        yield from self._encode(resampler.resample(None))
-        yield from self._encode([None])
+        yield from resampler.resample(None)
 
     def _encode(self, frames) -> Iterator[av.Packet]:
         for frame in frames:
@@ -136,6 +152,30 @@ class _Encoder:
                 raise AudioError(f"cannot encode AAC at {self.stream.rate} Hz ({exc})",
                                  path=self.source) from None
             yield from packets
+
+
+def _fitted(frames: Iterator[av.AudioFrame], target: int, frame_size: int, layout: str,
+            rate: int) -> Iterator[av.AudioFrame]:
+    """``frames`` (full frames of ``frame_size``, the last one shorter) cut at ``target`` samples, or
+    followed by silence up to it. The last frame is held back until the next one comes, so the
+    silence joins it: the encoder is only ever given full frames before its last."""
+    done, held = 0, None
+    for frame in frames:
+        if held is not None:
+            yield held
+            done += held.samples
+        held = frame
+        if done + held.samples >= target:
+            break  # the cut falls in this frame: the rest of the input is not read
+    if held is None:
+        return  # no audio at all: the caller says so; silence alone is not the user's audio
+    tail = held.to_ndarray()[:, :target - done]
+    tail = np.concatenate([tail, np.zeros((tail.shape[0], target - done - tail.shape[1]), tail.dtype)], axis=1)
+    for start in range(0, tail.shape[1], frame_size):
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(tail[:, start:start + frame_size]),
+                                           format="fltp", layout=layout)
+        frame.sample_rate = rate
+        yield frame
 
 
 def _piece_packet(packet: av.Packet, rate: int) -> PiecePacket:

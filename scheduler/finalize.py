@@ -155,7 +155,8 @@ def _stitched(files: JobFiles, plan: Plan, chunks: list[ChunkRecord], folder: Pa
     output = folder / "output.mp4"
     audio, audio_s = _audio(files, plan, folder)
     stitch(_checked_segments(files, chunks, folder), audio, output, expected_frames=plan.frame_count,
-           input_audio_s=audio_s, audio_bitrate_bps=plan.options.audio_bitrate_bps)
+           input_audio_s=audio_s, audio_bitrate_bps=plan.options.audio_bitrate_bps,
+           audio_fit_samples=plan.audio.fit_samples)
     return output
 
 

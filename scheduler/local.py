@@ -86,7 +86,7 @@ def local_plan(job_id: str, avatar: Avatar, audio_ref: AudioRef, encoder: Path, 
         encoder=AssetRef(enc.sha256, model_key(enc.sha256), str(Path(encoder).resolve())),
         generator=AssetRef(gen.sha256, model_key(gen.sha256), str(Path(generator).resolve())),
         audio_key=audio_ref.input_key, audio_name=Path(audio_ref.input_key).name, options=options,
-        priority=defaults.PRIORITY, submitted_at=0.0)
+        priority=defaults.PRIORITY, submitted_at=0.0, template_frames=avatar.frame_count)
     return plan_job(submission, audio_ref)
 
 
@@ -220,7 +220,7 @@ def render_local(*, avatar: Avatar, audio: Path, out: Path, encoder: Path, gener
         segments = [Segment(local_segment(plan, c.index, storage), c.start_frame, c.frames) for c in plan.chunks]
         with replaced_atomically(out, suffix=".partial.mp4") as partial:
             report = stitch(segments, audio, partial, expected_frames=plan.frame_count,
-                            audio_bitrate_bps=options.audio_bitrate_bps)
+                            audio_bitrate_bps=options.audio_bitrate_bps, audio_fit_samples=plan.audio.fit_samples)
         return RenderResult(out, plan.frame_count, time.perf_counter() - started, audio_s,
                             time.perf_counter() - stitched, stages, report)
     finally:

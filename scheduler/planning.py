@@ -67,7 +67,7 @@ def _encode_audio_track(files: JobFiles, plan: Plan) -> None:
         pieces = {(c.start_frame, c.stop_frame): c.index for c in plan.chunks}
         track = encode_audio_track(
             original, Path(temp) / "audio.m4a", bitrate_bps=plan.options.audio_bitrate_bps,
-            chunk_spans=list(pieces), pieces_dir=Path(temp) / "pieces",
+            chunk_spans=list(pieces), pieces_dir=Path(temp) / "pieces", fit_samples=plan.audio.fit_samples,
             on_piece=lambda piece: storage.put_file(
                 audio_piece_key(job_id, pieces[(piece.start_frame, piece.stop_frame)]), piece.path))
         storage.put_file(plan.audio.track_key, track.m4a)

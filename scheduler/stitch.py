@@ -68,7 +68,8 @@ def _open_track(audio_path: Path):
 
 
 def stitch(segments: Iterable[Segment], audio_path: Path, out_path: Path, *, expected_frames: int,
-           input_audio_s: float | None = None, audio_bitrate_bps: int = defaults.AUDIO_BITRATE_BPS) -> StitchReport:
+           input_audio_s: float | None = None, audio_bitrate_bps: int = defaults.AUDIO_BITRATE_BPS,
+           audio_fit_samples: int = 0) -> StitchReport:
     """Join the segments, in order, with the job's audio into ``out_path``.
 
     With ``input_audio_s`` (the original input's duration in s, ``AudioTrack.duration_s``),
@@ -76,8 +77,10 @@ def stitch(segments: Iterable[Segment], audio_path: Path, out_path: Path, *, exp
     encode_audio_track``, and its packets are copied as they are. Without it, ``audio_path`` is the
     original input, encoded first by ``encode_audio_track`` into a temporary M4A beside
     ``out_path``: the way for callers that do not yet encode the track at plan time, and the same
-    output byte for byte. ``audio_bitrate_bps`` is the track's AAC bit rate: the encoder's target
-    when it encodes here, and the peak bit rate the output declares in both cases.
+    output byte for byte; ``audio_fit_samples`` is then the plan's ``AudioRef.fit_samples``, the
+    length a sync mode cuts or pads the audio to (0: as given). ``audio_bitrate_bps`` is the track's
+    AAC bit rate: the encoder's target when it encodes here, and the peak bit rate the output
+    declares in both cases.
 
     ``segments`` is consumed once, in order, so it may fetch each file just in time (the
     finalizer's downloads). Raises ``JobFailedError`` if a segment does not have its planned
@@ -89,7 +92,7 @@ def stitch(segments: Iterable[Segment], audio_path: Path, out_path: Path, *, exp
                        audio_bitrate_bps)
     with tempfile.TemporaryDirectory(prefix=".audio-", dir=out_path.parent) as temp:
         track = encode_audio_track(Path(audio_path), Path(temp) / "audio.m4a", bitrate_bps=audio_bitrate_bps,
-                                   chunk_spans=[], pieces_dir=Path(temp))
+                                   chunk_spans=[], pieces_dir=Path(temp), fit_samples=audio_fit_samples)
         return _stitch(segments, track.m4a, out_path, expected_frames, track.duration_s,
                        audio_bitrate_bps)
 
@@ -178,7 +181,8 @@ def _verify(path: Path, expected_frames: int, input_s: float) -> StitchReport:
         raise JobFailedError(f"stitched video has {frames} frames, planned {expected_frames}")
     if abs(audio_s - input_s) > frame_s:
         raise JobFailedError(f"stitched audio lasts {audio_s:.3f} s, the input {input_s:.3f} s")
-    # L + 2 frames of 40 ms end 27.5 to 80 ms before the audio does (docs/contract.md §1).
+    # L + 2 frames of 40 ms end 27.5 to 80 ms before the audio does (docs/contract.md §1); audio a
+    # sync mode padded keeps this, and audio it cut ends with the video (common.syncmode).
     if not -frame_s <= input_s - video_s <= 2 * frame_s + 1e-6:
         raise JobFailedError(f"video lasts {video_s:.3f} s for {input_s:.3f} s of audio")
     return StitchReport(frames, video_s, audio_s, input_s)

@@ -100,7 +100,8 @@ def submit_job(settings: Settings, *, avatar: str, audio: Path, encoder: Path, g
                                 AssetRef(inputs.encoder.sha256, inputs.encoder.key),
                                 AssetRef(inputs.generator.sha256, inputs.generator.key),
                                 files.put_input(audio, audio.name), audio.name, options, priority, store.now(),
-                                webhook_url=webhook_url, farm_id=farm, tenant=tenant, api_url=api_url)
+                                webhook_url=webhook_url, farm_id=farm, tenant=tenant, api_url=api_url,
+                                template_frames=inputs.avatar.frame_count)
         files.put_submission(submission)
         store.create_job(JobRecord.queued(submission, storage.url))
         enqueue_plan(files.job_id, priority)

@@ -90,6 +90,17 @@ def decode_streams(container) -> Decoded:
                    np.concatenate(audio_blocks, axis=1))
 
 
+def short_avatar(settings, demo_avatar, frames: int):
+    """An avatar of the demo avatar's first ``frames`` frames, named ``demo-<frames>``: a template
+    short audio runs past (sync modes)."""
+    from lipfarm.common.avatar import AvatarStore, write_avatar
+
+    name = f"demo-{frames}"
+    return write_avatar(AvatarStore(settings.avatars_dir).path(name), name=name,
+                        frames=[demo_avatar.frame_path(i) for i in range(frames)], rects=demo_avatar.rects[:frames],
+                        width=demo_avatar.width, height=demo_avatar.height, source={"layout": "test"}, replace=True)
+
+
 def long_silence_ogg(path, seconds: float, *, frame_ms: int = 60):
     """An Opus/Ogg file of ``seconds`` of silence: a few megabytes for hours of audio, made in about
     a second by encoding a little silence once and muxing its packets again and again (an Opus

@@ -1,4 +1,4 @@
-"""Avatar packages, the two importers, the rect rule and the ping-pong walk."""
+"""Avatar packages, the two importers and the rect rule (the ping-pong walk: test_syncmode)."""
 
 from __future__ import annotations
 
@@ -11,24 +11,9 @@ import cv2
 import numpy as np
 import pytest
 
-from lipfarm.common.avatar import AvatarStore, load_avatar, pingpong_indices, rect_from_landmarks
+from lipfarm.common.avatar import AvatarStore, load_avatar, rect_from_landmarks
 from lipfarm.common.avatar_import import import_avatar, read_landmarks
 from lipfarm.common.errors import AvatarError, NotFoundError
-from tests.reference import reference_pingpong
-
-
-@pytest.mark.parametrize("n", [2, 3, 5, 40, 125])
-def test_pingpong_matches_the_reference_loop(n):
-    count = 5 * n + 7
-    assert pingpong_indices(0, count, n).tolist() == reference_pingpong(count, n)
-    whole = pingpong_indices(0, 60, n)
-    assert pingpong_indices(17, 40, n).tolist() == whole[17:40].tolist()
-
-
-def test_pingpong_sequence_by_hand():
-    assert pingpong_indices(0, 12, 4).tolist() == [1, 2, 3, 2, 1, 0, 1, 2, 3, 2, 1, 0]
-    with pytest.raises(ValueError):
-        pingpong_indices(0, 3, 1)
 
 
 def test_rect_rule_on_sample_landmarks():

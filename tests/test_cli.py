@@ -91,6 +91,8 @@ def _bad_inputs(tmp_path, settings, demo, demo_avatar, good_audio):
          "nowhere: output directory does not exist"),
         ("bad option", args(good_audio, "--chunk-frames", "30"), 2,
          "chunk_frames: chunks must start on keyframes"),
+        ("unknown sync mode", args(good_audio, "--sync-mode", "pingpong"), 2,
+         "sync_mode: not a known sync mode (expected bounce | loop | cut_off | silence | remap, found pingpong)"),
         ("one model only", ["render", "--avatar", "demo", "--audio", str(good_audio), "--out", str(out),
                             "--encoder", str(demo.encoder)], 2, "--encoder/--generator"),
     ]

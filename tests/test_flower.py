@@ -7,7 +7,9 @@ whose job was cancelled ends in CANCELLED, never SUCCESS; a committed one ends i
 
 from __future__ import annotations
 
+import os
 import re
+from pathlib import Path
 
 import httpx
 import pytest
@@ -20,6 +22,8 @@ from lipfarm.scheduler.submit import submit_job
 from tests.farm import farm_env, Holds, redis_client, REDIS_DB, redis_url, running_farm, until
 
 pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+SCREENSHOT = ROOT / ("docs" if os.environ.get("LIPFARM_UPDATE_DOCS") == "1" else "out") / "flower-tasks.png"
 DB = REDIS_DB["flower"]
 CHUNK_FRAMES = 25
 
@@ -58,6 +62,20 @@ def flower(farm, tmp_path_factory):
     process.stop(timeout_s=20)
 
 
+def _screenshot_tasks(flower, job_id: str, tmp_path) -> None:
+    """Flower's task list in a real browser, the chunk shown RENDERING with its frames done:
+    out/flower-tasks.png, and docs/flower-tasks.png (shown in docs/operations.md) with
+    LIPFARM_UPDATE_DOCS=1. Where chromium is absent the picture is skipped, not the test."""
+    from tests.browser import chromium_page, chromium_path, screenshot
+
+    if chromium_path() is None:
+        return
+    with chromium_page(tmp_path, viewport=(1400, 500)) as page:
+        page.goto(f"{flower.base_url}/tasks")
+        page.wait_for_selector(f"text={job_id}", timeout=30_000)  # the rows come from Flower's own JS
+        screenshot(page, SCREENSHOT, full_page=False)
+
+
 def _render_tasks(flower) -> list[dict]:
     return list(flower.get("/api/tasks", params={"taskname": "lipfarm.render_chunk"}).json().values())
 
@@ -69,7 +87,7 @@ def _rendering(flower, job_id: str, chunk: int) -> dict | None:
                  and f"of chunk {chunk} (" in (t["result"] or "") and job_id in (t["result"] or "")), None)
 
 
-def test_flower_shows_a_chunk_rendering_then_cancelled_not_success(farm, flower, holds, demo, clip):
+def test_flower_shows_a_chunk_rendering_then_cancelled_not_success(farm, flower, holds, demo, clip, tmp_path):
     settings, _workers, _env = farm
     job_id = new_job_id()
     holds.hold(job_id, 0, after_frames=10)
@@ -87,6 +105,7 @@ def test_flower_shows_a_chunk_rendering_then_cancelled_not_success(farm, flower,
     assert info["state"] == "RENDERING" and info["result"] == task["result"]
     page = flower.get(f"/task/{task['uuid']}")
     assert page.status_code == 200 and "RENDERING" in page.text and task["result"] in page.text
+    _screenshot_tasks(flower, job_id, tmp_path)
 
     others = until(lambda: [t for t in _render_tasks(flower) if t["state"] == "SUCCESS"
                             and f"'job_id': '{job_id}'" in (t["result"] or "")],

@@ -30,7 +30,7 @@ from lipfarm.scheduler.local import render_local
 from lipfarm.scheduler.submit import submit_job
 from tests.browser import chromium_page, serve_folder
 from tests.farm import farm_env, redis_client, REDIS_DB, redis_url, running_farm, until
-from tests.media import decode_streams, video_frames
+from tests.media import decode_streams, short_avatar, video_frames
 
 pytestmark = pytest.mark.slow
 DB = REDIS_DB["progressive"]
@@ -60,8 +60,8 @@ def reference(tmp_path_factory, settings, demo, demo_avatar, clip) -> list[np.nd
 
 
 def _submit(settings, demo, audio, **kw):
-    return submit_job(settings, avatar="demo", audio=audio, encoder=demo.encoder, generator=demo.generator,
-                      options=kw.pop("options", CHUNK), **kw)
+    return submit_job(settings, avatar=kw.pop("avatar", "demo"), audio=audio, encoder=demo.encoder,
+                      generator=demo.generator, options=kw.pop("options", CHUNK), **kw)
 
 
 def _playlist(storage: LocalStorage, job_id: str) -> Path:
@@ -349,3 +349,33 @@ def test_the_api_serves_the_live_playlist_and_its_segments(farm, holds, demo, cl
         handle.wait(timeout_s=300)
     finally:
         api.stop()
+
+
+@pytest.mark.parametrize("mode, seconds, audio_s", [("cut_off", 1.2, 20 / FPS), ("silence", 0.6, 0.8375)])
+def test_a_sync_mode_that_fits_the_audio_does_so_on_the_farm(farm, demo, demo_avatar, speech_16k, tmp_path,
+                                                              mode, seconds, audio_s):
+    """cut_off and silence change the audio's length: the planner encodes the track cut or padded,
+    workers read the audio padded, the finalizer checks against the fitted length; the output and its
+    HLS rendition equal a local render's. A 20-frame avatar; 1.2 s gives 29 frames, 0.6 s 14."""
+    settings, storage = farm
+    avatar = short_avatar(settings, demo_avatar, 20)
+    audio = tmp_path / "talk.wav"
+    write_wav(audio, speech_16k[16_000:16_000 + int(seconds * 16_000)])
+    options = RenderOptions(chunk_frames=5, gop_frames=5, sync_mode=mode)
+    handle = _submit(settings, demo, audio, avatar=avatar.name, options=options)
+    status = handle.wait(timeout_s=300)
+    assert status.state == JobState.DONE, status.reason
+    plan = JobFiles(storage, handle.job_id).plan()
+    assert plan.options.sync_mode == mode and plan.frame_count == status.frames_total == 20
+    local = render_local(avatar=avatar, audio=audio, out=tmp_path / "local.mp4", encoder=demo.encoder,
+                         generator=demo.generator, options=options, settings=settings, show_progress=False)
+    with av.open(status.output_location) as container:
+        mp4 = decode_streams(container)
+        mp4_audio_s = float(container.streams.audio[0].duration * container.streams.audio[0].time_base)
+    assert abs(mp4_audio_s - audio_s) < 1e-3  # 20 frames; or the shortest audio of 20 frames (13400 samples)
+    assert len(mp4.frames) == 20 and all(np.array_equal(a, b) for a, b in
+                                         zip(mp4.frames, video_frames(local.output, "yuv420p")))
+    with av.open(str(_playlist(storage, handle.job_id)), options={"protocol_whitelist": "file,crypto,data"}) as c:
+        rendition = decode_streams(c)
+    assert len(rendition.frames) == 20 and all(np.array_equal(a, b) for a, b in zip(rendition.frames, mp4.frames))
+    assert abs((rendition.audio_end_s - rendition.video_start_s) - mp4_audio_s) <= 1 / FPS

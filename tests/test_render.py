@@ -10,12 +10,12 @@ import onnxruntime as ort
 import pytest
 
 from lipfarm.common.audio import ArrayPcm, load_16k
-from lipfarm.common.avatar import pingpong_indices
 from lipfarm.common.errors import AvatarError
 from lipfarm.common.features import audio_inputs
 from lipfarm.common.timeline import frame_count
 from lipfarm.common.models import inspect_encoder
 from lipfarm.common.options import RenderOptions
+from lipfarm.common.syncmode import template_indices
 from lipfarm.common.runtime import open_runner, run_encoder
 from lipfarm.demo.speech import write_wav
 from lipfarm.scheduler.local import render_local
@@ -88,7 +88,7 @@ def test_lossless_render_has_the_reference_scripts_pixels(settings, demo, demo_a
     encode = run_encoder(open_runner(spec, backend="cpu", precision="fp32", threads=2), spec)
     audio_in = audio_inputs(pcm, encode, start=0, stop=result.frames)
     session = ort.InferenceSession(str(demo.generator), providers=["CPUExecutionProvider"])
-    templates = pingpong_indices(0, result.frames, demo_avatar.frame_count)
+    templates = template_indices("bounce", 0, result.frames, demo_avatar.frame_count, result.frames)
     for i in (0, 1, 7, result.frames // 2, result.frames - 1):
         index = int(templates[i])
         frame, rect = demo_avatar.read_frame(index), demo_avatar.rects[index]
@@ -100,7 +100,7 @@ def test_lossless_render_has_the_reference_scripts_pixels(settings, demo, demo_a
 
 def test_the_mouth_follows_loudness(demo_render, demo_avatar, speech_16k):
     frames = video_frames(demo_render.output)
-    templates = pingpong_indices(0, len(frames), demo_avatar.frame_count)
+    templates = template_indices("bounce", 0, len(frames), demo_avatar.frame_count, len(frames))
     loudness, change = [], []
     for i, frame in enumerate(frames):
         centre = i * 640 + 320  # samples at 16 kHz: frame i spans [640 i, 640 (i + 1))

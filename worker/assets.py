@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from lipfarm.common.audio import FilePcm, PcmSource, StoragePcm
+from lipfarm.common.audio import FilePcm, PcmSource, SilencePadded, StoragePcm
 from lipfarm.common.avatar import MANIFEST, Avatar, load_avatar
 from lipfarm.common.errors import AvatarError, ServiceError
 from lipfarm.common.fileio import folder_replaced_atomically, replaced_atomically
@@ -178,6 +178,9 @@ def resolve_chunk(plan: Plan, chunk: Chunk, *, storage: Storage, cache: AssetCac
     pcm_path = _local(plan.audio.pcm_path)
     pcm: PcmSource = (FilePcm(pcm_path) if pcm_path else
                       StoragePcm(storage, plan.audio.pcm_key, plan.audio.n_samples))
+    if plan.audio.timeline_samples > pcm.n_samples:  # a sync mode pads the audio with silence
+        pcm = SilencePadded(pcm, plan.audio.timeline_samples)
     avatar = _avatar(str(avatar_dir), (avatar_dir / MANIFEST).stat().st_mtime_ns)
     # inspect_* check each version of a model file once per process (common.models)
-    return ChunkWork(avatar, inspect_encoder(encoder), inspect_generator(generator), pcm, chunk.start_frame, chunk.stop_frame, plan.options, output)
+    return ChunkWork(avatar, inspect_encoder(encoder), inspect_generator(generator), pcm, chunk.start_frame,
+                     chunk.stop_frame, plan.frame_count, plan.options, output)

@@ -30,13 +30,14 @@ import numpy as np
 
 from lipfarm.common import defaults
 from lipfarm.common.audio import PcmSource
-from lipfarm.common.avatar import Avatar, pingpong_indices
+from lipfarm.common.avatar import Avatar
 from lipfarm.common.errors import CancelledError, InputError, ModelError
 from lipfarm.common.features import AudioFeatures
 from lipfarm.common.models import EncoderSpec, GeneratorSpec
 from lipfarm.common.options import RenderOptions
 from lipfarm.common.autoselect import choose_runtime
 from lipfarm.common.runtime import open_runner, run_encoder
+from lipfarm.common.syncmode import template_indices
 from lipfarm.worker.compose import generated_to_crop, paste_into_region
 from lipfarm.worker.encode import SegmentWriter
 from lipfarm.worker.roi import crop_side, fill_visual_input
@@ -54,6 +55,7 @@ class ChunkWork:
     pcm: PcmSource
     start_frame: int
     stop_frame: int
+    frame_count: int  # the job's: a sync mode's walk over the template may depend on it
     options: RenderOptions
     output: Path
 
@@ -87,9 +89,9 @@ class StageTimes:
 
 def check_chunk(work: ChunkWork) -> None:
     """Guard clauses run before anything is reserved or written."""
-    if not 0 <= work.start_frame < work.stop_frame:
-        raise InputError("empty or negative frame range", field="frames",
-                         found=f"[{work.start_frame}, {work.stop_frame})")
+    if not 0 <= work.start_frame < work.stop_frame <= work.frame_count:
+        raise InputError("empty or negative frame range, or one past the job's end", field="frames",
+                         found=f"[{work.start_frame}, {work.stop_frame}) of {work.frame_count}")
     if not work.output.parent.is_dir():
         raise InputError("output directory does not exist", path=work.output.parent)
 
@@ -147,7 +149,8 @@ def _sample_inputs(work: ChunkWork, templates: TemplateCache, threads: int, fram
     frames = min(frames, work.stop_frame - work.start_frame)
     exact = open_runner(work.encoder, backend="cpu", precision="fp32", threads=threads)
     audio = AudioFeatures(work.pcm, run_encoder(exact, work.encoder))(work.start_frame, work.start_frame + frames)
-    indices = pingpong_indices(work.start_frame, work.start_frame + frames, work.avatar.frame_count)
+    indices = template_indices(work.options.sync_mode, work.start_frame, work.start_frame + frames,
+                               work.avatar.frame_count, work.frame_count)
     visual = np.empty((frames, 6, spec.roi_px, spec.roi_px), np.float32)
     for j in range(frames):
         template = templates.get(work.avatar, int(indices[j]), crop_side=crop_side(spec.roi_px))
@@ -207,7 +210,8 @@ class _StagePipeline:
         self.roi, self.side = spec.roi_px, crop_side(spec.roi_px)
         self.n = work.stop_frame - work.start_frame
         self.batches = [range(i, min(i + batch, self.n)) for i in range(0, self.n, batch)]
-        self.indices = pingpong_indices(work.start_frame, work.stop_frame, work.avatar.frame_count)
+        self.indices = template_indices(work.options.sync_mode, work.start_frame, work.stop_frame,
+                                        work.avatar.frame_count, work.frame_count)
         self.stop = threading.Event()
         self.errors: list[BaseException] = []
         depth = defaults.PIPELINE_QUEUE_BATCHES
