@@ -59,7 +59,7 @@ def cmd_worker(args, settings: Settings) -> int:
         logs.json_for_celery()
     from lipfarm.common.celery_app import app
 
-    _print_inference_line(settings)
+    _print_inference_line(settings, as_json=args.log_json)
     quiet = ["--quiet"] if args.log_json else []  # no banner: every line a shipper reads is JSON
     argv = [*quiet, "worker", f"--concurrency={concurrency}", "--pool=prefork", f"--queues={args.queues}",
             f"--loglevel={args.loglevel}", "--task-events",
@@ -68,18 +68,23 @@ def cmd_worker(args, settings: Settings) -> int:
     return 0
 
 
-def _print_inference_line(settings: Settings) -> None:
+def _print_inference_line(settings: Settings, *, as_json: bool = False) -> None:
     """What this worker runs inference on: the default precision and backend and, for ``auto``, the
-    choices already measured on this machine (each new model's is logged when first measured)."""
+    choices already measured on this machine (each new model's is logged when first measured).
+    With ``--log-json``, one JSON line like the log's."""
     from lipfarm.common.autoselect import cached_choices
     from lipfarm.common.runtime import machine_fingerprint
 
-    choices = cached_choices()
-    print(f"lipfarm worker: inference on {machine_fingerprint()['cpu']}; jobs' default precision "
-          f"{settings.precision}, backend {settings.backend}; precision auto: "
-          f"{len(choices)} model(s) measured here, PSNR bound {settings.auto_min_psnr_db:g} dB", flush=True)
-    for line in choices:
-        print(f"  auto: {line}", flush=True)
+    choices, cpu = cached_choices(), machine_fingerprint()["cpu"]
+    line = (f"lipfarm worker: inference on {cpu}; jobs' default precision {settings.precision}, backend "
+            f"{settings.backend}; precision auto: {len(choices)} model(s) measured here, PSNR bound "
+            f"{settings.auto_min_psnr_db:g} dB")
+    if as_json:
+        print(logs.json_line(line, cpu=cpu, auto_choices=choices), flush=True)
+        return
+    print(line, flush=True)
+    for choice in choices:
+        print(f"  auto: {choice}", flush=True)
 
 
 def _metrics_in_every_process(port: int, address: str) -> None:

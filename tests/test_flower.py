@@ -23,7 +23,7 @@ from tests.farm import farm_env, Holds, redis_client, REDIS_DB, redis_url, runni
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-SCREENSHOT = ROOT / ("docs" if os.environ.get("LIPFARM_UPDATE_DOCS") == "1" else "out") / "flower-tasks.png"
+SCREENSHOT = ROOT / ("docs" if os.environ.get("LIPFARM_UPDATE_DOCS") == "1" else "out") / "flower-task.png"
 DB = REDIS_DB["flower"]
 CHUNK_FRAMES = 25
 
@@ -62,17 +62,17 @@ def flower(farm, tmp_path_factory):
     process.stop(timeout_s=20)
 
 
-def _screenshot_tasks(flower, job_id: str, tmp_path) -> None:
-    """Flower's task list in a real browser, the chunk shown RENDERING with its frames done:
-    out/flower-tasks.png, and docs/flower-tasks.png (shown in docs/operations.md) with
+def _screenshot_task(flower, task_id: str, tmp_path) -> None:
+    """Flower's task page in a real browser, the chunk shown RENDERING with its frames done:
+    out/flower-task.png, and docs/flower-task.png (shown in docs/operations.md) with
     LIPFARM_UPDATE_DOCS=1. Where chromium is absent the picture is skipped, not the test."""
     from tests.browser import chromium_page, chromium_path, screenshot
 
     if chromium_path() is None:
         return
-    with chromium_page(tmp_path, viewport=(1400, 500)) as page:
-        page.goto(f"{flower.base_url}/tasks")
-        page.wait_for_selector(f"text={job_id}", timeout=30_000)  # the rows come from Flower's own JS
+    with chromium_page(tmp_path, viewport=(1280, 720)) as page:
+        page.goto(f"{flower.base_url}/task/{task_id}")
+        page.wait_for_selector("text=RENDERING", timeout=30_000)
         screenshot(page, SCREENSHOT, full_page=False)
 
 
@@ -105,7 +105,7 @@ def test_flower_shows_a_chunk_rendering_then_cancelled_not_success(farm, flower,
     assert info["state"] == "RENDERING" and info["result"] == task["result"]
     page = flower.get(f"/task/{task['uuid']}")
     assert page.status_code == 200 and "RENDERING" in page.text and task["result"] in page.text
-    _screenshot_tasks(flower, job_id, tmp_path)
+    _screenshot_task(flower, task["uuid"], tmp_path)
 
     others = until(lambda: [t for t in _render_tasks(flower) if t["state"] == "SUCCESS"
                             and f"'job_id': '{job_id}'" in (t["result"] or "")],

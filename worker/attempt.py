@@ -178,9 +178,9 @@ def _broken_or_unknown(cached_copy_broken: Callable[[BaseException], bool], exc:
 
 def run_attempt(ctx: FarmContext, job_id: str, index: int, *,
                 report: Callable[[int, int], None] | None = None, lane: str = "",
-                on_bound: Callable[[str, int], None] | None = None) -> AttemptResult:
+                on_bound: Callable[[str, int, str], None] | None = None) -> AttemptResult:
     """Claim chunk ``index`` of ``job_id`` (or, given a ``lane``, the chunk fair share binds the
-    lane's slot to: ``on_bound`` hears which), render it, upload its segment and commit it. A worker
+    lane's slot to: ``on_bound`` hears which, and its frames), render it, upload its segment and commit it. A worker
     that is shutting down claims nothing (``ShuttingDown``: the task puts its message back) and
     hands back a chunk it holds (``Outcome.RELEASED``)."""
     shutdown.check()
@@ -189,14 +189,12 @@ def run_attempt(ctx: FarmContext, job_id: str, index: int, *,
 
 
 def _attempt(ctx: FarmContext, job_id: str, index: int, report: Callable[[int, int], None] | None,
-             lane: str, on_bound: Callable[[str, int], None] | None) -> AttemptResult:
+             lane: str, on_bound: Callable[[str, int, str], None] | None) -> AttemptResult:
     if lane:
         claim = ctx.store.claim_next(lane, worker=ctx.process.id, worker_started=ctx.process.started,
                                      lease_s=ctx.settings.lease_s, max_attempts=ctx.settings.max_attempts)
         if claim.job_id:
             job_id, index = claim.job_id, claim.index
-            if on_bound is not None:
-                on_bound(job_id, index)
     else:
         claim = _claim(ctx, job_id, index)
     if not claim.ok:
@@ -208,6 +206,8 @@ def _attempt(ctx: FarmContext, job_id: str, index: int, report: Callable[[int, i
     try:
         storage = ctx.storage_at(job.storage_url)
         plan = _plan(storage, job_id)
+        if lane and on_bound is not None:  # before the first heartbeat reports progress
+            on_bound(job_id, index, plan.chunks[index].frames_label)
         segment, times, lease_until = _render_and_upload(ctx, storage, plan, index, claim, report)
     except shutdown.ShuttingDown:
         return _hand_back(ctx, job, index, plan, claim, shutdown.reason(ctx.process.id))

@@ -57,8 +57,8 @@ def render_chunk_task(self, job_id: str = "", chunk: int = -1, frames: str = "",
     task_id, hostname = self.request.id, self.request.hostname
     shown = {"job_id": job_id, "chunk": chunk, "frames": frames, "lane": lane}
 
-    def on_bound(bound_job: str, bound_chunk: int) -> None:  # a slot: Flower shows what it was bound to
-        shown.update(job_id=bound_job, chunk=bound_chunk)
+    def on_bound(bound_job: str, bound_chunk: int, bound_frames: str) -> None:  # a slot: Flower shows what
+        shown.update(job_id=bound_job, chunk=bound_chunk, frames=bound_frames)  # it was bound to
 
     def show(state: str, summary: str, **fields) -> None:
         self.update_state(task_id=task_id, state=state, meta={**shown, **fields})
@@ -67,7 +67,7 @@ def render_chunk_task(self, job_id: str = "", chunk: int = -1, frames: str = "",
 
     def report(done: int, total: int) -> None:
         try:  # a display only: a broker or backend out of reach must not look like a missed lease renewal
-            show(RENDERING, f"{done}/{total} frames of chunk {shown['chunk']} (frames {frames or '?'}) of job "
+            show(RENDERING, f"{done}/{total} frames of chunk {shown['chunk']} (frames {shown['frames'] or '?'}) of job "
                             f"{shown['job_id']}",
                  frames_done=done, frames_total=total)
         except Exception as exc:
