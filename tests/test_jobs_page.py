@@ -150,7 +150,7 @@ def test_the_output_is_served_in_ranges_to_a_token_or_a_signed_url(farm, jobs):
     farm["holds"].release(held)
     job = until(lambda: (j := _job(client, held))["state"] == "done" and j, timeout_s=180, what="the job to finish")
     url = job["output_url"]
-    assert url.startswith(f"/v1/jobs/{held}/output?expires=") and "&signature=" in url
+    assert url.startswith(f"{farm['base']}/v1/jobs/{held}/output?expires=") and "&signature=" in url
     with httpx.Client(base_url=farm["base"], timeout=60) as anonymous:
         whole = anonymous.get(url)
         assert whole.status_code == 200 and whole.headers["content-type"] == "video/mp4"
