@@ -38,7 +38,7 @@ from lipfarm.job.jobfiles import JobFiles
 from lipfarm.common.storage import LocalStorage
 from lipfarm.demo.assets import ensure_demo_assets
 from lipfarm.demo.speech import write_wav
-from lipfarm.scheduler.cluster import LipfarmProcess
+from lipfarm.scheduler.processes import LipfarmProcess
 from lipfarm.scheduler.submit import submit_job
 
 BENCH_PREFIX = "lipfarm-bench"

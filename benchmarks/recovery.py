@@ -33,7 +33,7 @@ from lipfarm.common.config import Settings, load_settings
 from lipfarm.common.identity import new_job_id
 from lipfarm.common.options import RenderOptions
 from lipfarm.demo.assets import ensure_demo_assets
-from lipfarm.scheduler.cluster import LipfarmProcess
+from lipfarm.scheduler.processes import LipfarmProcess
 from lipfarm.scheduler.submit import submit_job
 
 BENCH_PREFIX = "lipfarm-bench-recovery"

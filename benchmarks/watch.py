@@ -35,7 +35,7 @@ from lipfarm.common.state import JobRecord, JobState, StateStore
 from lipfarm.common.storage import LocalStorage
 from lipfarm.common.storage.layout import audio_track_key
 from lipfarm.demo.assets import ensure_demo_assets
-from lipfarm.scheduler.cluster import LipfarmProcess
+from lipfarm.scheduler.processes import LipfarmProcess
 from lipfarm.scheduler.submit import submit_job
 
 BENCH_PREFIX = "lipfarm-bench-watch"

@@ -21,7 +21,7 @@ import redis
 from lipfarm.common import celery_app, services
 from lipfarm.common.config import Settings, load_settings
 from lipfarm.common.state import Keys, StateStore
-from lipfarm.scheduler.cluster import LipfarmProcess, free_ports
+from lipfarm.scheduler.processes import LipfarmProcess, free_ports
 
 # The tests' Redis: one server (LIPFARM_TEST_REDIS, by default the machine's on 6379), and one database
 # per test module from this table, so modules running side by side never share keys.

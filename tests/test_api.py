@@ -29,7 +29,7 @@ import pytest
 from lipfarm.common.config import load_settings
 from lipfarm.demo import avatar as demo_avatar
 from lipfarm.demo.speech import write_wav
-from lipfarm.scheduler.cluster import LipfarmProcess
+from lipfarm.scheduler.processes import LipfarmProcess
 from tests.farm import farm_env, free_ports, redis_client, REDIS_DB, redis_url
 
 pytestmark = pytest.mark.slow

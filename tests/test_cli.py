@@ -199,7 +199,7 @@ def test_reconcile_lines_carry_times(tmp_path):
 
 
 def test_the_api_logs_with_times(tmp_path):
-    from lipfarm.scheduler.cluster import LipfarmProcess, free_ports
+    from lipfarm.scheduler.processes import LipfarmProcess, free_ports
     from tests.farm import REDIS_DB, redis_url
 
     port = free_ports(1)[0]
@@ -221,7 +221,7 @@ def _json_lines(text: str) -> list[dict]:
 
 def test_log_json_gives_json_lines_with_times(tmp_path):
     """``--log-json``: every line the reconciler and a worker write is one JSON object with its time."""
-    from lipfarm.scheduler.cluster import LipfarmProcess
+    from lipfarm.scheduler.processes import LipfarmProcess
     from tests.farm import REDIS_DB, redis_url
 
     env = {"LIPFARM_HOME": str(tmp_path), "LIPFARM_BROKER_URL": redis_url(REDIS_DB["cli"]),

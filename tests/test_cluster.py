@@ -21,7 +21,7 @@ from lipfarm.common.avatar import AvatarStore
 from lipfarm.common.config import load_settings
 from lipfarm.common.options import RenderOptions
 from lipfarm.demo.speech import write_wav
-from lipfarm.scheduler.cluster import free_ports
+from lipfarm.scheduler.processes import free_ports
 from lipfarm.scheduler.local import render_local
 from tests.farm import until
 from tests.media import video_frames, video_info

@@ -17,7 +17,7 @@ import pytest
 from lipfarm.common.identity import new_job_id
 from lipfarm.common.options import RenderOptions
 from lipfarm.common.state import JobState
-from lipfarm.scheduler.cluster import LipfarmProcess, free_ports
+from lipfarm.scheduler.processes import LipfarmProcess, free_ports
 from lipfarm.scheduler.submit import submit_job
 from tests.farm import farm_env, Holds, redis_client, REDIS_DB, redis_url, running_farm, until
 

@@ -23,7 +23,7 @@ from lipfarm.common.errors import CancelledError, InputError, ServiceError
 from lipfarm.common.identity import new_job_id
 from lipfarm.common.options import RenderOptions
 from lipfarm.common.state import JobState
-from lipfarm.scheduler.cluster import LipfarmProcess, free_ports
+from lipfarm.scheduler.processes import LipfarmProcess, free_ports
 from lipfarm.scheduler.submit import submit_job
 from tests.farm import farm_env, redis_client, REDIS_DB, redis_url, until
 

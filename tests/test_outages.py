@@ -16,7 +16,7 @@ from lipfarm.common.identity import new_job_id
 from lipfarm.common.options import RenderOptions
 from lipfarm.common.state import JobRecord, JobState, StateStore
 from lipfarm.demo.speech import write_wav
-from lipfarm.scheduler.cluster import LipfarmProcess
+from lipfarm.scheduler.processes import LipfarmProcess
 from lipfarm.scheduler.submit import submit_job
 from tests.farm import Holds, Workers, farm_env, until
 from tests.hosts import RedisServer, require_redis_server

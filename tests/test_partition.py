@@ -19,7 +19,7 @@ from lipfarm.common.identity import new_job_id
 from lipfarm.common.options import RenderOptions
 from lipfarm.common.state import JobState
 from lipfarm.demo.speech import write_wav
-from lipfarm.scheduler.cluster import LipfarmProcess
+from lipfarm.scheduler.processes import LipfarmProcess
 from lipfarm.scheduler.local import render_local
 from lipfarm.scheduler.submit import submit_job
 from tests.farm import Holds, farm_env, until

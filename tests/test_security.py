@@ -35,7 +35,7 @@ from lipfarm.common.options import RenderOptions
 from lipfarm.common.state import JobState
 from lipfarm.demo.speech import write_wav
 from lipfarm.cli import main
-from lipfarm.scheduler.cluster import LipfarmProcess
+from lipfarm.scheduler.processes import LipfarmProcess
 from lipfarm.scheduler.submit import submit_job
 from tests.farm import farm_env, free_ports, until
 from tests.media import long_silence_ogg

@@ -219,7 +219,7 @@ class Farm:
 
     def __init__(self, env: dict[str, str], folder: Path, jobs_env: dict[str, str] | None = None) -> None:
         from lipfarm.common.state import StateStore
-        from lipfarm.scheduler.cluster import LipfarmProcess
+        from lipfarm.scheduler.processes import LipfarmProcess
 
         self.env = {**env, "LIPFARM_LEASE_S": "4", "LIPFARM_HEARTBEAT_INTERVAL_S": "0.5",
                     "LIPFARM_RECONCILE_INTERVAL_S": "1", "LIPFARM_HOLD_DIR": str(folder / "holds")}
@@ -334,7 +334,7 @@ def _roots(temp: Path) -> dict[Path, list[str]]:
 
 def test_a_killed_workers_temporary_folders_go_when_another_starts(tmp_path, home, redis_server, demo, short_clip):
     from lipfarm.common.scratch import process_root
-    from lipfarm.scheduler.cluster import LipfarmProcess
+    from lipfarm.scheduler.processes import LipfarmProcess
 
     server = redis_server("--maxmemory-policy", "noeviction")
     temp = tmp_path / "temp"

@@ -38,7 +38,7 @@ from lipfarm.api.schemas import Job
 from lipfarm.api.signing import Signer
 from lipfarm.common.signing import iso_utc
 from lipfarm.api.views import job_view
-from lipfarm.scheduler.cluster import LipfarmProcess
+from lipfarm.scheduler.processes import LipfarmProcess
 from lipfarm.scheduler.reconcile import Enqueue, reconcile
 from lipfarm.scheduler.submit import submit_job
 from tests.farm import delete_prefixed, farm_env, prefixed_store, redis_client, REDIS_DB, redis_url, until
