@@ -112,34 +112,12 @@ def _commands():
         yield where, container.get("args")
 
 
-# Flags the deploy files may use before a later change adds them to the CLI. While the CLI does not
-# know one of these, it is set aside (with its value) before parsing; any other unknown flag still
-# fails. Empty: `worker --metrics-port` has landed.
-PENDING_FLAGS: set[str] = set()
-
-
-def _without_pending_flags(parser, args: list[str]) -> list[str]:
-    """``args`` without the ``PENDING_FLAGS`` its subcommand does not know yet (and their values)."""
-    subcommands = next(a for a in parser._actions if a.dest == "command").choices
-    known = subcommands[args[0]]._option_string_actions if args and args[0] in subcommands else {}
-    kept, skip = [], False
-    for arg in args:
-        flag = arg.split("=", 1)[0]
-        if skip:
-            skip = False
-        elif flag in PENDING_FLAGS and flag not in known:
-            skip = "=" not in arg
-        else:
-            kept.append(arg)
-    return kept
-
-
 def _parse(args):
     from lipfarm.cli import build_parser
 
     parser = build_parser()
     try:
-        return parser.parse_args(_without_pending_flags(parser, [str(a) for a in args]))
+        return parser.parse_args([str(a) for a in args])
     except SystemExit:
         pytest.fail(f"`lipfarm {' '.join(map(str, args))}` does not parse with lipfarm.cli "
                     "(argparse's message is in the captured stderr)")
@@ -722,18 +700,6 @@ def test_grafana_dashboard_queries_only_listed_metrics_correctly():
             grouped = {s.strip() for s in group.split(",") if s.strip()}
             assert grouped <= labels, (expr, grouped - labels)
     assert used == set(known), ("listed but not on the dashboard", set(known) - used)
-
-
-def test_only_the_pending_flags_are_set_aside():
-    from lipfarm.cli import build_parser
-
-    parser = build_parser()
-    assert _without_pending_flags(parser, ["worker", "--metrics-port", "9808", "--queues", "render"]) == (
-        ["worker", "--queues", "render"] if "--metrics-port" in PENDING_FLAGS else
-        ["worker", "--metrics-port", "9808", "--queues", "render"])
-    assert _without_pending_flags(parser, ["worker", "--metrics-port=9808"]) in (["worker"], ["worker", "--metrics-port=9808"])
-    with pytest.raises(SystemExit):
-        parser.parse_args(_without_pending_flags(parser, ["worker", "--metrics-port", "9808", "--no-such-flag"]))
 
 
 def test_the_dashboard_queries_only_series_the_code_exports():
