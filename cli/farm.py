@@ -145,7 +145,9 @@ def cmd_reconcile(args, settings: Settings) -> int:
     enqueue = celery_enqueue()
     say = functools.partial(_say, as_json=args.log_json)
     if args.loop:
-        _refuse_evicting_redis(settings)
+        from lipfarm.common.services import refuse_evicting_redis
+
+        refuse_evicting_redis(settings)
         say(f"reconciling every {settings.reconcile_interval_s:g} s (Ctrl-C stops)")
         run_forever(functools.partial(connect_recovery, settings), settings, enqueue, rebuild_first=args.rebuild,
                     on_pass=functools.partial(_print_report, say=say))
@@ -155,20 +157,6 @@ def cmd_reconcile(args, settings: Settings) -> int:
                             enqueue=enqueue, rebuild=args.rebuild, storage_at=storage_at),
                   say=say, always=True)
     return 0
-
-
-def _refuse_evicting_redis(settings: Settings) -> None:
-    """The loop rides out a Redis that does not answer yet, but not one that may evict keys: exit 5."""
-    from lipfarm.common.errors import ServiceError
-    from lipfarm.common.state.connection import EvictingRedisError
-    from lipfarm.scheduler.submit import connect_farm
-
-    try:
-        connect_farm(settings)
-    except EvictingRedisError:
-        raise
-    except ServiceError:
-        pass
 
 
 def _print_report(report, *, say, always: bool = False) -> None:

@@ -52,7 +52,9 @@ def cmd_api(args, settings: Settings) -> int:
     if args.print_openapi:
         print(json.dumps(app.openapi(), indent=2))
         return 0
-    _refuse_evicting_redis(settings)
+    from lipfarm.common.services import refuse_evicting_redis
+
+    refuse_evicting_redis(settings)
     import uvicorn
 
     # a route that reads no body answers at once; the connection, with a body declared and never
@@ -78,21 +80,6 @@ def _log_config(*, as_json: bool) -> dict:
         else:
             formatter["fmt"] = "%(asctime)s " + formatter["fmt"]
     return config
-
-
-def _refuse_evicting_redis(settings: Settings) -> None:
-    """At start, refuse a Redis that may evict keys (exit 5); one that does not answer yet is no reason
-    not to start: ``/v1/health`` says so, and the API connects once it answers."""
-    from lipfarm.common.errors import ServiceError
-    from lipfarm.common.state.connection import EvictingRedisError
-    from lipfarm.scheduler.submit import connect_farm
-
-    try:
-        connect_farm(settings)
-    except EvictingRedisError:
-        raise
-    except ServiceError:
-        pass
 
 
 def _tokens(settings: Settings):

@@ -10,6 +10,7 @@ import functools
 
 from lipfarm.common import scratch
 from lipfarm.common.config import Settings, load_settings
+from lipfarm.common.errors import ServiceError
 from lipfarm.common.farm import check_farm_id
 from lipfarm.common.state import StateStore
 from lipfarm.common.state.connection import check_eviction_policy
@@ -32,6 +33,21 @@ def connect_state(current: Settings, url: str = "") -> StateStore:
     check_store_policy(store, current)
     check_farm_id(store, current)
     return store
+
+
+def refuse_evicting_redis(current: Settings) -> None:
+    """At the start of a long-running role that rides out a Redis that does not answer yet (the API,
+    ``reconcile --loop``): refuse one that may evict keys (``EvictingRedisError``, exit 5), and let an
+    unreachable one be, for the role to connect once it answers."""
+    from lipfarm.common.state.connection import EvictingRedisError
+
+    for url in {current.redis_url, current.broker_url}:
+        try:
+            connect_state(current, url)
+        except EvictingRedisError:
+            raise
+        except ServiceError:
+            pass
 
 
 def check_store_policy(store: StateStore, current: Settings) -> None:
