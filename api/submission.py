@@ -18,7 +18,7 @@ from pydantic import BaseModel
 
 from lipfarm.common import defaults
 from lipfarm.common.config import Settings
-from lipfarm.common.errors import InputError, LipfarmError, NotFoundError
+from lipfarm.common.errors import InputError, LipfarmError, NotFoundError, QuotaError
 from lipfarm.common.identity import new_job_id
 from lipfarm.common.state import ApiToken, IdempotencyClaim
 from lipfarm.api.avatar_archive import as_uploaded
@@ -93,6 +93,13 @@ def _checked(farm: Farm, request: JobRequest) -> dict:
 
 
 def _submit(settings: Settings, request: JobRequest, job_id: str, job: dict) -> JobHandle:
+    try:
+        return _submit_audio(settings, request, job_id, job)
+    except QuotaError as exc:  # submissions racing each other: the record refused the one too many
+        raise _too_many(exc) from None
+
+
+def _submit_audio(settings: Settings, request: JobRequest, job_id: str, job: dict) -> JobHandle:
     if request.audio_file is not None:
         try:
             return submit_job(settings, audio=request.audio_file, job_id=job_id, **job)
@@ -119,12 +126,16 @@ def _within_quota(farm: Farm, token: ApiToken) -> None:
     if limit <= 0:
         return
     unfinished = tenants.unfinished_jobs(token.tenant)
-    if unfinished >= limit:
-        wait = defaults.TENANT_QUEUED_RETRY_S
-        raise ApiError(429, f"tenant '{token.tenant}' has {unfinished} jobs not yet ended, its limit: submit again "
-                            "once one ends", code="too_many_jobs", field="tenant",
-                       headers={"Retry-After": str(wait), "RateLimit-Policy": f'"queued";q={limit}',
-                                "RateLimit": f'"queued";r=0;t={wait}'})
+    if unfinished >= limit:  # a quick refusal before the upload; the job's record is the exact check
+        raise _too_many(QuotaError("", tenant=token.tenant, limit=limit, unfinished=unfinished))
+
+
+def _too_many(exc: QuotaError) -> ApiError:
+    wait = defaults.TENANT_QUEUED_RETRY_S
+    return ApiError(429, f"tenant '{exc.tenant}' has {exc.unfinished} jobs not yet ended, its limit: submit again "
+                         "once one ends", code="too_many_jobs", field="tenant",
+                    headers={"Retry-After": str(wait), "RateLimit-Policy": f'"queued";q={exc.limit}',
+                             "RateLimit": f'"queued";r=0;t={wait}'})
 
 
 def submit_request(farm: Farm, token: ApiToken, request: JobRequest, header_key: str | None,
@@ -132,7 +143,8 @@ def submit_request(farm: Farm, token: ApiToken, request: JobRequest, header_key:
     """Submit ``request`` (idempotently where it carries a key) as a job of the token's tenant, within
     its quota of jobs not yet ended; see the module docstring. ``api_url``, the API's public base URL
     as this request reached it, is kept with the job for its webhook's ``output_url``."""
-    job = {**_checked(farm, request), "tenant": token.tenant, "api_url": api_url}
+    job = {**_checked(farm, request), "tenant": token.tenant, "api_url": api_url,
+           "max_unfinished": farm.tenants().get(token.tenant).max_queued}  # reserved as the job is recorded
     key = request.params.idempotency_key or header_key
     if not key:
         _within_quota(farm, token)

@@ -94,3 +94,14 @@ class CancelledError(LipfarmError):
     """Work stopped because its job was cancelled or its attempt lost ownership."""
 
     exit_code = 7
+
+
+class QuotaError(LipfarmError):
+    """A tenant is at its limit (``lipfarm tenant set --max-queued``): the submission is refused
+    whole; it may be sent again once one of the tenant's jobs ends."""
+
+    exit_code = 8
+
+    def __init__(self, message: str, *, tenant: str, limit: int, unfinished: int) -> None:
+        super().__init__(message)
+        self.tenant, self.limit, self.unfinished = tenant, limit, unfinished

@@ -80,8 +80,10 @@ def _upload_once(storage: Storage, inputs: _CheckedInputs) -> AssetRef:
 def submit_job(settings: Settings, *, avatar: str, audio: Path, encoder: Path, generator: Path,
                options: RenderOptions, priority: str = defaults.PRIORITY,
                job_id: str | None = None, webhook_url: str = "", tenant: str = "default",
-               api_url: str = "") -> "JobHandle":
-    """Validate, upload and queue a job; returns its handle. Nothing is queued on bad input."""
+               api_url: str = "", max_unfinished: int = 0) -> "JobHandle":
+    """Validate, upload and queue a job; returns its handle. Nothing is queued on bad input. With
+    ``max_unfinished``, the tenant may have at most that many jobs not yet ended, counted and
+    recorded in one step (``QuotaError``, nothing left behind, when it is at its limit)."""
     from lipfarm.common.celery_app import enqueue_plan
 
     audio = Path(audio)
@@ -103,7 +105,7 @@ def submit_job(settings: Settings, *, avatar: str, audio: Path, encoder: Path, g
                                 webhook_url=webhook_url, farm_id=farm, tenant=tenant, api_url=api_url,
                                 template_frames=inputs.avatar.frame_count)
         files.put_submission(submission)
-        store.create_job(JobRecord.queued(submission, storage.url))
+        store.create_job(JobRecord.queued(submission, storage.url), max_unfinished=max_unfinished)
         enqueue_plan(files.job_id, priority)
     except BaseException:
         _withdraw(store, files)

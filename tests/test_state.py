@@ -419,3 +419,28 @@ def test_job_counts_are_kept_as_jobs_move_and_equal_a_recount(store, tmp_path):
     store.job(jobs[0])  # asked for: back from storage, counted again
     counts = store.job_counts()
     assert counts == _counted_by_hand(store) and counts["cancelled"] == 1 and counts["done"] == 1
+
+
+def test_a_tenants_job_limit_is_checked_and_recorded_in_one_step(store):
+    """Submissions racing each other cannot pass a tenant's max_queued together."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lipfarm.common.errors import QuotaError
+
+    make_job(store, "theirs")  # another tenant's (default) job does not count
+    def submit(n: int) -> bool:
+        record = JobRecord(job_id=f"q{n}", state=JobState.QUEUED, priority="normal", avatar="demo", audio="a.wav",
+                           storage_url="file:///nowhere", created_at=T0, updated_at=T0, tenant="acme")
+        try:
+            store.create_job(record, max_unfinished=3)
+            return True
+        except QuotaError as exc:
+            assert (exc.tenant, exc.limit, exc.unfinished) == ("acme", 3, 3)
+            return False
+
+    with ThreadPoolExecutor(8) as pool:
+        made = list(pool.map(submit, range(16)))
+    assert made.count(True) == 3
+    assert sorted(j for j in store.active_job_ids() if j.startswith("q")) == sorted(
+        f"q{n}" for n, ok in enumerate(made) if ok)
+    assert store.job("q" + str(made.index(True))).tenant == "acme"

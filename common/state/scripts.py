@@ -423,6 +423,28 @@ event(log, redis.call('HGET', job, 'finalize_attempt'), ARGV[6], ARGV[7], redis.
 return {'ok'}
 """
 
+# --- job records ---------------------------------------------------------------------------------
+
+# A new job, unless its tenant already has ARGV[2] jobs not yet ended (0: no limit): the count and
+# the write are one step, so submissions racing each other cannot pass the limit together.
+# KEYS[1] job hash, [2] jobs, [3] active; ARGV[1] job id, [2] limit, [3] tenant, [4] created at,
+# [5] the prefix of job hashes, [6...] the record's field/value pairs. {'ok'} or {'full', count}.
+CREATE_JOB = """
+local limit = tonumber(ARGV[2])
+if limit > 0 then
+  local count = 0
+  for _, id in ipairs(redis.call('SMEMBERS', KEYS[3])) do
+    local owner = redis.call('HGET', ARGV[5] .. id, 'tenant')
+    if (owner or 'default') == ARGV[3] or (owner == '' and ARGV[3] == 'default') then count = count + 1 end
+  end
+  if count >= limit then return {'full', tostring(count)} end
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 6))
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
+redis.call('SADD', KEYS[3], ARGV[1])
+return {'ok'}
+"""
+
 # --- job moves --------------------------------------------------------------------------------------
 
 # A failed or cancelled job goes on: its chunks that are not committed are queued again with a fresh

@@ -34,7 +34,7 @@ from typing import Callable
 
 import redis
 
-from lipfarm.common.errors import NotFoundError, ServiceError
+from lipfarm.common.errors import NotFoundError, QuotaError, ServiceError
 from lipfarm.common.retry import retry_delay_s
 from lipfarm.common.state import scripts
 from lipfarm.common.state.connection import mask_url, redis_failure, redis_tls_options, url_without_tls_params
@@ -48,7 +48,7 @@ from lipfarm.common.state.records import (JOB_MOVES, AttemptRecord, ChunkRecord,
 
 SCRIPTS = ("claim", "claim_next", "offer", "beat", "commit", "requeue", "fail", "release", "reopen", "take_finalize",
            "beat_finalize", "finish_done", "release_finalize", "job_move", "resume",
-           "observe", "first_commit", "webhook_open", "webhook_begin", "webhook_end", "forget")
+           "observe", "first_commit", "webhook_open", "webhook_begin", "webhook_end", "forget", "create_job")
 
 
 @dataclass(frozen=True)
@@ -316,7 +316,20 @@ class StateStore(RecoveryVerbs, FarmFigures, WebhookVerbs):
     # --- job moves --------------------------------------------------------------------------------
 
     @guarded
-    def create_job(self, record: JobRecord) -> None:
+    def create_job(self, record: JobRecord, *, max_unfinished: int = 0) -> None:
+        """Record a new job. With ``max_unfinished``, only if its tenant has fewer jobs not yet ended
+        (counted and recorded in one step: ``QuotaError`` otherwise)."""
+        if max_unfinished > 0 and not record.state.terminal:
+            fields = [redis_text(x) for pair in record.to_hash().items() for x in pair]
+            keys = self.keys
+            answer = self._scripts["create_job"](
+                keys=[keys.job(record.job_id), keys.jobs(), keys.active()],
+                args=[record.job_id, max_unfinished, record.tenant, repr(record.created_at), keys.job(""), *fields])
+            if answer[0] == "full":
+                raise QuotaError(f"tenant '{record.tenant}' has {answer[1]} jobs not yet ended, its limit: "
+                                 "submit again once one ends", tenant=record.tenant, limit=max_unfinished,
+                                 unfinished=int(answer[1]))
+            return
         with self.redis.pipeline() as pipe:
             pipe.hset(self.keys.job(record.job_id), mapping=record.to_hash())
             pipe.zadd(self.keys.jobs(), {record.job_id: record.created_at})
