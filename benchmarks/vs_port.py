@@ -94,7 +94,7 @@ class PortCheckout:
 def _clip(checkout: PortCheckout, frames: int, folder: Path) -> Path:
     """The port's speech cut to ``frames`` video frames."""
     from lipfarm.common.audio import load_16k
-    from lipfarm.common.features import frame_count
+    from lipfarm.common.timeline import frame_count
     from lipfarm.demo.speech import write_wav
 
     speech = load_16k(checkout.audio)
