@@ -29,7 +29,7 @@ from tests.media import Decoded, decode_streams, tone, write_audio
 from lipfarm.worker.encode import SegmentWriter
 
 ROOT = Path(__file__).resolve().parents[1]
-HLS_JS = ROOT / "scheduler" / "api" / "static" / "vendor" / "hls.min.js"
+HLS_JS = ROOT / "api" / "static" / "vendor" / "hls.min.js"
 CHROMIUM = Path("/usr/bin/chromium")
 FPS = 25
 FRAME_S = 1 / FPS
