@@ -129,10 +129,12 @@ class RecoveryVerbs:
         own += list(self.redis.scan_iter(f"{keys.chunk(job_id, '')}*")) + list(
             self.redis.scan_iter(f"{keys.attempts(job_id, '')}*"))
         leases = [m for m in self.redis.zrange(keys.leases(), 0, -1) if m.startswith(f"{job_id}:")]
-        state = self.redis.hget(keys.job(job_id), "state")
+        state, priority, tenant, running = self.redis.hmget(keys.job(job_id), "state", "priority", "tenant", "running")
         with self.redis.pipeline() as pipe:
             if state in ("done", "failed", "cancelled"):
                 pipe.hincrby(keys.metrics_totals(), f"jobs_{state}", -1)
+            if int(running or 0) > 0:  # its running chunks no longer count against its tenant's share
+                pipe.hincrby(keys.sched_running(priority or "normal"), tenant or "default", -int(running))
             pipe.delete(*own)
             if leases:
                 pipe.zrem(keys.leases(), *leases)
