@@ -261,3 +261,29 @@ def stop_like_kubelet(process: LipfarmProcess, grace_s: float, *, group: bool = 
         process.kill()
         raise AssertionError(f"lipfarm {process.args[0]} still running {grace_s} s after SIGTERM: killed") from None
     return time.monotonic() - started
+
+
+@contextlib.contextmanager
+def tmpfs(mount: Path, size: str) -> Iterator[Path]:
+    """A real filesystem of ``size`` ("2m") that fills up, mounted at ``mount`` (root only: the test
+    is skipped, saying why, where it cannot be mounted)."""
+    mount.mkdir(parents=True, exist_ok=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)]).returncode:
+        pytest.skip("cannot mount a tmpfs here (root is needed)")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)])
+
+
+def fill_disk(folder: Path) -> Path:
+    """Fill the filesystem of ``folder`` to the last byte; returns the file that holds it."""
+    filler = folder / "filler"
+    with open(filler, "wb", buffering=0) as out:  # unbuffered: nothing left to flush (and fail) at close
+        for block in (1 << 20, 4096, 1):
+            try:
+                while out.write(bytes(block)):
+                    pass
+            except OSError:
+                pass
+    return filler

@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +20,7 @@ from lipfarm.common.avatar import AvatarStore, write_avatar
 from lipfarm.common.config import load_settings
 from lipfarm.common.identity import new_job_id
 from lipfarm.common.options import RenderOptions
+from lipfarm.common.storage.layout import audio_track_key
 from lipfarm.common.state import JobState
 from lipfarm.common.storage import open_storage
 from lipfarm.demo.speech import write_wav
@@ -28,7 +28,7 @@ from lipfarm.scheduler.local import render_local
 from lipfarm.scheduler.reconcile import Enqueue, reconcile
 from lipfarm.scheduler.submit import submit_job
 from tests.farm import (broker_messages, farm_env, redis_client, REDIS_DB, redis_url, running_farm,
-                        stop_like_kubelet, until)
+                        fill_disk, stop_like_kubelet, tmpfs, until)
 from tests.media import video_frames
 
 pytestmark = pytest.mark.slow
@@ -183,28 +183,9 @@ def test_a_corrupted_cache_file_is_fetched_again_not_blamed_on_the_input(farm, d
 
 @pytest.fixture()
 def small_disk(tmp_path):
-    """A real filesystem that fills up: a 100 MB tmpfs (root only)."""
-    import subprocess
-
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=100m", "tmpfs", str(mount)]).returncode:
-        pytest.skip("cannot mount a tmpfs here (root is needed)")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)])
-
-
-def _fill(folder: Path) -> Path:
-    """Fill the filesystem of ``folder`` to the last byte."""
-    filler = folder / "filler"
-    with open(filler, "wb", buffering=0) as out:  # unbuffered: nothing left to flush (and fail) at close
-        for block in (1 << 20, 4096, 1):
-            try:
-                while out.write(bytes(block)):
-                    pass
-            except OSError:
-                pass
-    return filler
+    """A real filesystem that fills up: a 100 MB tmpfs."""
+    with tmpfs(tmp_path / "disk", "100m") as mount:
+        yield mount
 
 
 def test_a_full_disk_is_retried_with_backoff_and_named_by_its_key(farm, holds, demo, clip, clip_frames,
@@ -216,7 +197,10 @@ def test_a_full_disk_is_retried_with_backoff_and_named_by_its_key(farm, holds, d
     holds.hold(job_id, 0)
     handle = _submit(job_settings, demo, clip, job_id=job_id, options=RenderOptions(chunk_frames=125))
     until(lambda: handle.status().chunks.get("running") == 1, what="the chunk to start")
-    filler = _fill(small_disk)
+    # the planner encodes and uploads the audio after queueing the chunks: the disk fills after that,
+    # so it is the chunk's upload that meets it, not the planner's (whose chunk would wait for its audio)
+    until(lambda: handle.storage.exists(audio_track_key(job_id)), what="the job's audio track in storage")
+    filler = fill_disk(small_disk)
     holds.release(job_id)
     first = until(lambda: [a for a in handle.store.attempts(job_id, 0) if a.ended_at], what="the first attempt")[0]
     assert first.outcome == "requeued"

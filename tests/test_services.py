@@ -17,7 +17,7 @@ import httpx
 import pytest
 import redis
 
-from tests.farm import until
+from tests.farm import fill_disk, tmpfs, until
 from tests.hosts import RedisServer, free_port, require_redis_server
 
 LIPFARM = str(Path(sys.executable).parent / "lipfarm")
@@ -191,26 +191,9 @@ def test_a_submission_redis_refuses_is_not_left_in_storage(tmp_path, home, redis
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A real filesystem that fills up: a 2 MB tmpfs (root only)."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)]).returncode:
-        pytest.skip("cannot mount a tmpfs here (root is needed)")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)])
-
-
-def _fill_disk(folder: Path) -> Path:
-    """Fill the filesystem of ``folder`` to the last byte."""
-    filler = folder / "filler"
-    with open(filler, "wb", buffering=0) as out:
-        for block in (1 << 16, 4096, 1):
-            try:
-                while out.write(bytes(block)):
-                    pass
-            except OSError:
-                pass
-    return filler
+    """A real filesystem that fills up: a 2 MB tmpfs."""
+    with tmpfs(tmp_path / "disk", "2m") as mount:
+        yield mount
 
 
 class Farm:
@@ -282,7 +265,7 @@ def _retried_publication(farm: Farm, job_id: str, disk: Path) -> Path:
     disk. Returns the filler (remove it to give the space back)."""
     (farm.holds / f"{job_id}.finalize.hold").write_text("0")
     until(lambda: farm.state(job_id) == "finalizing", timeout_s=300, what="the job to reach its finalizer")
-    filler = _fill_disk(disk)
+    filler = fill_disk(disk)
     (farm.holds / f"{job_id}.finalize.hold").unlink()
     first = until(lambda: [a for a in farm.store.finalize_attempts(job_id) if a.ended_at], timeout_s=120,
                   what="the first finalize attempt to end")[0]
